@@ -1,0 +1,180 @@
+"""``/scans``: create, read, list, report, artifacts, cancel and delete."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from api.deps import current_tenant, get_session
+from api.errors import ApiError
+from api.schemas import ScanCreated, ScanOut, ScanPageOut
+from api.uploads import SPEC_MAX_BYTES, PartRule, ReceivedForm, receive_form
+from core.data.formats import DataLimits
+from core.inputs import InputError, ScanInputs, UploadedFile, load_inputs
+from core.pipeline import available_modes
+from core.spec import ScanSpec
+from store import repository
+from store.models import TERMINAL_STATUSES, Scan, ScanStatus, Tenant
+from store.objects import ObjectNotFound
+from store.queue import enqueue_scan
+
+router = APIRouter(tags=["scans"])
+log = logging.getLogger("antidote.api")
+FILE_PARTS = ("model", "clean_data", "test_data", "poisoned_data", "training_data")
+
+
+@router.post("/scans", status_code=202, response_model=ScanCreated,
+             responses={413: {"description": "an upload over its limit"}, 415: {"description": "unknown format"},
+                        422: {"description": "invalid spec or data; the answer names the field"}})
+async def create_scan(request: Request, response: Response, tenant: Tenant = Depends(current_tenant)) -> ScanCreated:
+    """Upload a model, a clean data subset and a spec; the scan is queued once every part checks out.
+
+    Parts: ``model``, ``spec`` (JSON), ``clean_data``, and optionally ``test_data``, ``poisoned_data``,
+    ``training_data`` (CONTRACT.md)."""
+    state = request.app.state
+    settings = state.settings
+    rules = {"spec": PartRule(SPEC_MAX_BYTES, is_file=False), "model": PartRule(settings.max_model_bytes, True)}
+    rules.update({p: PartRule(settings.max_data_bytes, True) for p in FILE_PARTS[1:]})
+    tmp = Path(tempfile.mkdtemp(prefix="antidote-upload-"))
+    try:
+        form = await receive_form(request, rules, settings.max_upload_bytes, tmp)
+        state.metrics.upload_bytes.inc(form.total_bytes)
+        spec = _parse_spec(form)
+        inputs = _scan_inputs(form)
+        try:
+            await run_in_threadpool(load_inputs, spec, inputs, DataLimits(**settings.data_limits()))
+        except InputError as exc:
+            raise ApiError(415 if exc.unsupported else 422, str(exc), field=exc.field) from exc
+        scan_id = repository.new_id()
+        await run_in_threadpool(_store_scan, request, scan_id, tenant.id, spec, form)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    response.headers["Location"] = f"/scans/{scan_id}"
+    log.info("scan queued", extra={"scan": scan_id, "tenant": tenant.name, "bytes": form.total_bytes})
+    return ScanCreated(id=scan_id, status=ScanStatus.queued.value)
+
+
+def _parse_spec(form: ReceivedForm) -> ScanSpec:
+    for part in ("spec", "model", "clean_data"):
+        if part not in form.fields and part not in form.files:
+            raise ApiError(422, f"missing required part {part!r}", field=part)
+    try:
+        spec = ScanSpec.model_validate_json(form.fields["spec"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in ("spec", *first["loc"]))
+        raise ApiError(422, f"{loc}: {first['msg']}", field=loc) from exc
+    if spec.mode not in available_modes():
+        raise ApiError(422, f"spec.mode: mode {spec.mode!r} is not available yet; available: "
+                            f"{', '.join(available_modes())}", field="spec.mode")
+    return spec
+
+
+def _scan_inputs(form: ReceivedForm) -> ScanInputs:
+    files = {p: UploadedFile(f.path, f.filename) for p, f in form.files.items()}
+    return ScanInputs(**files)  # type: ignore[arg-type]
+
+
+def _store_scan(request: Request, scan_id: str, tenant_id: str, spec: ScanSpec, form: ReceivedForm) -> None:
+    """Files first, then the row, then the task: a failure at any step leaves nothing half-written behind."""
+    state = request.app.state
+    prefix = f"scans/{scan_id}"
+    inputs: dict[str, Any] = {}
+    try:
+        for part, received in form.files.items():
+            suffix = Path(received.filename).suffix.lower()
+            key = f"{prefix}/inputs/{part}{suffix}"
+            state.store.put_file(key, received.path)
+            inputs[part] = {"key": key, "filename": received.filename, "size": received.size,
+                            "sha256": received.sha256}
+        with state.sessions() as session:
+            repository.add_scan(session, scan_id, tenant_id, spec.mode, spec.model_dump(mode="json"), inputs)
+    except Exception:
+        state.store.delete_prefix(prefix)
+        raise
+    try:
+        enqueue_scan(state.celery, scan_id, state.settings.queue)
+    except Exception as exc:
+        log.exception("could not enqueue the scan")
+        with state.sessions() as session:
+            scan = session.get(Scan, scan_id)
+            if scan is not None:
+                repository.delete_scan(session, scan)
+        state.store.delete_prefix(prefix)
+        raise ApiError(503, "the job queue is unavailable; nothing was stored, try again later") from exc
+
+
+def _own_scan(session: Session, tenant: Tenant, scan_id: str) -> Scan:
+    scan = repository.get_scan(session, tenant.id, scan_id)
+    if scan is None:
+        raise ApiError(404, f"no scan {scan_id!r}")
+    return scan
+
+
+@router.get("/scans/{scan_id}", response_model=ScanOut)
+def read_scan(scan_id: str, tenant: Tenant = Depends(current_tenant),
+              session: Session = Depends(get_session)) -> ScanOut:
+    """Status, stage and progress of one scan."""
+    return ScanOut.of(_own_scan(session, tenant, scan_id))
+
+
+@router.get("/scans", response_model=ScanPageOut)
+def list_scans(status: ScanStatus | None = None, limit: int = Query(20, ge=1, le=200), cursor: str | None = None,
+               tenant: Tenant = Depends(current_tenant), session: Session = Depends(get_session)) -> ScanPageOut:
+    """The tenant's scans, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    try:
+        page = repository.list_scans(session, tenant.id, status.value if status else None, limit, cursor)
+    except ValueError as exc:
+        raise ApiError(422, f"cursor: {exc}", field="cursor") from exc
+    return ScanPageOut(items=[ScanOut.of(s) for s in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/scans/{scan_id}/report")
+def read_report(scan_id: str, tenant: Tenant = Depends(current_tenant),
+                session: Session = Depends(get_session)) -> dict[str, Any]:
+    """The ACC/ASR report, once the scan has succeeded (409 before)."""
+    scan = _own_scan(session, tenant, scan_id)
+    if scan.status != ScanStatus.succeeded.value or scan.report is None:
+        why = f": {scan.error_code}: {scan.error_message}" if scan.error_code else ""
+        raise ApiError(409, f"scan is {scan.status}{why}; the report exists once it has succeeded")
+    return {"id": scan.id, **scan.report}
+
+
+@router.get("/scans/{scan_id}/artifacts/{name}")
+def read_artifact(scan_id: str, name: str, request: Request, tenant: Tenant = Depends(current_tenant),
+                  session: Session = Depends(get_session)) -> StreamingResponse:
+    """A file the scan produced, e.g. ``repaired_model`` (safetensors)."""
+    scan = _own_scan(session, tenant, scan_id)
+    info = (scan.artifacts or {}).get(name)
+    if info is None:
+        raise ApiError(404, f"scan {scan_id} has no artifact {name!r}; it has: "
+                            f"{', '.join(scan.artifacts or {}) or 'none'}")
+    try:
+        chunks = request.app.state.store.iter_bytes(info["key"])
+    except ObjectNotFound as exc:
+        raise ApiError(404, f"artifact {name!r} is gone from storage") from exc
+    return StreamingResponse(chunks, media_type=info["media_type"], headers={
+        "Content-Disposition": f'attachment; filename="{info["filename"]}"', "Content-Length": str(info["size"])})
+
+
+@router.delete("/scans/{scan_id}", status_code=202, response_model=ScanOut,
+               responses={204: {"description": "a finished scan and its files were deleted"}})
+def delete_scan(scan_id: str, request: Request, tenant: Tenant = Depends(current_tenant),
+                session: Session = Depends(get_session)) -> Any:
+    """Cancel a queued or running scan (202), or delete a finished one and its files (204)."""
+    scan = _own_scan(session, tenant, scan_id)
+    if scan.status not in TERMINAL_STATUSES:
+        repository.request_cancel(session, scan)
+        return ScanOut.of(scan)
+    request.app.state.store.delete_prefix(f"scans/{scan.id}")
+    repository.delete_scan(session, scan)
+    return Response(status_code=204)

@@ -1,0 +1,116 @@
+"""The CI client: upload a scan, wait for it with a progress bar, summarise, gate."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+PASS, GATE_FAILED, ERROR = 0, 1, 2
+
+
+class ClientError(Exception):
+    """Anything that is not the gate's verdict: bad arguments, HTTP errors, a failed scan."""
+
+
+@dataclass
+class Gate:
+    max_asr: float | None = None
+    min_acc: float | None = None
+
+    def check(self, report: dict[str, Any]) -> list[str]:
+        """The reasons the gate fails (empty when it passes), judged on the model the client will ship."""
+        result = report.get("after") or report["before"]
+        failures = []
+        if self.max_asr is not None:
+            asr = result.get("asr")
+            if asr is None:
+                failures.append("ASR was not measured (give --poisoned-data or --attack) but --max-asr was set")
+            elif asr > self.max_asr:
+                failures.append(f"ASR {asr:.4f} > --max-asr {self.max_asr}")
+        if self.min_acc is not None and result["acc"] < self.min_acc:
+            failures.append(f"ACC {result['acc']:.4f} < --min-acc {self.min_acc}")
+        return failures
+
+
+def submit(url: str, api_key: str, spec: dict[str, Any], files: dict[str, Path], timeout: float = 600) -> str:
+    """POST /scans; returns the scan id."""
+    with ExitStack() as stack, httpx.Client(base_url=url, timeout=timeout) as http:
+        parts = {name: (path.name, stack.enter_context(open(path, "rb")), "application/octet-stream")
+                 for name, path in files.items()}
+        response = http.post("/scans", headers=_auth(api_key), data={"spec": json.dumps(spec)}, files=parts)
+    if response.status_code != 202:
+        raise ClientError(f"upload refused ({response.status_code}): {_detail(response)}")
+    return str(response.json()["id"])
+
+
+def wait(url: str, api_key: str, scan_id: str, timeout_s: float, console: Console) -> dict[str, Any]:
+    """Poll until the scan ends, drawing its progress; returns the final status body."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=30) as http, Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as bar:
+        task = bar.add_task("queued", total=1.0)
+        while True:
+            r = http.get(f"/scans/{scan_id}", headers=_auth(api_key))
+            if r.status_code != 200:
+                raise ClientError(f"GET /scans/{scan_id} answered {r.status_code}: {_detail(r)}")
+            body = r.json()
+            bar.update(task, completed=body["progress"], description=body["stage"] or body["status"])
+            if body["status"] in ("succeeded", "failed", "canceled"):
+                return body
+            if time.monotonic() > deadline:
+                raise ClientError(f"scan {scan_id} did not finish within {timeout_s:.0f} s")
+            time.sleep(1.0)
+
+
+def fetch_report(url: str, api_key: str, scan_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{url}/scans/{scan_id}/report", headers=_auth(api_key), timeout=30)
+    if r.status_code != 200:
+        raise ClientError(f"report unavailable ({r.status_code}): {_detail(r)}")
+    return r.json()
+
+
+def download_artifact(url: str, api_key: str, scan_id: str, name: str, dest: Path) -> None:
+    with httpx.stream("GET", f"{url}/scans/{scan_id}/artifacts/{name}", headers=_auth(api_key), timeout=300) as r:
+        if r.status_code != 200:
+            r.read()
+            raise ClientError(f"artifact {name} unavailable ({r.status_code}): {_detail(r)}")
+        with open(dest, "wb") as f:
+            for chunk in r.iter_bytes():
+                f.write(chunk)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    lines = [f"model {report['model']['architecture']} sha256 {report['model']['sha256'][:16]}…",
+             f"ACC measured on {report['data']['acc_source']} ({report['data']['acc_images']} images)"]
+    for when in ("before", "after"):
+        if when in report:
+            r = report[when]
+            lines.append(f"{when:>6}: ACC {pct(r['acc'])}  ASR {pct(r['asr'])}  RA {pct(r['ra'])}")
+    if "repair" in report:
+        lines.append(f"repair: {report['repair']['method']} {json.dumps(report['repair'].get('params', {}))[:200]}")
+    lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.get("timings", {}).items()))
+    return lines
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail"))
+    except Exception:  # noqa: BLE001 - not JSON
+        return response.text[:500]

@@ -1,0 +1,174 @@
+"""The ``antidote`` command: serve, worker, keys, migrate, and the CI client (scan, repair), plus a demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from cli import client
+from store.logs import configure_logging
+from store.settings import get_settings
+
+app = typer.Typer(help="Antidote: scan and repair backdoored image classifiers.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+keys = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+err = Console(stderr=True)
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """The API and a worker on the embedded default (SQLite, a folder broker, local files under
+    ANTIDOTE_DATA_DIR), or just the API when ANTIDOTE_BROKER_URL names a broker."""
+    from cli.serve import serve as run
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    run(settings, host, port)
+
+
+@app.command()
+def worker(concurrency: int = 1) -> None:
+    """A Celery worker on the configured broker and queue (one per GPU)."""
+    from cli.serve import worker_command
+
+    os.execv(sys.executable, worker_command(get_settings(), concurrency))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (Alembic) to ANTIDOTE_DATABASE_URL."""
+    from store.db import upgrade_database
+
+    upgrade_database(get_settings().resolved_database_url)
+
+
+@keys.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="tenant name; created if new")]) -> None:
+    """Print one new API key for TENANT on stdout, nothing else."""
+    from store import repository
+    from store.db import make_engine, make_session_factory, upgrade_database
+
+    settings = get_settings()
+    if settings.database_url is None:  # the embedded database may not exist yet
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade_database(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        typer.echo(repository.create_api_key(session, tenant.strip() or "default"))
+
+
+def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | None, num_classes: int | None,
+                in_channels: int, test_data: Path | None, poisoned_data: Path | None, attack: str | None,
+                target: int, spec_file: Path | None, method: str | None, url: str, api_key: str | None,
+                report_path: Path | None, out: Path | None, gate: client.Gate, timeout: float) -> None:
+    console = Console(stderr=True)
+    try:
+        if not api_key:
+            raise client.ClientError("no API key: pass --api-key or set ANTIDOTE_API_KEY")
+        spec = _build_spec(mode, architecture, num_classes, in_channels, attack, target, spec_file, method)
+        files = {"model": model, "clean_data": clean_data}
+        files.update({k: v for k, v in (("test_data", test_data), ("poisoned_data", poisoned_data)) if v})
+        for name, path in files.items():
+            if not path.is_file():
+                raise client.ClientError(f"--{name.replace('_', '-')}: no file {path}")
+        scan_id = client.submit(url, api_key, spec, files)
+        console.print(f"scan {scan_id} queued")
+        final = client.wait(url, api_key, scan_id, timeout, console)
+        if final["status"] != "succeeded":
+            error = final.get("error") or {}
+            raise client.ClientError(f"scan {scan_id} {final['status']}: {error.get('code')}: {error.get('message')}")
+        report = client.fetch_report(url, api_key, scan_id)
+        if report_path:
+            report_path.write_text(json.dumps(report, indent=2))
+        if out and "repaired_model" in report.get("artifacts", ["repaired_model"]):
+            client.download_artifact(url, api_key, scan_id, "repaired_model", out)
+        for line in client.summary_lines(report):
+            console.print(line)
+        failures = gate.check(report)
+    except client.ClientError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(client.ERROR) from exc
+    except Exception as exc:  # network errors and the like: still an error, never a gate verdict
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(client.ERROR) from exc
+    for failure in failures:
+        console.print(f"[red]gate failed:[/red] {failure}")
+    if not failures:
+        console.print("[green]gate passed[/green]")
+    raise typer.Exit(client.GATE_FAILED if failures else client.PASS)
+
+
+def _build_spec(mode: str, architecture: str | None, num_classes: int | None, in_channels: int,
+                attack: str | None, target: int, spec_file: Path | None, method: str | None) -> dict[str, Any]:
+    if spec_file is not None:
+        try:
+            spec = json.loads(spec_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise client.ClientError(f"--spec: {exc}") from exc
+    else:
+        if not architecture or not num_classes:
+            raise client.ClientError("give --spec FILE, or --architecture and --num-classes")
+        spec = {"model": {"architecture": architecture, "num_classes": num_classes, "in_channels": in_channels}}
+    spec["mode"] = mode
+    if attack:
+        spec["attack"] = {"type": attack, "target": target}
+    if method:
+        spec["repair"] = {"method": method, "params": spec.get("repair", {}).get("params", {})}
+    return spec
+
+
+Url = Annotated[str, typer.Option(envvar="ANTIDOTE_URL", help="the Antidote API")]
+Key = Annotated[str | None, typer.Option(envvar="ANTIDOTE_API_KEY", help="API key")]
+
+
+@app.command()
+def scan(
+    model: Annotated[Path, typer.Option(help="checkpoint: .safetensors, .pt/.pth/.bin, BackdoorBench result")],
+    clean_data: Annotated[Path, typer.Option(help=".npz or .zip image folder")],
+    architecture: str | None = None, num_classes: int | None = None, in_channels: int = 3,
+    test_data: Path | None = None, poisoned_data: Path | None = None,
+    attack: Annotated[str | None, typer.Option(help="built-in trigger for ASR, e.g. badnets")] = None,
+    target: int = 0, spec: Annotated[Path | None, typer.Option(help="a spec JSON file")] = None,
+    url: Url = "http://127.0.0.1:8000", api_key: Key = None,
+    report: Annotated[Path | None, typer.Option(help="write the report JSON here")] = None,
+    max_asr: float | None = None, min_acc: float | None = None, timeout: float = 3600,
+) -> None:
+    """Scan a model; exit 0 if the gate passes, 1 if it fails, 2 on error."""
+    _client_run("scan", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
+                attack, target, spec, None, url, api_key, report, None, client.Gate(max_asr, min_acc), timeout)
+
+
+@app.command()
+def repair(
+    model: Annotated[Path, typer.Option(help="checkpoint: .safetensors, .pt/.pth/.bin, BackdoorBench result")],
+    clean_data: Annotated[Path, typer.Option(help=".npz or .zip image folder")],
+    architecture: str | None = None, num_classes: int | None = None, in_channels: int = 3,
+    test_data: Path | None = None, poisoned_data: Path | None = None,
+    attack: str | None = None, target: int = 0, spec: Path | None = None, method: str | None = None,
+    url: Url = "http://127.0.0.1:8000", api_key: Key = None, report: Path | None = None,
+    out: Annotated[Path | None, typer.Option(help="write the repaired .safetensors here")] = None,
+    max_asr: float | None = None, min_acc: float | None = None, timeout: float = 3600,
+) -> None:
+    """Repair a model and gate the repaired one; exit 0 pass, 1 gate failed, 2 error."""
+    _client_run("repair", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
+                attack, target, spec, method, url, api_key, report, out, client.Gate(max_asr, min_acc), timeout)
+
+
+@app.command()
+def demo(data_dir: Annotated[Path, typer.Option(help="state of the demo server")] = Path("./demo-data"),
+         port: int = 8765) -> None:
+    """End to end on the embedded default: train a small backdoored model, serve, scan (and repair) it."""
+    from cli.demo import run_demo
+
+    raise typer.Exit(run_demo(data_dir, port))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,66 @@
+"""``antidote serve``: the API, plus a worker when the broker is the embedded one."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+
+import uvicorn
+
+from store import repository
+from store.db import make_engine, make_session_factory, upgrade_database
+from store.queue import enqueue_scan, make_celery
+from store.settings import Settings
+
+log = logging.getLogger("antidote.serve")
+
+
+def worker_command(settings: Settings, concurrency: int = 1) -> list[str]:
+    """One scan at a time per worker process (one GPU each); prefork so that time limits can kill a child."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", settings.queue,
+            "--concurrency", str(concurrency), "--prefetch-multiplier", "1", "--loglevel",
+            settings.log_level.upper(), "--without-gossip", "--without-mingle"]
+
+
+def redeliver_unfinished(settings: Settings) -> int:
+    """Embedded restart: the folder broker may hold stale or lost messages, so the database decides.
+
+    Every queued or running scan is delivered again; running ones were cut off by the restart and start
+    over (the worker's claim counts attempts, and a finished scan's extra delivery is skipped)."""
+    queue_folder = settings.broker_folder / "queue"
+    shutil.rmtree(queue_folder, ignore_errors=True)
+    queue_folder.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    sessions = make_session_factory(engine)
+    celery = make_celery(settings)
+    with sessions() as session:
+        repository.requeue_running(session)
+        ids = repository.unfinished_scan_ids(session)
+    for scan_id in ids:
+        enqueue_scan(celery, scan_id, settings.queue)
+    engine.dispose()
+    return len(ids)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    from api.app import create_app
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.resolved_database_url)
+    worker: subprocess.Popen[bytes] | None = None
+    if settings.embedded_broker:
+        n = redeliver_unfinished(settings)
+        if n:
+            log.info("delivering %d unfinished scans again", n)
+        worker = subprocess.Popen(worker_command(settings))
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()

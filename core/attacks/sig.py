@@ -1,0 +1,39 @@
+"""SIG (Barni et al. 2019): a horizontal sinusoidal signal, clean-label."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from core.attacks.base import Attack, add_clipped
+
+
+@dataclass(frozen=True, kw_only=True)
+class SIG(Attack):
+    """``x'[i, j] = clip(x[i, j] + delta sin(2 pi j f / W))``: the signal varies along the width only.
+
+    Clean-label: only target-class training images are poisoned and their labels kept, so there is no
+    all-to-all variant. Defaults from BackdoorBench (RESEARCH.md §2): delta 40 pixel levels, f 6.
+    """
+
+    name: ClassVar[str] = "sig"
+    clean_label: ClassVar[bool] = True
+    delta: float = 40.0  # BackdoorBench: sig_delta 40 (of 255)
+    frequency: float = 6.0  # BackdoorBench: sig_f 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.delta <= 255.0:
+            raise ValueError(f"delta must lie in (0, 255], got {self.delta}")
+        if self.frequency <= 0:
+            raise ValueError(f"frequency must be positive, got {self.frequency}")
+
+    def signal(self) -> np.ndarray:
+        """The additive signal, shaped ``1×W×1`` to broadcast over ``N×H×W×C``."""
+        w = self.image_shape[1]
+        return (self.delta * np.sin(2 * np.pi * np.arange(w) * self.frequency / w)).reshape(1, w, 1)
+
+    def _trigger(self, x: np.ndarray) -> np.ndarray:
+        return add_clipped(x, self.signal())

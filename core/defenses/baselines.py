@@ -1,0 +1,169 @@
+"""Baseline repairs in the same engine as TSBD: vanilla fine-tuning and fine-pruning."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.defenses.result import RepairResult
+from core.defenses.runtime import DeviceImages, ProgressFn, StageTimer, prepare_model, runtime_for, score, sgd_finetune
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Vanilla fine-tuning: TSBD's stage 2 without its gradient-norm penalty, so the comparison isolates it."""
+
+    epochs: int = 21  # = TSBDConfig.finetune_epochs (tsbd.py runs ft_epoch + 1 = 21)
+    lr: float = 0.01  # = TSBDConfig.lr_finetune (tsbd/config.yaml: lr_ft=0.01)
+    momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
+    weight_decay: float = 0.0  # tsbd.py: no weight decay in stage 2
+    batch_size: int = 256  # tsbd/config.yaml: batch_size=256
+    augment: bool = True  # crop (padding 4) + flip, as the reference's clean data
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError("need epochs >= 0, lr > 0 and batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class FinePruningConfig:
+    """Fine-pruning (Liu, Dolan-Gavitt, Garg; RAID 2018): prune the last conv layer's channels that are least
+    active on clean data, as long as clean accuracy holds, then fine-tune."""
+
+    accuracy_drop_tolerance: float = 0.04  # Liu et al. 2018 stop pruning at a ~4% validation accuracy drop
+    max_prune_ratio: float = 0.95  # never prune the whole layer (BackdoorBench fp: ratio up to 0.95 or so)
+    prune_step_ratio: float = 0.02  # candidate pruning counts in steps of 2% of the channels (forward only)
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.accuracy_drop_tolerance <= 1 or not 0 < self.max_prune_ratio <= 1:
+            raise ValueError("accuracy_drop_tolerance must lie in [0, 1] and max_prune_ratio in (0, 1]")
+        if not 0 < self.prune_step_ratio <= 1:
+            raise ValueError("prune_step_ratio must lie in (0, 1]")
+
+
+def vanilla_finetune(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FinetuneConfig,
+                     device: torch.device | str, on_progress: ProgressFn | None = None) -> RepairResult:
+    """Plain SGD fine-tuning of a copy of ``model`` on the clean subset."""
+    rt = runtime_for(device)
+    timer = StageTimer(rt)
+    repaired = prepare_model(copy.deepcopy(model), rt)
+    data = DeviceImages(clean, norm, rt)
+    timer.lap("setup")
+    _finetune(repaired, data, cfg, on_progress)
+    timer.lap("finetune")
+    after = score(repaired, data)
+    return RepairResult(model=repaired.eval(), method="finetune", params=dataclasses.asdict(cfg),
+                        timings=timer.finish(),
+                        details={"clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})
+
+
+def _finetune(model: nn.Module, data: DeviceImages, cfg: FinetuneConfig, on_progress: ProgressFn | None) -> None:
+    def report(done: int, total: int) -> None:
+        if on_progress is not None:
+            on_progress("finetune", done / total)
+
+    sgd_finetune(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                 weight_decay=cfg.weight_decay, augment=cfg.augment, seed=cfg.seed, on_epoch=report)
+
+
+def last_conv_layer(model: nn.Module) -> str:
+    """The name of the last ``Conv2d`` in module order (the layer fine-pruning prunes)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ValueError("the model has no Conv2d layer to prune")
+    return names[-1]
+
+
+def mean_channel_activation(model: nn.Module, layer: str, data: DeviceImages, batch_size: int = 1024
+                            ) -> torch.Tensor:
+    """Mean over images and positions of each output channel of ``layer`` on ``data`` (eval mode)."""
+    module = dict(model.named_modules())[layer]
+    total: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        total.append(out.float().mean(dim=(2, 3)).sum(0))
+
+    handle = module.register_forward_hook(hook)
+    model.eval()
+    try:
+        with torch.inference_mode(), data.rt.autocast():
+            for start in range(0, len(data), batch_size):
+                model(data.inputs(slice(start, start + batch_size)))
+    finally:
+        handle.remove()
+    return torch.stack(total).sum(0) / len(data)
+
+
+def _zero_channels(conv: nn.Conv2d, channels: torch.Tensor) -> None:
+    with torch.no_grad():
+        conv.weight[channels] = 0
+        if conv.bias is not None:
+            conv.bias[channels] = 0
+
+
+def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FinePruningConfig,
+                 device: torch.device | str, on_progress: ProgressFn | None = None) -> RepairResult:
+    """Prune (zero, and keep at zero while fine-tuning) the last conv layer's channels in increasing order of
+    mean activation on the clean subset, the most channels whose pruning keeps the subset's accuracy within
+    ``accuracy_drop_tolerance`` of the unpruned model's; then fine-tune. Zeroing instead of removing keeps the
+    repaired weights' keys and shapes those of the upload."""
+    rt = runtime_for(device)
+    timer = StageTimer(rt)
+    repaired = prepare_model(copy.deepcopy(model), rt)
+    data = DeviceImages(clean, norm, rt)
+    layer = last_conv_layer(repaired)
+    conv = dict(repaired.named_modules())[layer]
+    assert isinstance(conv, nn.Conv2d)
+    timer.lap("setup")
+
+    order = torch.argsort(mean_channel_activation(repaired, layer, data), stable=True)
+    base = score(repaired, data).accuracy
+    saved_w = conv.weight.detach().clone()
+    saved_b = conv.bias.detach().clone() if conv.bias is not None else None
+    channels = conv.out_channels
+    step = max(1, round(cfg.prune_step_ratio * channels))
+    limit = max(0, min(channels - 1, int(cfg.max_prune_ratio * channels)))
+    pruned, curve = 0, []
+    for k in range(step, limit + 1, step):
+        _zero_channels(conv, order[:k])
+        acc = score(repaired, data).accuracy
+        curve.append((k, acc))
+        if acc < base - cfg.accuracy_drop_tolerance:
+            break
+        pruned = k
+    with torch.no_grad():  # back to the last count that kept the accuracy
+        conv.weight.copy_(saved_w)
+        if saved_b is not None and conv.bias is not None:
+            conv.bias.copy_(saved_b)
+    pruned_idx = order[:pruned]
+    _zero_channels(conv, pruned_idx)
+    timer.lap("prune")
+
+    keep = torch.ones(channels, dtype=torch.bool, device=conv.weight.device)
+    keep[pruned_idx] = False
+    hooks = [conv.weight.register_hook(lambda g: g * keep.view(-1, 1, 1, 1).to(g.dtype))]
+    if conv.bias is not None:
+        hooks.append(conv.bias.register_hook(lambda g: g * keep.to(g.dtype)))
+    try:  # masked gradients (and no weight decay by default) keep the pruned channels at zero
+        _finetune(repaired, data, cfg.finetune, on_progress)
+    finally:
+        for h in hooks:
+            h.remove()
+    timer.lap("finetune")
+    after = score(repaired, data)
+    params = dataclasses.asdict(cfg)
+    params["layer"] = layer
+    return RepairResult(
+        model=repaired.eval(), method="fine_pruning", params=params,
+        chosen={"pruned_channels": pruned, "layer_channels": channels},
+        timings=timer.finish(),
+        details={"clean_accuracy_unpruned": base, "prune_curve": curve,
+                 "clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})

@@ -1,0 +1,52 @@
+"""Defaults of TSBD, each with its source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The reference's sweep over the neuron ratio n (tsbd.py loops over it; its user reads the poisoned ASR).
+REFERENCE_N_SWEEP: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class TSBDConfig:
+    """Every knob of TSBD. ``neuron_ratio=None`` means: choose ``n`` automatically (see ``auto.py``)."""
+
+    batch_size: int = 256  # tsbd/config.yaml: batch_size=256
+    augment: bool = True  # reference: training transform (random crop, padding 4, horizontal flip)
+    crop_padding: int = 4  # reference: RandomCrop(32, padding=4)
+    # Stage 1a, clean unlearning
+    lr_unlearn: float = 1e-4  # tsbd/config.yaml: lr_un=1e-4 (SGD, momentum 0.9, no weight decay)
+    unlearn_momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
+    unlearn_margin: float = 0.0  # reference stops at clean acc <= 0.10 = 1/10 exactly for CIFAR-10
+    unlearn_max_epochs: int = 100  # not in the reference (it loops until the threshold); a safety cap
+    # Stage 1b/1c
+    layer_exclude: tuple[str, ...] = ("shortcut", "downsample")  # tsbd.py: Conv2d names without "shortcut";
+    # "downsample" is torchvision's name for the same 1x1 projection
+    neuron_ratio: float | None = None  # n; reference sweeps REFERENCE_N_SWEEP, None = automatic choice
+    weight_ratio: float = 0.7  # tsbd/config.yaml: m=0.7 (fraction of the pooled |dW| set to zero)
+    # Automatic choice of n (not in the reference; see auto.py)
+    auto_candidates: tuple[float, ...] = REFERENCE_N_SWEEP  # the values the reference's user chooses from
+    # Stage 2, activeness-aware fine-tuning
+    lr_finetune: float = 0.01  # tsbd/config.yaml: lr_ft=0.01 (SGD, momentum 0.9, no weight decay)
+    finetune_momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
+    finetune_epochs: int = 21  # tsbd/config.yaml: ft_epoch=20, and tsbd.py's loop runs ft_epoch + 1 = 21
+    rho: float = 0.05  # tsbd/config.yaml: r=0.05 (size of the gradient-direction shift)
+    alpha: float = 0.7  # tsbd/config.yaml: alpha=0.7 (weight of the shifted gradient)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.neuron_ratio is not None and not 0.0 <= self.neuron_ratio <= 1.0:
+            raise ValueError("neuron_ratio must lie in [0, 1]")
+        if not 0.0 <= self.weight_ratio <= 1.0:
+            raise ValueError("weight_ratio must lie in [0, 1]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must lie in [0, 1]")
+        if self.rho < 0 or self.lr_unlearn <= 0 or self.lr_finetune <= 0:
+            raise ValueError("rho must be >= 0 and learning rates > 0")
+        if not self.auto_candidates or any(not 0.0 < c <= 1.0 for c in self.auto_candidates):
+            raise ValueError("auto_candidates must be a non-empty tuple of values in (0, 1]")
+        if self.unlearn_max_epochs < 1 or self.finetune_epochs < 0:
+            raise ValueError("unlearn_max_epochs must be >= 1 and finetune_epochs >= 0")

@@ -1,0 +1,121 @@
+"""Stage 2: activeness-aware fine-tuning — fine-tuning that suppresses the gradient norm.
+
+Why: TSBD's second observation is that backdoor neurons are more *active* (larger gradient norm) than clean
+ones; stepping with ``(1 - alpha) g1 + alpha g2``, where ``g2`` is the gradient at ``theta + r g1/||g1||``, is the
+gradient-norm penalty of Zhao et al. (ICML 2022) with ``lambda = alpha * r`` and keeps them from re-emerging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.defenses.runtime import (
+    DeviceImages,
+    ProgressFn,
+    augment_generator,
+    make_generator,
+    prepare_model,
+    runtime_for,
+)
+from core.defenses.tsbd.config import TSBDConfig
+
+_NORM_EPS = 1e-12  # guards the per-tensor normalisation against an all-zero gradient
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    epochs: int
+    steps: int
+    last_loss: float
+
+
+class _FrozenBatchNormStats:
+    """Within the block, BatchNorm layers normalise with batch statistics (train mode) but do not update their
+    running statistics: the reference computes ``g2`` on a throw-away copy, so only the unshifted forward
+    pass moves the running statistics. Setting momentum to 0 does that without copying anything."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.saved: list[float | None] = []
+        self.counts: list[torch.Tensor | None] = []
+
+    def __enter__(self) -> None:
+        self.saved = [bn.momentum for bn in self.bns]
+        self.counts = [bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None
+                       for bn in self.bns]
+        for bn in self.bns:
+            bn.momentum = 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        for bn, mom, cnt in zip(self.bns, self.saved, self.counts, strict=True):
+            bn.momentum = mom
+            if cnt is not None:
+                bn.num_batches_tracked.copy_(cnt)
+
+
+def activeness_aware_step(model: nn.Module, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+                          rho: float, alpha: float, rt_autocast: object) -> torch.Tensor:
+    """Fill ``p.grad`` with ``(1 - alpha) * g1 + alpha * g2`` for every trainable parameter, where
+    ``g1 = grad L(theta)`` and ``g2 = grad L(theta + rho * g1 / ||g1||)`` (norm per tensor). Leaves the
+    parameters as they were (the shift is subtracted again, no copy of the model); returns L(theta)
+    detached (a tensor, so that the caller decides when to synchronise with the device)."""
+    with rt_autocast():  # type: ignore[operator]
+        loss = F.cross_entropy(model(x), y)
+    g1 = torch.autograd.grad(loss, params, allow_unused=True)
+    shifts: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for p, g in zip(params, g1, strict=True):
+            if g is None:
+                shifts.append(None)
+                continue
+            s = g * (rho / (g.norm() + _NORM_EPS))
+            p.add_(s)
+            shifts.append(s)
+    with _FrozenBatchNormStats(model), rt_autocast():  # type: ignore[operator]
+        loss2 = F.cross_entropy(model(x), y)
+    g2 = torch.autograd.grad(loss2, params, allow_unused=True)
+    with torch.no_grad():
+        for p, s, a, b in zip(params, shifts, g1, g2, strict=True):
+            if s is not None:
+                p.sub_(s)
+            if a is None and b is None:
+                p.grad = None
+                continue
+            a = torch.zeros_like(p) if a is None else a
+            b = torch.zeros_like(p) if b is None else b
+            p.grad = torch.lerp(a, b, alpha)  # (1 - alpha) * a + alpha * b
+    return loss.detach()
+
+
+def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization,
+                              cfg: TSBDConfig, device: torch.device | str,
+                              on_progress: ProgressFn | None = None) -> FinetuneResult:
+    """Fine-tune ``model`` in place on ``clean`` for ``cfg.finetune_epochs`` epochs, every parameter trained,
+    SGD(lr_finetune, momentum, no weight decay), each step along the activeness-aware
+    gradient of :func:`activeness_aware_step`."""
+    rt = runtime_for(device)
+    data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
+    prepare_model(model, rt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr_finetune, momentum=cfg.finetune_momentum, weight_decay=0.0)
+    order_gen = make_generator(cfg.seed + 2)
+    aug_gen = augment_generator(rt, cfg.seed + 3)
+    epochs = cfg.finetune_epochs
+    steps, last = 0, torch.tensor(float("nan"))
+    model.train()
+    for epoch in range(epochs):
+        for idx in data.batches(cfg.batch_size, order_gen):
+            x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
+            last = activeness_aware_step(model, params, x, data.y[idx], cfg.rho, cfg.alpha, rt.autocast)
+            opt.step()
+            steps += 1
+        if on_progress is not None:
+            on_progress("finetune", (epoch + 1) / epochs)
+    model.eval()
+    return FinetuneResult(epochs=epochs, steps=steps, last_loss=float(last))

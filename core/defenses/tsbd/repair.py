@@ -1,0 +1,78 @@
+"""TSBD end to end: unlearn → NWC → (choose n) → zero re-initialise → activeness-aware fine-tune."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.defenses.result import RepairResult
+from core.defenses.runtime import DeviceImages, ProgressFn, StageTimer, prepare_model, runtime_for, score
+from core.defenses.tsbd.auto import choose_neuron_ratio
+from core.defenses.tsbd.config import TSBDConfig
+from core.defenses.tsbd.finetune import activeness_aware_finetune
+from core.defenses.tsbd.nwc import covered_conv_layers, neuron_weight_change
+from core.defenses.tsbd.reinit import zero_reinitialize
+from core.defenses.tsbd.unlearn import unlearn_clean
+
+
+def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSBDConfig,
+                device: torch.device | str, on_progress: ProgressFn | None = None,
+                num_classes: int | None = None) -> RepairResult:
+    """Repair ``model`` with TSBD on the clean subset; ``cfg.neuron_ratio=None`` chooses ``n`` automatically
+    from the clean subset (:func:`choose_neuron_ratio`). ``model`` is not modified; the result holds a new
+    module on ``device`` in eval mode."""
+    rt = runtime_for(device)
+    timer = StageTimer(rt)
+    original = prepare_model(copy.deepcopy(model), rt).eval()
+    data = DeviceImages(clean, norm, rt)
+    layers = covered_conv_layers(original, cfg.layer_exclude)
+    if not layers:
+        raise ValueError("the model has no Conv2d layer TSBD can work on")
+    timer.lap("setup")
+
+    unlearned = unlearn_clean(original, data, norm, cfg, device, num_classes, on_progress)
+    timer.lap("unlearn")
+    nwc = neuron_weight_change(original, unlearned.model, layers)
+    del unlearned.model  # only its weight changes are needed
+    timer.lap("nwc")
+
+    chosen: dict[str, object] = {}
+    details: dict[str, object] = {}
+    n = cfg.neuron_ratio
+    if n is None:
+        choice = choose_neuron_ratio(original, nwc, data, cfg)
+        n = choice.n
+        chosen = {"neuron_ratio": n, "rule": choice.rule}
+        details["auto"] = choice.as_dict()
+        timer.lap("choose_n")
+    repaired, zsum = zero_reinitialize(original, nwc, n, cfg.weight_ratio)
+    del original
+    timer.lap("zero_reinit")
+    if on_progress is not None:
+        on_progress("zero_reinit", 1.0)
+
+    ft = activeness_aware_finetune(repaired, data, norm, cfg, device, on_progress)
+    timer.lap("finetune")
+    after = score(repaired, data)
+    timer.lap("final_eval")
+
+    details.update({
+        "unlearn": {"epochs": unlearned.epochs, "threshold": unlearned.threshold,
+                    "clean_accuracy_before": unlearned.accuracy_before,
+                    "clean_accuracy_after": unlearned.accuracy_after,
+                    "reached_threshold": unlearned.reached_threshold},
+        "nwc_summary": nwc.summary(),
+        "zero_reinit": dataclasses.asdict(zsum),
+        "finetune": dataclasses.asdict(ft),
+        "clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss},
+    })
+    params = dataclasses.asdict(cfg)
+    params["neuron_ratio"] = n
+    params["layers"] = layers
+    return RepairResult(model=repaired.eval(), method="tsbd" if cfg.neuron_ratio is None else "tsbd_fixed",
+                        params=params, chosen=chosen, timings=timer.finish(), details=details)

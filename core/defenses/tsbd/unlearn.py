@@ -1,0 +1,86 @@
+"""Stage 1a: clean unlearning — gradient ascent on the clean subset until the model is at chance level.
+
+Why: TSBD's first observation is that the weights clean unlearning moves most are the ones poisoned unlearning
+moves most, i.e. the backdoor neurons; the unlearned copy is only used to measure those weight changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.defenses.runtime import (
+    DeviceImages,
+    ProgressFn,
+    augment_generator,
+    infer_num_classes,
+    make_generator,
+    prepare_model,
+    runtime_for,
+    score,
+)
+from core.defenses.tsbd.config import TSBDConfig
+
+
+@dataclass
+class UnlearnResult:
+    """The unlearned copy and how it got there."""
+
+    model: nn.Module
+    epochs: int
+    threshold: float  # the clean accuracy at or below which unlearning stopped
+    accuracy_before: float
+    accuracy_after: float
+    reached_threshold: bool  # False when the epoch cap stopped it first
+
+
+def unlearn_threshold(num_classes: int, margin: float) -> float:
+    """Chance accuracy plus ``margin`` (the reference's fixed 0.10 is chance only for 10 classes)."""
+    return 1.0 / num_classes + margin
+
+
+def unlearn_clean(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization, cfg: TSBDConfig,
+                  device: torch.device | str, num_classes: int | None = None,
+                  on_progress: ProgressFn | None = None, seed: int | None = None) -> UnlearnResult:
+    """Gradient ascent on cross-entropy over ``clean`` on a copy of ``model`` (train mode, so BN statistics
+    update as in the reference), SGD(lr_unlearn, momentum, no weight decay), epoch by epoch until the eval-mode
+    accuracy on ``clean`` is <= ``1/num_classes + cfg.unlearn_margin`` or ``cfg.unlearn_max_epochs`` is hit.
+    ``model`` itself is not modified."""
+    rt = runtime_for(device)
+    data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
+    unlearned = prepare_model(copy.deepcopy(model), rt)
+    for p in unlearned.parameters():
+        p.requires_grad_(True)
+    k = num_classes if num_classes is not None else infer_num_classes(unlearned, data)
+    threshold = unlearn_threshold(k, cfg.unlearn_margin)
+    seed = cfg.seed if seed is None else seed
+    before = score(unlearned, data).accuracy
+    acc = before
+    epochs = 0
+    if acc > threshold:
+        opt = torch.optim.SGD(unlearned.parameters(), lr=cfg.lr_unlearn, momentum=cfg.unlearn_momentum,
+                              weight_decay=0.0)
+        order_gen = make_generator(seed)
+        aug_gen = augment_generator(rt, seed + 1)
+        while epochs < cfg.unlearn_max_epochs and acc > threshold:
+            unlearned.train()
+            for idx in data.batches(cfg.batch_size, order_gen):
+                x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
+                with rt.autocast():
+                    loss = -F.cross_entropy(unlearned(x), data.y[idx])  # ascent: minimise the negative
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            epochs += 1
+            acc = score(unlearned, data).accuracy
+            if on_progress is not None:
+                on_progress("unlearn", epochs / cfg.unlearn_max_epochs if acc > threshold else 1.0)
+    unlearned.eval()
+    return UnlearnResult(model=unlearned, epochs=epochs, threshold=threshold, accuracy_before=before,
+                         accuracy_after=acc, reached_threshold=acc <= threshold)

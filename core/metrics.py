@@ -1,0 +1,134 @@
+"""ACC, ASR, RA and DER as BackdoorBench defines them (RESEARCH.md §2), and batched prediction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.attacks.base import BackdoorTestSet
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization, to_model_input
+
+
+def predict(
+    model: nn.Module,
+    x: np.ndarray,
+    norm: Normalization,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Predicted labels (int64) for uint8 ``N×H×W×C`` images; the model must already be on ``device``.
+
+    Runs in eval mode under ``torch.inference_mode()``; on CUDA with bf16 autocast and channels-last input
+    (DESIGN.md). Every submodule's train/eval flag is restored afterwards, so a caller mid-training is
+    unaffected.
+    """
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError("images must be a uint8 N×H×W×C array")
+    if len(x) == 0:
+        raise ValueError("no images to predict")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    preds = []
+    try:
+        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
+        with torch.inference_mode(), autocast:
+            for i in range(0, len(x), batch_size):
+                batch = to_model_input(x[i : i + batch_size], norm, device, channels_last=cuda)
+                preds.append(model(batch).argmax(dim=1).cpu())
+    finally:
+        for module, training in modes:
+            module.training = training
+    return torch.cat(preds).numpy().astype(np.int64)
+
+
+def _fraction_equal(pred: np.ndarray, labels: np.ndarray, what: str) -> float:
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    if pred.shape != labels.shape or pred.ndim != 1:
+        raise ValueError(
+            f"{what}: predictions and labels must be 1-D of the same length, "
+            f"got {pred.shape} and {labels.shape}"
+        )
+    if len(pred) == 0:
+        raise ValueError(f"{what} of an empty set is undefined")
+    return float(np.mean(pred == labels))
+
+
+def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    """ACC: the fraction of clean images classified as their true label."""
+    return _fraction_equal(pred, y, "accuracy")
+
+
+def attack_success_rate(pred: np.ndarray, y_target: np.ndarray) -> float:
+    """ASR: the fraction of triggered images classified as the attacker's label. Pass predictions on a
+    ``BackdoorTestSet``, which already leaves out target-class images (BackdoorBench)."""
+    return _fraction_equal(pred, y_target, "attack success rate")
+
+
+def robust_accuracy(pred: np.ndarray, y_true: np.ndarray) -> float:
+    """RA: the fraction of triggered images still classified as their true label."""
+    return _fraction_equal(pred, y_true, "robust accuracy")
+
+
+def defense_effectiveness_rating(
+    acc_before: float, asr_before: float, acc_after: float, asr_after: float
+) -> float:
+    """DER = [max(0, dASR) - max(0, dACC) + 1] / 2 with d the drop after the defence (BackdoorBench).
+
+    In [0, 1]: 1 removes the backdoor at no accuracy cost, 0.5 changes nothing. Inputs are fractions in
+    [0, 1], not percentages.
+    """
+    values = {
+        "acc_before": acc_before,
+        "asr_before": asr_before,
+        "acc_after": acc_after,
+        "asr_after": asr_after,
+    }
+    for key, value in values.items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key} must be a fraction in [0, 1], got {value}")
+    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """ACC on clean data; ASR and RA on triggered data (``None`` without a backdoor test set)."""
+
+    acc: float
+    asr: float | None
+    ra: float | None
+    n_clean: int
+    n_backdoor: int
+
+
+def evaluate(
+    model: nn.Module,
+    clean: ImageSet,
+    backdoor: BackdoorTestSet | None,
+    norm: Normalization,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1024,
+) -> Evaluation:
+    """ACC on ``clean`` and, given a backdoor test set, ASR and RA on it."""
+    if len(clean) == 0:
+        raise ValueError("clean test set is empty")
+    acc = accuracy(predict(model, clean.x, norm, device, batch_size), clean.y)
+    if backdoor is None:
+        return Evaluation(acc=acc, asr=None, ra=None, n_clean=len(clean), n_backdoor=0)
+    if len(backdoor.x) == 0:
+        raise ValueError("backdoor test set is empty")
+    pred = predict(model, backdoor.x, norm, device, batch_size)
+    return Evaluation(
+        acc=acc,
+        asr=attack_success_rate(pred, backdoor.y_target),
+        ra=robust_accuracy(pred, backdoor.y_true),
+        n_clean=len(clean),
+        n_backdoor=len(backdoor.x),
+    )

@@ -1,0 +1,118 @@
+"""Architecture registry: a name maps to a builder of a plain ``nn.Module`` with random weights (timm-like).
+
+Weights never come from here: nothing is downloaded; checkpoints are loaded separately (``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from core.models.preactresnet import PreActResNet18
+from core.models.resnet_cifar import resnet20
+
+TORCHVISION_PREFIX = "torchvision."
+
+Builder = Callable[[int, int], nn.Module]
+
+
+class UnknownArchitectureError(ValueError):
+    """The architecture name is not in the registry."""
+
+
+def _build_vgg19_bn(num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.vgg19_bn(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+_BUILDERS: dict[str, Builder] = {
+    "preactresnet18": lambda num_classes, in_channels: PreActResNet18(num_classes, in_channels),
+    "resnet20": lambda num_classes, in_channels: resnet20(num_classes, in_channels),
+    "vgg19_bn": _build_vgg19_bn,
+}
+
+ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
+"""The built-in names; ``torchvision.<name>`` for a name of :func:`torchvision_classification_models` too."""
+
+
+def torchvision_classification_models() -> list[str]:
+    """The names torchvision builds as image classifiers (``torchvision.models.list_models``)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def is_known_architecture(name: str) -> bool:
+    """Whether :func:`create_model` accepts ``name``."""
+    if name in _BUILDERS:
+        return True
+    if name.startswith(TORCHVISION_PREFIX):
+        return name[len(TORCHVISION_PREFIX) :] in torchvision_classification_models()
+    return False
+
+
+def create_model(architecture: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A new ``architecture`` model with random weights, ``num_classes`` outputs and ``in_channels`` inputs.
+
+    Build under ``with torch.device("meta"):`` for a cheap shape-only model.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    builder = _BUILDERS.get(architecture)
+    if builder is not None:
+        return builder(num_classes, in_channels)
+    if architecture.startswith(TORCHVISION_PREFIX):
+        return _build_torchvision(architecture[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
+    raise UnknownArchitectureError(
+        f"unknown architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}, "
+        f"or {TORCHVISION_PREFIX}<name> for a torchvision classification model "
+        "(torchvision.models.list_models(module=torchvision.models) lists the names)"
+    )
+
+
+def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision_classification_models():
+        raise UnknownArchitectureError(
+            f"unknown architecture {TORCHVISION_PREFIX + name!r}: {name!r} is not a torchvision "
+            "classification model; torchvision.models.list_models(module=torchvision.models) lists the "
+            "valid names"
+        )
+    # weights=None: never download; the checkpoint supplies the weights
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Swap the first ``Conv2d`` (the stem) for one with ``in_channels`` inputs, otherwise the same."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                new = nn.Conv2d(
+                    in_channels,
+                    child.out_channels,
+                    kernel_size=child.kernel_size,  # type: ignore[arg-type]
+                    stride=child.stride,  # type: ignore[arg-type]
+                    padding=child.padding,  # type: ignore[arg-type]
+                    dilation=child.dilation,  # type: ignore[arg-type]
+                    groups=1,  # stems are plain convs; a depthwise stem could not keep its groups anyway
+                    bias=child.bias is not None,
+                    padding_mode=child.padding_mode,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
+                setattr(parent, child_name, new)
+                return
+    raise ValueError(f"{type(model).__name__} has no Conv2d whose input could take {in_channels} channels")
+
+

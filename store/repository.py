@@ -1,0 +1,219 @@
+"""Every query the API and the worker make; each one scoped to a tenant where a client is behind it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from store.models import TERMINAL_STATUSES, ApiKey, Scan, ScanStatus, Tenant, utcnow
+
+KEY_PREFIX = "adk_"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# --- tenants and keys -------------------------------------------------------------------------------------
+
+
+def create_api_key(session: Session, tenant_name: str) -> str:
+    """Create the tenant if needed and a new key for it; returns the key, which is never stored in clear."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+    if tenant is None:
+        tenant = Tenant(id=new_id(), name=tenant_name, created_at=utcnow())
+        session.add(tenant)
+        session.flush()
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(id=new_id(), tenant_id=tenant.id, prefix=key[:12], key_hash=hash_key(key), created_at=utcnow()))
+    session.commit()
+    return key
+
+
+def tenant_for_key(session: Session, key: str) -> Tenant | None:
+    """The tenant owning an unrevoked ``key``, or None."""
+    return session.scalar(
+        select(Tenant)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    )
+
+
+# --- scans: the API's side --------------------------------------------------------------------------------
+
+
+def add_scan(session: Session, scan_id: str, tenant_id: str, mode: str, spec: dict[str, Any],
+             inputs: dict[str, Any]) -> Scan:
+    now = utcnow()
+    scan = Scan(id=scan_id, tenant_id=tenant_id, status=ScanStatus.queued.value, mode=mode, stage=None, progress=0.0,
+                spec=spec, inputs=inputs, artifacts={}, report=None, timings={}, attempts=0,
+                cancel_requested=False, created_at=now, updated_at=now)
+    session.add(scan)
+    session.commit()
+    return scan
+
+
+def get_scan(session: Session, tenant_id: str, scan_id: str) -> Scan | None:
+    return session.scalar(select(Scan).where(Scan.id == scan_id, Scan.tenant_id == tenant_id))
+
+
+@dataclass(frozen=True)
+class ScanPage:
+    items: Sequence[Scan]
+    next_cursor: str | None
+
+
+def list_scans(session: Session, tenant_id: str, status: str | None, limit: int, cursor: str | None) -> ScanPage:
+    """The tenant's scans, newest first; ``cursor`` is opaque and comes from the previous page."""
+    query = select(Scan).where(Scan.tenant_id == tenant_id)
+    if status:
+        query = query.where(Scan.status == status)
+    if cursor:
+        created_at, last_id = decode_cursor(cursor)
+        query = query.where(or_(Scan.created_at < created_at, and_(Scan.created_at == created_at, Scan.id < last_id)))
+    rows = session.scalars(query.order_by(Scan.created_at.desc(), Scan.id.desc()).limit(limit + 1)).all()
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return ScanPage(items=rows[:limit], next_cursor=next_cursor)
+
+
+def encode_cursor(scan: Scan) -> str:
+    created = _aware(scan.created_at).isoformat()
+    return base64.urlsafe_b64encode(f"{created}|{scan.id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Raises ValueError for a cursor this service did not make."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, scan_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), scan_id
+    except Exception as exc:  # noqa: BLE001 - any garbage is the same client error
+        raise ValueError("cursor is not one this service returned") from exc
+
+
+def _aware(dt: datetime) -> datetime:
+    # SQLite returns naive datetimes even for timezone=True columns
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def request_cancel(session: Session, scan: Scan) -> None:
+    """A queued scan is canceled at once; a running one when the worker next reports progress."""
+    if scan.status == ScanStatus.queued.value:
+        scan.status = ScanStatus.canceled.value
+        scan.finished_at = utcnow()
+    scan.cancel_requested = True
+    session.commit()
+
+
+def delete_scan(session: Session, scan: Scan) -> None:
+    session.delete(scan)
+    session.commit()
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Scan.status, func.count()).group_by(Scan.status)).all()
+    counts = {s.value: 0 for s in ScanStatus}
+    counts.update({status: n for status, n in rows})
+    return counts
+
+
+def recent_timings(session: Session, limit: int = 1000) -> list[dict[str, float]]:
+    """Stage timings of the most recently finished scans (the API exports them to Prometheus)."""
+    rows = session.scalars(
+        select(Scan.timings).where(Scan.finished_at.is_not(None)).order_by(Scan.finished_at.desc()).limit(limit)
+    ).all()
+    return [r for r in rows if r]
+
+
+def unfinished_scan_ids(session: Session) -> list[str]:
+    """Queued or running scans, oldest first: what a restarted embedded server must deliver again."""
+    return list(session.scalars(
+        select(Scan.id).where(Scan.status.in_([ScanStatus.queued.value, ScanStatus.running.value]))
+        .order_by(Scan.created_at)
+    ).all())
+
+
+# --- scans: the worker's side -----------------------------------------------------------------------------
+
+
+def claim_scan(session: Session, scan_id: str, max_attempts: int) -> Scan | None:
+    """Mark a scan running for this delivery; None when there is nothing to do (finished, canceled, gone).
+
+    A running scan is claimed again on purpose: it is a delivery repeated after a worker died.
+    """
+    scan = session.get(Scan, scan_id, with_for_update=True)
+    if scan is None or scan.status in TERMINAL_STATUSES:
+        session.rollback()
+        return None
+    now = utcnow()
+    if scan.cancel_requested:
+        scan.status, scan.finished_at = ScanStatus.canceled.value, now
+        session.commit()
+        return None
+    if scan.attempts >= max_attempts:
+        scan.status, scan.finished_at = ScanStatus.failed.value, now
+        scan.error_code = "worker_lost"
+        scan.error_message = (f"the scan was started {scan.attempts} times and its worker died each time "
+                              "(out of memory?); try a smaller model or data set")
+        session.commit()
+        return None
+    scan.status = ScanStatus.running.value
+    scan.attempts += 1
+    scan.started_at = scan.started_at or now
+    scan.stage, scan.progress = "starting", 0.0
+    session.commit()
+    return scan
+
+
+def record_progress(session: Session, scan_id: str, stage: str, progress: float,
+                    timings: dict[str, float]) -> bool:
+    """Write progress; returns True if the client asked to cancel the scan."""
+    session.execute(update(Scan).where(Scan.id == scan_id, Scan.status == ScanStatus.running.value)
+                    .values(stage=stage, progress=progress, timings=timings, updated_at=utcnow()))
+    session.commit()
+    return bool(session.scalar(select(Scan.cancel_requested).where(Scan.id == scan_id)))
+
+
+def finish_scan(session: Session, scan_id: str, report: dict[str, Any], artifacts: dict[str, Any],
+                timings: dict[str, float]) -> bool:
+    """Mark succeeded unless the scan was canceled or finished meanwhile; returns whether it was."""
+    result = session.execute(
+        update(Scan).where(Scan.id == scan_id, Scan.status == ScanStatus.running.value)
+        .values(status=ScanStatus.succeeded.value, stage="done", progress=1.0, report=report,
+                artifacts=artifacts, timings=timings, finished_at=utcnow(), updated_at=utcnow())
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def end_scan(session: Session, scan_id: str, status: ScanStatus, code: str | None = None,
+             message: str | None = None, timings: dict[str, float] | None = None) -> None:
+    """Mark a running scan failed or canceled, with a code and a message a user can act on."""
+    values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "updated_at": utcnow(),
+                              "error_code": code, "error_message": message}
+    if timings is not None:
+        values["timings"] = timings
+    session.execute(update(Scan).where(Scan.id == scan_id, Scan.status.in_(
+        [ScanStatus.running.value, ScanStatus.queued.value])).values(**values))
+    session.commit()
+
+
+def requeue_running(session: Session) -> int:
+    """Embedded restart: scans left ``running`` by a dead process go back to ``queued``."""
+    result = session.execute(update(Scan).where(Scan.status == ScanStatus.running.value)
+                             .values(status=ScanStatus.queued.value, stage=None, updated_at=utcnow()))
+    session.commit()
+    return result.rowcount  # type: ignore[attr-defined]

@@ -1,0 +1,78 @@
+"""Configuration from ``ANTIDOTE_*`` environment variables, shared by the API, the worker and the CLI."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting has an embedded default so that ``antidote serve`` needs no outside service."""
+
+    model_config = SettingsConfigDict(env_prefix="ANTIDOTE_", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="State of the embedded default: database, broker, files.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite under data_dir.")
+    broker_url: str | None = Field(None, description="Celery broker; default a folder broker under data_dir.")
+    storage_url: str | None = Field(None, description="file:///path or s3://bucket[/prefix]; default data_dir/objects.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333.")
+    s3_region: str = "us-east-1"
+
+    queue: str = Field("gpu", description="Celery queue the scan tasks go to; workers bind to it.")
+    broker_visibility_timeout_s: int = Field(
+        7200, description="Redis: seconds before an unacknowledged scan is delivered again (> scan_time_limit_s)."
+    )
+    scan_time_limit_s: int = Field(3600, gt=0, description="A scan running longer fails with code time_limit.")
+    device: str = Field("auto", description="torch device for the worker: auto, cpu, cuda, cuda:N.")
+
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Whole POST /scans body.")
+    max_model_bytes: int = Field(1024**3, gt=0, description="The model part.")
+    max_data_bytes: int = Field(1024**3, gt=0, description="Each data part.")
+    max_images: int = Field(200_000, gt=0, description="Images in one data file.")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="Pixels of one image.")
+    max_zip_members: int = Field(250_000, gt=0)
+    max_zip_expanded_bytes: int = Field(4 * 1024**3, gt=0)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("storage_url")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError("ANTIDOTE_STORAGE_URL must start with file:// or s3://")
+        return v
+
+    def data_limits(self) -> dict[str, int]:
+        """Keyword arguments for ``core.data.formats.DataLimits``."""
+        return {"max_images": self.max_images, "max_pixels_per_image": self.max_image_pixels,
+                "max_zip_members": self.max_zip_members, "max_expanded_bytes": self.max_zip_expanded_bytes}
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'antidote.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir / "objects").resolve().as_uri()
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,240 @@
+"""The REST API on PostgreSQL + S3 + Redis: the contract's answers, bad input, tenants, and nothing half-stored."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from core.data.imageset import ImageSet
+from core.models.registry import create_model
+from store.db import make_engine, make_session_factory
+from store.models import Scan
+from store.settings import Settings
+from tests.helpers import spec_json, write_npz, write_safetensors
+from tests.integration.conftest import new_key
+
+pytestmark = pytest.mark.integration
+
+
+class _Payload:
+    """Unpickling this runs os.system: the canary file appears if anything ever unpickles it unsafely."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = canary
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.canary}",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    state = create_model("resnet20", 10, 1).state_dict()
+    rng = np.random.default_rng(0)
+    clean = ImageSet(rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), rng.integers(0, 10, 40))
+    return {"model": write_safetensors(d / "model.safetensors", state), "clean": write_npz(d / "clean.npz", clean),
+            "state_pt": d / "state.pt"}
+
+
+def post(client: TestClient, auth: dict[str, str], spec: str | None, **parts: tuple[str, bytes]):  # type: ignore[no-untyped-def]
+    data = {"spec": spec} if spec is not None else {}
+    return client.post("/scans", headers=auth, data=data, files={k: v for k, v in parts.items()})
+
+
+def ok_parts(files: dict[str, Path]) -> dict[str, tuple[str, bytes]]:
+    return {"model": ("model.safetensors", files["model"].read_bytes()),
+            "clean_data": ("clean.npz", files["clean"].read_bytes())}
+
+
+def scans_of(settings: Settings, auth: dict[str, str]) -> int:
+    from store import repository
+
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        tenant = repository.tenant_for_key(session, auth["Authorization"].split()[1])
+        assert tenant is not None
+        n = session.scalar(select(func.count()).select_from(Scan).where(Scan.tenant_id == tenant.id))
+    engine.dispose()
+    return int(n or 0)
+
+
+def test_create_read_list_and_tenant_isolation(prod_client: TestClient, prod_settings: Settings,
+                                               auth: dict[str, str], files: dict[str, Path]) -> None:
+    r = post(prod_client, auth, spec_json(attack={"type": "badnets", "target": 0}), **ok_parts(files))
+    assert r.status_code == 202, r.text
+    scan_id = r.json()["id"]
+    assert r.json()["status"] == "queued" and r.headers["location"] == f"/scans/{scan_id}"
+
+    got = prod_client.get(f"/scans/{scan_id}", headers=auth).json()
+    assert got["status"] == "queued" and got["progress"] == 0 and got["error"] is None
+    assert [s["id"] for s in prod_client.get("/scans", headers=auth).json()["items"]] == [scan_id]
+    assert prod_client.get(f"/scans/{scan_id}/report", headers=auth).status_code == 409
+
+    other = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    for path in (f"/scans/{scan_id}", f"/scans/{scan_id}/report", f"/scans/{scan_id}/artifacts/repaired_model"):
+        assert prod_client.get(path, headers=other).status_code == 404
+    assert prod_client.delete(f"/scans/{scan_id}", headers=other).status_code == 404
+    assert prod_client.get("/scans", headers=other).json()["items"] == []
+
+    # cancel while queued, then delete the canceled scan and its files
+    r = prod_client.delete(f"/scans/{scan_id}", headers=auth)
+    assert r.status_code == 202 and r.json()["status"] == "canceled"
+    assert prod_client.delete(f"/scans/{scan_id}", headers=auth).status_code == 204
+    assert prod_client.get(f"/scans/{scan_id}", headers=auth).status_code == 404
+
+
+def test_pagination_newest_first(prod_client: TestClient, auth: dict[str, str], files: dict[str, Path]) -> None:
+    ids = [post(prod_client, auth, spec_json(), **ok_parts(files)).json()["id"] for _ in range(3)]
+    first = prod_client.get("/scans?limit=2", headers=auth).json()
+    second = prod_client.get(f"/scans?limit=2&cursor={first['next_cursor']}", headers=auth).json()
+    assert [s["id"] for s in first["items"] + second["items"]] == ids[::-1]
+    assert second["next_cursor"] is None
+    assert prod_client.get("/scans?status=succeeded", headers=auth).json()["items"] == []
+    assert prod_client.get("/scans?cursor=garbage", headers=auth).status_code == 422
+    assert prod_client.get("/scans?status=bogus", headers=auth).status_code == 422
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer adk_not-a-key", "Basic dXNlcjpwYXNz"])
+def test_missing_or_wrong_key_is_401(prod_client: TestClient, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    r = prod_client.get("/scans", headers=headers)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert prod_client.post("/scans", headers=headers).status_code == 401
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _png(h: int, w: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((h, w), np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _npz(**arrays: object) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _bad_cases(files: dict[str, Path], tmp: Path) -> list[tuple[str, dict, str | None, int, str, str]]:
+    """(name, parts overriding the good ones, spec or None for the good one, status, field, text in detail)."""
+    state = create_model("resnet20", 10, 1).state_dict()
+    good_st = files["model"].read_bytes()
+    hdr_len = struct.unpack("<Q", good_st[:8])[0]
+    canary = tmp / "canary"
+    pickle_pt = tmp / "evil.pt"
+    torch.save({"state_dict": state, "extra": _Payload(canary)}, pickle_pt)
+    wrong_arch = tmp / "wrong.safetensors"
+    write_safetensors(wrong_arch, create_model("preactresnet18", 10, 1).state_dict())
+    rng = np.random.default_rng(1)
+    x8 = rng.integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    return [
+        ("pickle that runs code", {"model": ("evil.pt", pickle_pt.read_bytes())}, None, 422, "model", ""),
+        ("truncated safetensors", {"model": ("m.safetensors", good_st[: 8 + hdr_len + 100])}, None, 422, "model", ""),
+        ("hostile safetensors header", {"model": ("m.safetensors", struct.pack("<Q", 2**62) + b"{}")}, None, 422,
+         "model", ""),
+        ("wrong architecture", {"model": ("w.safetensors", wrong_arch.read_bytes())}, None, 422, "model", "missing"),
+        ("unknown model format", {"model": ("m.onnx", b"onnx")}, None, 415, "model", ""),
+        ("npz with objects", {"clean_data": ("c.npz", _npz(x=np.array([object()] * 3, dtype=object),
+                                                            y=np.zeros(3, np.int64)))}, None, 422, "clean_data", ""),
+        ("labels out of range", {"clean_data": ("c.npz", _npz(x=x8, y=np.full(10, 12)))}, None, 422, "clean_data",
+         "outside [0, 10)"),
+        ("mismatched image sizes", {"test_data": ("t.npz", _npz(x=np.zeros((4, 16, 16), np.uint8),
+                                                                 y=np.zeros(4, np.int64)))}, None, 422, "test_data",
+         "16x16"),
+        ("zip with ../ names", {"clean_data": ("c.zip", _zip({"../0/a.png": _png(8, 8), "1/b.png": _png(8, 8)}))},
+         None, 422, "clean_data", ""),
+        ("zip bomb", {"clean_data": ("c.zip", _zip({"0/a.png": b"\0" * (64 * 1024 * 1024)}))}, None, 422,
+         "clean_data", ""),
+        ("unknown data format", {"clean_data": ("c.csv", b"1,2,3")}, None, 415, "clean_data", ""),
+        ("invalid spec field", {}, json.dumps({"mode": "scan", "model": {"architecture": "resnet20",
+                                                                           "num_classes": 1, "in_channels": 1}}),
+         422, "spec.model.num_classes", "spec.model.num_classes"),
+        ("unknown architecture", {}, json.dumps({"mode": "scan", "model": {"architecture": "lenet9",
+                                                                             "num_classes": 10}}), 422,
+         "spec.model.architecture", "unknown architecture"),
+        ("spec not JSON", {}, "{mode: scan", 422, "spec", ""),
+        ("mode not available", {}, spec_json("repair_data"), 422, "spec.mode", ""),
+        ("attack target out of range", {}, spec_json(attack={"type": "badnets", "target": 10}), 422, "spec", ""),
+        ("training_data in scan mode", {"training_data": ("t.npz", files["clean"].read_bytes())}, None, 422,
+         "training_data", ""),
+        ("unknown part", {"weights": ("w.bin", b"x")}, None, 422, "weights", ""),
+    ]
+
+
+def test_bad_input_is_refused_with_a_named_field_and_nothing_stored(
+        prod_client: TestClient, prod_settings: Settings, files: dict[str, Path], tmp_path: Path) -> None:
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    failures = []
+    for name, parts, spec, status, field, text in _bad_cases(files, tmp_path):
+        r = post(prod_client, auth, spec if spec is not None else spec_json(), **{**ok_parts(files), **parts})
+        body = r.json()
+        if r.status_code != status or not body.get("field", "").startswith(field) or text not in body["detail"]:
+            failures.append(f"{name}: {r.status_code} {body}")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "canary").exists(), "the pickle payload ran"
+    assert scans_of(prod_settings, auth) == 0
+
+
+def test_missing_parts(prod_client: TestClient, auth: dict[str, str], files: dict[str, Path]) -> None:
+    r = post(prod_client, auth, None, **ok_parts(files))
+    assert r.status_code == 422 and r.json()["field"] == "spec"
+    r = post(prod_client, auth, spec_json(), model=ok_parts(files)["model"])
+    assert r.status_code == 422 and r.json()["field"] == "clean_data"
+    r = prod_client.post("/scans", headers=auth, content=b"{}", params={})
+    assert r.status_code == 415
+
+
+def test_upload_over_the_limit_is_413(prod_settings: Settings, files: dict[str, Path]) -> None:
+    from api.app import create_app
+
+    small = prod_settings.model_copy(update={"max_model_bytes": 10_000, "max_upload_bytes": 10**9})
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    with TestClient(create_app(small)) as client:
+        r = post(client, auth, spec_json(), **ok_parts(files))
+        assert r.status_code == 413 and r.json()["field"] == "model"
+    tiny = prod_settings.model_copy(update={"max_upload_bytes": 5_000})
+    with TestClient(create_app(tiny)) as client:
+        assert post(client, auth, spec_json(), **ok_parts(files)).status_code == 413
+    assert scans_of(prod_settings, auth) == 0
+
+
+def test_health_ready_metrics_and_docs(prod_client: TestClient) -> None:
+    assert prod_client.get("/healthz").json() == {"status": "ok"}
+    ready = prod_client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "storage": "ok", "broker": "ok"}
+    text = prod_client.get("/metrics").text
+    assert 'antidote_scans{status="queued"}' in text
+    assert "antidote_queue_depth" in text and "antidote_upload_bytes_total" in text
+    assert prod_client.get("/openapi.json").json()["paths"]["/scans"]["post"]
+    assert prod_client.get("/docs").status_code == 200
+
+
+def test_readyz_names_what_is_down(prod_settings: Settings) -> None:
+    from api.app import create_app
+
+    down = prod_settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(down)) as client:
+        r = client.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["broker"].startswith("error")

@@ -1,0 +1,97 @@
+"""A real Celery worker over real Redis, with PostgreSQL and S3: a scan end to end, and a worker killed
+with SIGKILL in the middle of a scan whose task is then delivered again and completes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from core.attacks import make_backdoor_test_set
+from core.attacks.registry import create_attack
+from core.data.imageset import ImageSet
+from core.metrics import accuracy, attack_success_rate, predict, robust_accuracy
+from core.models.registry import create_model
+from store.db import make_engine, make_session_factory
+from store.models import Scan
+from store.settings import Settings
+from tests.helpers import NORM, backdoored_digits, spec_json, write_npz, write_safetensors
+from tests.integration.workers import kill_group, start_worker, stop_worker, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _status(client: TestClient, auth: dict[str, str], scan_id: str) -> dict:
+    return client.get(f"/scans/{scan_id}", headers=auth).json()
+
+
+def test_backdoored_model_scan_matches_direct_evaluation(prod_client: TestClient, prod_settings: Settings,
+                                                         auth: dict[str, str], tmp_path: Path) -> None:
+    state, clean, test = backdoored_digits()
+    files = {"model": ("model.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
+             "clean_data": ("clean.npz", write_npz(tmp_path / "clean.npz", clean).read_bytes()),
+             "test_data": ("test.npz", write_npz(tmp_path / "test.npz", test).read_bytes())}
+    worker = start_worker(prod_settings, tmp_path / "worker.log")
+    try:
+        r = prod_client.post("/scans", headers=auth, files=files,
+                             data={"spec": spec_json(attack={"type": "badnets", "target": 0})})
+        assert r.status_code == 202, r.text
+        scan_id = r.json()["id"]
+        final = wait_for(lambda: (s := _status(prod_client, auth, scan_id))["status"] in ("succeeded", "failed")
+                         and s, 180, 0.2, "the scan to finish")
+        assert final["status"] == "succeeded", (final, (tmp_path / "worker.log").read_text()[-3000:])
+    finally:
+        stop_worker(worker)
+    report = prod_client.get(f"/scans/{scan_id}/report", headers=auth).json()
+
+    model = create_model("resnet20", 10, 1)
+    model.load_state_dict(state)
+    bd = make_backdoor_test_set(create_attack("badnets", target=0, image_shape=test.image_shape), test, 10)
+    pred = predict(model, bd.x, NORM)
+    assert report["before"]["acc"] == accuracy(predict(model, test.x, NORM), test.y)
+    assert report["before"]["asr"] == attack_success_rate(pred, bd.y_target)
+    assert report["before"]["ra"] == robust_accuracy(pred, bd.y_true)
+    assert report["before"]["asr"] > 0.9 and report["before"]["acc"] > 0.9  # the backdoor is real
+    assert report["data"]["acc_source"] == "test_data" and report["data"]["asr_source"] == "attack:badnets"
+    assert set(report["timings"]) >= {"load", "evaluate_before"}
+    assert report["model"]["architecture"] == "resnet20" and len(report["model"]["sha256"]) == 64
+    metrics = prod_client.get("/metrics").text
+    assert 'antidote_stage_duration_seconds_count{stage="evaluate_before"}' in metrics
+
+
+def test_worker_killed_mid_scan_is_delivered_again(prod_client: TestClient, prod_settings: Settings,
+                                                   auth: dict[str, str], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = create_model("preactresnet18", 10, 3).state_dict()
+    rng = np.random.default_rng(0)
+    clean = ImageSet(rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50))
+    test = ImageSet(rng.integers(0, 256, (1500, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1500))
+    spec = '{"mode": "scan", "model": {"architecture": "preactresnet18", "num_classes": 10}}'
+    files = {"model": ("m.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
+             "clean_data": ("c.npz", write_npz(tmp_path / "c.npz", clean).read_bytes()),
+             "test_data": ("t.npz", write_npz(tmp_path / "t.npz", test).read_bytes())}
+    scan_id = prod_client.post("/scans", headers=auth, files=files, data={"spec": spec}).json()["id"]
+
+    first = start_worker(prod_settings, tmp_path / "worker1.log")
+    try:
+        wait_for(lambda: _status(prod_client, auth, scan_id)["stage"] == "evaluate_before", 120, 0.02,
+                 "the scan to be evaluating")
+    finally:
+        kill_group(first)  # SIGKILL to the whole worker: no chance to acknowledge or clean up
+    assert _status(prod_client, auth, scan_id)["status"] == "running"
+
+    second = start_worker(prod_settings, tmp_path / "worker2.log")
+    try:
+        final = wait_for(lambda: (s := _status(prod_client, auth, scan_id))["status"] in ("succeeded", "failed")
+                         and s, 240, 0.5, "the redelivered scan to finish")
+    finally:
+        stop_worker(second)
+    assert final["status"] == "succeeded", (final, (tmp_path / "worker2.log").read_text()[-3000:])
+    engine = make_engine(prod_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        scan = session.get(Scan, scan_id)
+        assert scan is not None and scan.attempts == 2
+    engine.dispose()

@@ -1,0 +1,214 @@
+"""Uploaded data files: .npz arrays and .zip image folders, valid and hostile."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.data.formats import (
+    DataFormatError,
+    DataLimits,
+    UnsupportedDataFormatError,
+    load_image_set,
+    load_image_set_with_classes,
+)
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def _png(size: tuple[int, int] = (8, 6), mode: str = "RGB", value: int = 7) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, value if mode in ("L", "P") else (value, 2 * value, 3 * value)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- npz
+
+
+def test_npz_valid(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    y = np.array([0, 1, 2, 1, 0], dtype=np.int32)
+    data = load_image_set(_npz(tmp_path / "d.npz", x=x, y=y), num_classes=3)
+    assert np.array_equal(data.x, x) and data.y.dtype == np.int64 and list(data.y) == list(y)
+
+
+def test_npz_grayscale_promoted(tmp_path: Path) -> None:
+    x = np.zeros((2, 5, 4), dtype=np.uint8)
+    path = _npz(tmp_path / "d.npz", x=x, y=np.array([0, 1])).rename(tmp_path / "upload.tmp")
+    data = load_image_set(path, filename="d.npz")
+    assert data.x.shape == (2, 5, 4, 1)
+
+
+def test_npz_object_array_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 4, 4, 3), np.uint8), y=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(DataFormatError, match="holds Python objects, which are refused"):
+        load_image_set(path)
+
+
+def test_npz_labels_out_of_range(tmp_path: Path) -> None:
+    path = _npz(tmp_path / "d.npz", x=np.zeros((4, 2, 2, 1), np.uint8), y=np.array([0, 9, 12, -1]))
+    with pytest.raises(DataFormatError, match=r"2 of 4 labels lie outside \[0, 10\)"):
+        load_image_set(path, num_classes=10)
+
+
+def test_npz_negative_labels_without_num_classes(tmp_path: Path) -> None:
+    path = _npz(tmp_path / "d.npz", x=np.zeros((2, 2, 2, 1), np.uint8), y=np.array([0, -3]))
+    with pytest.raises(DataFormatError, match="1 of 2 labels are negative"):
+        load_image_set(path)
+
+
+def test_npz_missing_key(tmp_path: Path) -> None:
+    path = _npz(tmp_path / "d.npz", images=np.zeros((1, 2, 2, 1), np.uint8), y=np.array([0]))
+    with pytest.raises(DataFormatError, match="no array 'x'"):
+        load_image_set(path)
+
+
+def test_npz_wrong_dtype(tmp_path: Path) -> None:
+    path = _npz(tmp_path / "d.npz", x=np.zeros((1, 2, 2, 3), np.float32), y=np.array([0]))
+    with pytest.raises(DataFormatError, match="x must be uint8"):
+        load_image_set(path)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (np.zeros((2, 2, 2, 4), np.uint8), np.array([0, 1]), "C 1 or 3"),
+        (np.zeros((2, 2, 2, 3), np.uint8), np.array([0, 1, 1]), r"y must have shape \(2,\)"),
+        (np.zeros((2, 2, 2, 3), np.uint8), np.array([0.0, 1.0]), "integer labels"),
+        (np.zeros((0, 2, 2, 3), np.uint8), np.zeros(0, np.int64), "no images"),
+        (np.zeros((2, 40, 40, 3), np.uint8), np.array([0, 1]), "over the limit of 1024"),
+    ],
+)
+def test_npz_bad_shapes(tmp_path: Path, x: np.ndarray, y: np.ndarray, message: str) -> None:
+    path = _npz(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(DataFormatError, match=message):
+        load_image_set(path, limits=DataLimits(max_pixels_per_image=1024))
+
+
+def test_not_a_zip(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"garbage")
+    with pytest.raises(DataFormatError, match="not a valid .npz"):
+        load_image_set(path)
+
+
+def test_unsupported_extension(tmp_path: Path) -> None:
+    path = tmp_path / "d.h5"
+    path.write_bytes(b"x")
+    with pytest.raises(UnsupportedDataFormatError):
+        load_image_set(path)
+
+
+# ------------------------------------------------------------------------------------------------- zip
+
+
+def test_zip_class_index_folders(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/a.png": _png(), "2/b.png": _png(value=9), "2/c.PNG": _png()})
+    data, names = load_image_set_with_classes(path, num_classes=3)
+    assert names is None
+    assert data.x.shape == (3, 6, 8, 3) and list(data.y) == [0, 2, 2]
+    assert data.x[1, 0, 0].tolist() == [9, 18, 27]
+
+
+def test_zip_class_name_folders_under_top_folder_mixed_modes(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(buf, "JPEG")
+    members = {
+        "set/dog/1.png": _png(mode="L", value=5),
+        "set/cat/1.jpg": buf.getvalue(),
+        "set/cat/2.png": _png(mode="RGBA"),
+        "__MACOSX/set/._x.png": b"junk",
+    }
+    data, names = load_image_set_with_classes(_zip(tmp_path / "d.zip", members))
+    assert names == ["cat", "dog"]
+    assert list(data.y) == [0, 0, 1] and data.x.shape == (3, 6, 8, 3)
+    assert data.x[2, 0, 0].tolist() == [5, 5, 5]
+
+
+def test_zip_too_many_class_names(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"a/1.png": _png(), "b/1.png": _png(), "c/1.png": _png()})
+    with pytest.raises(DataFormatError, match="3 class folders but the model has num_classes=2"):
+        load_image_set(path, num_classes=2)
+
+
+def test_zip_label_out_of_range(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/1.png": _png(), "7/1.png": _png()})
+    with pytest.raises(DataFormatError, match=r"1 of 2 labels lie outside \[0, 5\)"):
+        load_image_set(path, num_classes=5)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("../evil.png", "climbs out"), ("0/../../evil.png", "climbs out"), ("/etc/evil.png", "absolute path"),
+     ("0\\evil.png", "backslash")],
+)
+def test_zip_hostile_names(tmp_path: Path, name: str, message: str) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/ok.png": _png(), name: _png()})
+    with pytest.raises(DataFormatError, match=message):
+        load_image_set(path)
+
+
+def test_zip_symlink_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("0/ok.png", _png())
+        info = zipfile.ZipInfo("0/link.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(DataFormatError, match="symbolic link"):
+        load_image_set(path)
+
+
+def test_zip_too_many_members(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {f"0/{i}.png": _png() for i in range(5)})
+    with pytest.raises(DataFormatError, match="5 members, over the limit of 4"):
+        load_image_set(path, limits=DataLimits(max_zip_members=4))
+
+
+def test_zip_bomb_refused(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/ok.png": _png(), "0/bomb.png": bytes(50_000_000)})
+    with pytest.raises(DataFormatError, match="expands to more than the limit"):
+        load_image_set(path, limits=DataLimits(max_expanded_bytes=10_000_000, max_compression_ratio=1e9))
+    with pytest.raises(DataFormatError, match="fold, over the limit of 200"):
+        load_image_set(path)
+
+
+def test_zip_mismatched_sizes(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/a.png": _png((8, 6)), "1/b.png": _png((9, 6))})
+    with pytest.raises(DataFormatError, match=r"'1/b.png' is 9x6 but '0/a.png' is 8x6"):
+        load_image_set(path)
+
+
+def test_zip_image_over_pixel_limit(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/a.png": _png((64, 64))})
+    with pytest.raises(DataFormatError, match="64x64 = 4096 pixels, over the limit of 1000"):
+        load_image_set(path, limits=DataLimits(max_pixels_per_image=1000))
+
+
+def test_zip_not_an_image(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/a.png": b"not a png at all"})
+    with pytest.raises(DataFormatError, match="not a readable PNG or JPEG"):
+        load_image_set(path)
+
+
+def test_zip_bad_layout(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"a.png": _png(), "0/b.png": _png()})
+    with pytest.raises(DataFormatError, match="not laid out as <class>/<image>"):
+        load_image_set(path)

@@ -1,0 +1,104 @@
+"""The repair-method registry: names, parameter checking, and every method end to end on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.defenses.baselines import FinePruningConfig, FinetuneConfig, fine_pruning, last_conv_layer
+from core.defenses.registry import REPAIR_METHODS, repair, validate_params
+from core.training import train_classifier
+
+NORM = Normalization()
+
+
+def _digits() -> tuple[ImageSet, ImageSet]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images * 16).clip(0, 255).astype(np.uint8)[..., None]
+    return ImageSet(x, d.target.astype(np.int64)).split(0.3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_and_clean() -> tuple[nn.Module, ImageSet]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+    train, test = _digits()
+    train_classifier(model, train, NORM, epochs=8, lr=0.05, batch_size=64, device="cpu", augment=False)
+    return model, test.subset(np.arange(160))
+
+
+def test_registry_lists_every_method() -> None:
+    assert {"tsbd", "tsbd_fixed", "finetune", "fine_pruning"} <= set(REPAIR_METHODS)
+    assert all(m.description for m in REPAIR_METHODS.values())
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("nope", {}, "unknown repair method 'nope'"),
+        ("tsbd", {"lr_unlaern": 0.1}, "unknown parameter 'lr_unlaern'"),
+        ("tsbd", {"neuron_ratio": 0.3}, "unknown parameter 'neuron_ratio'"),  # automatic: n is not an input
+        ("tsbd_fixed", {"neuron_ratio": "0.3"}, "parameter 'neuron_ratio'"),
+        ("tsbd_fixed", {"finetune_epochs": 2.5}, "parameter 'finetune_epochs'"),
+        ("tsbd_fixed", {"augment": 1}, "parameter 'augment'"),
+        ("finetune", {"epochs": True}, "parameter 'epochs'"),
+        ("fine_pruning", {"accuracy_drop_tolerance": None}, "parameter 'accuracy_drop_tolerance'"),
+        ("tsbd", {"auto_candidates": [0.1, "x"]}, "parameter 'auto_candidates'"),
+    ],
+)
+def test_bad_params_name_the_culprit(method: str, params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate_params(method, params)
+
+
+def test_good_params_pass_and_lists_become_tuples() -> None:
+    assert validate_params("tsbd", {"lr_unlearn": 1, "auto_candidates": [0.1, 0.2]}) == {
+        "lr_unlearn": 1, "auto_candidates": (0.1, 0.2)}
+    assert validate_params("fine_pruning", {"epochs": 3, "accuracy_drop_tolerance": 0.1})
+
+
+def test_out_of_range_values_are_rejected(model_and_clean) -> None:
+    model, clean = model_and_clean
+    with pytest.raises(ValueError, match="neuron_ratio"):
+        repair("tsbd_fixed", model, clean, NORM, {"neuron_ratio": 1.5}, "cpu", 10)
+
+
+@pytest.mark.parametrize("method", ["tsbd", "tsbd_fixed", "finetune", "fine_pruning"])
+def test_every_method_repairs_a_copy(model_and_clean, method: str) -> None:
+    model, clean = model_and_clean
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[tuple[str, float]] = []
+    params = {"finetune_epochs": 1} if method.startswith("tsbd") else {"epochs": 1}
+    if method.startswith("tsbd"):
+        params |= {"lr_unlearn": 0.01, "unlearn_margin": 0.05, "batch_size": 64, "augment": False}
+    res = repair(method, model, clean, NORM, params, "cpu", num_classes=10, seed=1,
+                 on_progress=lambda s, f: seen.append((s, f)))
+    assert res.method == method
+    assert res.timings["total"] > 0 and seen and all(0 <= f <= 1 for _, f in seen)
+    new = res.model.state_dict()
+    assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in before.items()}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.isfinite(v.float()).all() for v in new.values())
+    if method == "tsbd":
+        assert res.chosen["neuron_ratio"] == res.params["neuron_ratio"]
+        assert res.details["auto"]["sweep"]
+
+
+def test_fine_pruning_keeps_pruned_channels_at_zero(model_and_clean) -> None:
+    model, clean = model_and_clean
+    cfg = FinePruningConfig(accuracy_drop_tolerance=0.5, finetune=FinetuneConfig(epochs=2, batch_size=64))
+    res = fine_pruning(model, clean, NORM, cfg, "cpu")
+    layer = last_conv_layer(model)
+    assert layer == "3" and res.chosen["pruned_channels"] > 0
+    conv = dict(res.model.named_modules())[layer]
+    dead = (conv.weight.detach().flatten(1).abs().sum(1) == 0) & (conv.bias.detach() == 0)
+    assert int(dead.sum()) == res.chosen["pruned_channels"]

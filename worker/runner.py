@@ -1,0 +1,140 @@
+"""One scan, start to finish, for one delivery of its task: a plain function, tested without a broker."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.data.formats import DataLimits
+from core.inputs import DATA_PARTS, InputError, ScanInputs, UploadedFile
+from core.pipeline import run_pipeline
+from core.spec import ScanSpec
+from store import repository
+from store.logs import scan_id_var
+from store.models import ScanStatus
+from store.objects import ObjectStore
+from store.settings import Settings
+
+log = logging.getLogger("antidote.worker")
+MAX_ATTEMPTS = 3
+
+
+class ScanCanceled(Exception):
+    pass
+
+
+class ScanTimeLimit(Exception):
+    pass
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+
+
+def execute_scan(ctx: WorkerContext, scan_id: str) -> str:
+    """Claim, run and record one scan; returns the status it ended in (or ``skipped``)."""
+    token = scan_id_var.set(scan_id)
+    try:
+        with ctx.sessions() as session:
+            scan = repository.claim_scan(session, scan_id, MAX_ATTEMPTS)
+            if scan is None:
+                log.info("nothing to do for this delivery")
+                return "skipped"
+            spec, inputs_meta, attempt = scan.spec, scan.inputs, scan.attempts
+        log.info("scan started", extra={"attempt": attempt})
+        return _run(ctx, scan_id, spec, inputs_meta)
+    finally:
+        scan_id_var.reset(token)
+
+
+def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -> str:
+    deadline = time.monotonic() + ctx.settings.scan_time_limit_s
+    timings: dict[str, float] = {}
+    state = {"stage": None, "t0": time.perf_counter(), "last_write": 0.0}
+
+    def on_progress(stage: str, progress: float) -> None:
+        now = time.perf_counter()
+        if stage != state["stage"]:
+            if state["stage"] is not None:
+                timings[state["stage"]] = round(now - state["t0"], 4)
+            state["stage"], state["t0"] = stage, now
+        elif now - state["last_write"] < 0.5:
+            return  # progress goes to the database at most twice a second
+        state["last_write"] = now
+        with ctx.sessions() as session:
+            if repository.record_progress(session, scan_id, stage, round(progress, 4), timings):
+                raise ScanCanceled()
+        if time.monotonic() > deadline:
+            raise ScanTimeLimit()
+
+    work = Path(tempfile.mkdtemp(prefix=f"antidote-{scan_id}-"))
+    try:
+        spec = ScanSpec.model_validate(spec_json)
+        inputs = _fetch_inputs(ctx.store, inputs_meta, work)
+        limits = DataLimits(**ctx.settings.data_limits())
+        result = run_pipeline(spec, inputs, work, ctx.settings.device, on_progress, limits)
+        artifacts: dict[str, dict] = {}
+        for name, path in result.artifacts.items():
+            key = f"scans/{scan_id}/artifacts/{name}.safetensors"
+            ctx.store.put_file(key, path)
+            artifacts[name] = {"key": key, "size": path.stat().st_size,
+                               "media_type": "application/octet-stream", "filename": f"{name}.safetensors"}
+        with ctx.sessions() as session:
+            if not repository.finish_scan(session, scan_id, result.report, artifacts, result.report["timings"]):
+                ctx.store.delete_prefix(f"scans/{scan_id}/artifacts")
+                log.info("scan was canceled while finishing")
+                return "canceled"
+        log.info("scan succeeded", extra={"timings": result.report["timings"]})
+        return ScanStatus.succeeded.value
+    except ScanCanceled:
+        _end(ctx, scan_id, ScanStatus.canceled, None, None, timings)
+        log.info("scan canceled by the client")
+        return ScanStatus.canceled.value
+    except ScanTimeLimit:
+        msg = (f"the scan ran past its time limit of {ctx.settings.scan_time_limit_s} s; use fewer images "
+               "or a smaller model, or ask the operator to raise ANTIDOTE_SCAN_TIME_LIMIT_S")
+        _end(ctx, scan_id, ScanStatus.failed, "time_limit", msg, timings)
+        log.warning("scan hit its time limit")
+        return ScanStatus.failed.value
+    except InputError as exc:
+        _end(ctx, scan_id, ScanStatus.failed, "invalid_input", str(exc), timings)
+        log.info("scan failed on its input: %s", exc)
+        return ScanStatus.failed.value
+    except Exception as exc:
+        log.exception("scan failed")
+        msg = (f"internal error ({type(exc).__name__}) while running the scan; it was logged with the scan id, "
+               "tell the operator")
+        _end(ctx, scan_id, ScanStatus.failed, "internal_error", msg, timings)
+        return ScanStatus.failed.value
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _end(ctx: WorkerContext, scan_id: str, status: ScanStatus, code: str | None, message: str | None,
+         timings: dict[str, float]) -> None:
+    with ctx.sessions() as session:
+        repository.end_scan(session, scan_id, status, code, message, timings)
+
+
+def _fetch_inputs(store: ObjectStore, meta: dict, work: Path) -> ScanInputs:
+    files: dict[str, UploadedFile | None] = {}
+    for part in ("model", *DATA_PARTS):
+        info = meta.get(part)
+        if info is None:
+            files[part] = None
+            continue
+        dest = work / f"{part}{Path(info['filename']).suffix.lower()}"
+        store.get_file(info["key"], dest)
+        files[part] = UploadedFile(dest, info["filename"])
+    model, clean = files.pop("model"), files.pop("clean_data")
+    assert model is not None and clean is not None
+    return ScanInputs(model=model, clean_data=clean, **files)

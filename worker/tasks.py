@@ -1,0 +1,24 @@
+"""Thin Celery tasks: everything real happens in ``worker.runner``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from store.db import make_engine, make_session_factory
+from store.objects import open_store
+from store.queue import RUN_SCAN
+from worker.celery_app import app, settings
+from worker.runner import WorkerContext, execute_scan
+
+
+@lru_cache
+def _context() -> WorkerContext:
+    # built lazily in the pool process: engines and S3 clients must not cross a fork
+    engine = make_engine(settings.resolved_database_url)
+    store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url, settings.s3_region)
+    return WorkerContext(settings=settings, sessions=make_session_factory(engine), store=store)
+
+
+@app.task(name=RUN_SCAN, acks_late=True, reject_on_worker_lost=True)
+def run_scan(scan_id: str) -> str:
+    return execute_scan(_context(), scan_id)
