@@ -1,0 +1,150 @@
+"""``antidote serve`` on the embedded default, driven by the ``antidote`` CLI client like a CI job would,
+and a hard restart (SIGKILL to the API and its worker) that loses no queued or running scan."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from core.attacks import make_backdoor_test_set
+from core.attacks.registry import create_attack
+from core.data.imageset import ImageSet
+from core.metrics import accuracy, attack_success_rate, predict
+from core.models.registry import create_model
+from tests.helpers import NORM, backdoored_digits, write_npz, write_safetensors
+from tests.integration.workers import wait_for
+
+ANTIDOTE = [sys.executable, "-m", "cli.main"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTIDOTE_")}
+    env.update({"ANTIDOTE_DATA_DIR": str(data_dir), "ANTIDOTE_DEVICE": "cpu"})
+    return env
+
+
+class Server:
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        self.data_dir, self.log, self.port = data_dir, log, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen([*ANTIDOTE, "serve", "--port", str(self.port)], env=_env(self.data_dir),
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._ready, 90, 0.25, f"the server to be ready (log: {self.log})")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(self.log.read_text()[-3000:])
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    srv = Server(tmp_path / "data", tmp_path / "serve.log")
+    srv.start()
+    yield srv
+    srv.kill(signal.SIGTERM)
+
+
+def _cli(*args: str, data_dir: Path, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = _env(data_dir)
+    if api_key:
+        env["ANTIDOTE_API_KEY"] = api_key
+    return subprocess.run([*ANTIDOTE, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_ci_client_scans_a_backdoored_model_and_fails_the_gate(server: Server, tmp_path: Path) -> None:
+    created = _cli("keys", "create", "--tenant", "ci", data_dir=server.data_dir)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert created.stdout == key + "\n" and key.startswith("adk_")
+
+    state, clean, test = backdoored_digits()
+    args = ["scan", "--model", str(write_safetensors(tmp_path / "m.safetensors", state)),
+            "--clean-data", str(write_npz(tmp_path / "c.npz", clean)),
+            "--test-data", str(write_npz(tmp_path / "t.npz", test)),
+            "--spec", str(_spec_file(tmp_path)), "--attack", "badnets", "--target", "0", "--url", server.url,
+            "--report", str(tmp_path / "report.json"), "--max-asr", "0.2"]
+    run = _cli(*args, data_dir=server.data_dir, api_key=key)
+    assert run.returncode == 1, run.stdout + run.stderr  # the gate fails: the backdoor is there
+    assert "gate failed" in run.stderr and "ASR" in run.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    model = create_model("resnet20", 10, 1)
+    model.load_state_dict(state)
+    bd = make_backdoor_test_set(create_attack("badnets", target=0, image_shape=test.image_shape), test, 10)
+    assert report["before"]["acc"] == accuracy(predict(model, test.x, NORM), test.y)
+    assert report["before"]["asr"] == attack_success_rate(predict(model, bd.x, NORM), bd.y_target)
+
+    bad = _cli(*args[:-2], data_dir=server.data_dir, api_key="adk_wrong")
+    assert bad.returncode == 2 and "401" in bad.stderr
+    missing = _cli("scan", "--model", str(tmp_path / "nope.safetensors"), "--clean-data", "x.npz", "--spec",
+                   str(_spec_file(tmp_path)), "--url", server.url, data_dir=server.data_dir, api_key=key)
+    assert missing.returncode == 2 and "no file" in missing.stderr
+
+
+def _spec_file(tmp: Path) -> Path:
+    path = tmp / "spec.json"
+    path.write_text(json.dumps({"model": {"architecture": "resnet20", "num_classes": 10, "in_channels": 1,
+                                          "mean": [0.5], "std": [0.5]}}))
+    return path
+
+
+def test_hard_restart_loses_no_queued_or_running_scan(server: Server, tmp_path: Path) -> None:
+    key = _cli("keys", "create", "--tenant", "ops", data_dir=server.data_dir).stdout.strip()
+    auth = {"Authorization": f"Bearer {key}"}
+    torch.manual_seed(0)
+    state = create_model("preactresnet18", 10, 3).state_dict()
+    rng = np.random.default_rng(0)
+    clean = ImageSet(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 40))
+    test = ImageSet(rng.integers(0, 256, (1200, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1200))
+    files = {"model": ("m.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
+             "clean_data": ("c.npz", write_npz(tmp_path / "c.npz", clean).read_bytes()),
+             "test_data": ("t.npz", write_npz(tmp_path / "t.npz", test).read_bytes())}
+    spec = json.dumps({"mode": "scan", "model": {"architecture": "preactresnet18", "num_classes": 10}})
+    ids = []
+    for _ in range(2):
+        r = httpx.post(f"{server.url}/scans", headers=auth, files=files, data={"spec": spec}, timeout=60)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+
+    def status(scan_id: str) -> dict:
+        return httpx.get(f"{server.url}/scans/{scan_id}", headers=auth, timeout=10).json()
+
+    wait_for(lambda: status(ids[0])["stage"] == "evaluate_before", 120, 0.02, "the first scan to run")
+    assert status(ids[1])["status"] == "queued"
+    server.kill()  # SIGKILL: the API, the worker and its child die at once
+
+    server.start()
+    for scan_id in ids:
+        final = wait_for(lambda s=scan_id: (b := status(s))["status"] in ("succeeded", "failed") and b, 300, 0.5,
+                         f"scan {scan_id} to finish after the restart")
+        assert final["status"] == "succeeded", (final, server.log.read_text()[-3000:])

@@ -1,0 +1,125 @@
+"""The worker's scan runner on the embedded default (SQLite + local files), without a broker."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from store import repository
+from store.db import make_engine, make_session_factory, upgrade_database
+from store.models import Scan
+from store.objects import LocalObjectStore
+from store.settings import Settings
+from tests.helpers import SPEC_MODEL, backdoored_digits, write_npz, write_safetensors
+from worker.runner import MAX_ATTEMPTS, WorkerContext, execute_scan
+
+
+class _HookedStore(LocalObjectStore):
+    """A local store that runs a hook when the worker fetches an input (to act 'while the scan runs')."""
+
+    hook = staticmethod(lambda: None)
+
+    def get_file(self, key: str, dest: Path) -> None:
+        self.hook()
+        super().get_file(key, dest)
+
+
+@pytest.fixture
+def ctx(embedded_settings: Settings) -> WorkerContext:
+    embedded_settings.data_dir.mkdir(parents=True)
+    upgrade_database(embedded_settings.resolved_database_url)
+    engine = make_engine(embedded_settings.resolved_database_url)
+    return WorkerContext(embedded_settings, make_session_factory(engine),
+                         _HookedStore(embedded_settings.data_dir / "objects"))
+
+
+def _queue_scan(ctx: WorkerContext, tmp: Path, spec: dict | None = None) -> str:
+    state, clean, test = backdoored_digits()
+    scan_id = repository.new_id()
+    inputs = {}
+    for part, path in (("model", write_safetensors(tmp / "m.safetensors", state)),
+                       ("clean_data", write_npz(tmp / "c.npz", clean)), ("test_data", write_npz(tmp / "t.npz", test))):
+        key = f"scans/{scan_id}/inputs/{part}{path.suffix}"
+        ctx.store.put_file(key, path)
+        inputs[part] = {"key": key, "filename": path.name, "size": path.stat().st_size, "sha256": "x"}
+    with ctx.sessions() as session:
+        key = repository.create_api_key(session, "t")
+        tenant = repository.tenant_for_key(session, key)
+        assert tenant is not None
+        repository.add_scan(session, scan_id, tenant.id, "scan",
+                            spec or {"mode": "scan", "model": SPEC_MODEL, "attack": {"type": "badnets"}}, inputs)
+    return scan_id
+
+
+def _scan(sessions: sessionmaker[Session], scan_id: str) -> Scan:
+    with sessions() as session:
+        scan = session.get(Scan, scan_id)
+        assert scan is not None
+        return scan
+
+
+def test_success_then_a_repeated_delivery_is_skipped(ctx: WorkerContext, tmp_path: Path) -> None:
+    scan_id = _queue_scan(ctx, tmp_path)
+    assert execute_scan(ctx, scan_id) == "succeeded"
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.status == "succeeded" and scan.progress == 1.0 and scan.attempts == 1
+    assert scan.report is not None and scan.report["before"]["asr"] > 0.9
+    assert execute_scan(ctx, scan_id) == "skipped"
+    assert _scan(ctx.sessions, scan_id).attempts == 1
+
+
+def test_cancel_while_running(ctx: WorkerContext, tmp_path: Path) -> None:
+    scan_id = _queue_scan(ctx, tmp_path)
+
+    def client_cancels() -> None:
+        with ctx.sessions() as session:
+            scan = session.get(Scan, scan_id)
+            assert scan is not None and scan.status == "running"
+            repository.request_cancel(session, scan)
+
+    ctx.store.hook = client_cancels  # type: ignore[attr-defined]
+    assert execute_scan(ctx, scan_id) == "canceled"
+    assert _scan(ctx.sessions, scan_id).status == "canceled"
+
+
+def test_time_limit_fails_with_an_actionable_message(ctx: WorkerContext, tmp_path: Path) -> None:
+    scan_id = _queue_scan(ctx, tmp_path)
+    ctx.settings = ctx.settings.model_copy(update={"scan_time_limit_s": 1})
+    ctx.store.hook = lambda: time.sleep(0.4)  # type: ignore[attr-defined]
+    assert execute_scan(ctx, scan_id) == "failed"
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.error_code == "time_limit" and "ANTIDOTE_SCAN_TIME_LIMIT_S" in (scan.error_message or "")
+
+
+def test_input_that_turns_out_bad_fails_with_invalid_input(ctx: WorkerContext, tmp_path: Path) -> None:
+    spec = {"mode": "scan", "model": {**SPEC_MODEL, "architecture": "preactresnet18"}}
+    scan_id = _queue_scan(ctx, tmp_path, spec)
+    assert execute_scan(ctx, scan_id) == "failed"
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.error_code == "invalid_input" and "model:" in (scan.error_message or "")
+
+
+def test_storage_failure_is_an_internal_error(ctx: WorkerContext, tmp_path: Path) -> None:
+    scan_id = _queue_scan(ctx, tmp_path)
+
+    def broken() -> None:
+        raise OSError("disk on fire")
+
+    ctx.store.hook = broken  # type: ignore[attr-defined]
+    assert execute_scan(ctx, scan_id) == "failed"
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.error_code == "internal_error" and "OSError" in (scan.error_message or "")
+
+
+def test_a_scan_that_keeps_killing_its_worker_fails(ctx: WorkerContext, tmp_path: Path) -> None:
+    scan_id = _queue_scan(ctx, tmp_path)
+    with ctx.sessions() as session:
+        scan = session.get(Scan, scan_id)
+        assert scan is not None
+        scan.status, scan.attempts = "running", MAX_ATTEMPTS
+        session.commit()
+    assert execute_scan(ctx, scan_id) == "skipped"
+    assert _scan(ctx.sessions, scan_id).error_code == "worker_lost"
