@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from core.multilevel.hparams import (
 )
 
 DT = torch.float64
+TRILEVEL_MODELS = ("trilevel-train", "trilevel-val")
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,11 @@ def run_hparams(split: Split, cfg: HparamConfig, iterations: int, model: str) ->
         lam = torch.full((split.x_train.shape[1],), cfg.log_weight_bounds[0], dtype=DT)
         theta = fit_ridge_gd(split.x_train, split.y_train, lam, cfg.train_steps, cfg.train_lr)
         return {"test_mse": float(mse(split.x_test, split.y_test, theta)), "seconds": 0.0, "val_mse": math.nan}
-    build = bilevel_hparam_problem if model == "bilevel" else trilevel_hparam_problem
-    problem = build(split.x_train, split.y_train, split.x_val, split.y_val, cfg)
+    if model == "bilevel":
+        problem = bilevel_hparam_problem(split.x_train, split.y_train, split.x_val, split.y_val, cfg)
+    else:  # "trilevel-train" or "trilevel-val": what the adversary maximises
+        cfg = replace(cfg, adversary_objective=model.split("-")[1])
+        problem = trilevel_hparam_problem(split.x_train, split.y_train, split.x_val, split.y_val, cfg)
     trajectory = solve(problem, iterations)
     lam = trajectory.best  # chosen by the top objective (validation only), never by test error
     theta = fit_ridge_gd(split.x_train, split.y_train, lam, cfg.train_steps, cfg.train_lr)
@@ -91,7 +95,7 @@ def run_hparams(split: Split, cfg: HparamConfig, iterations: int, model: str) ->
         "seconds": trajectory.seconds,
         "mean_log_weight": float(lam.mean()),
     }
-    if model == "trilevel":  # the model the trilevel solution itself trains, on the adversary's data
+    if model.startswith("trilevel"):  # the model the trilevel solution itself trains, on the adversary's data
         theta_adv = unroll(problem, lam)[-1].detach()
         out["test_mse_adv_model"] = float(mse(split.x_test, split.y_test, theta_adv))
     return out
@@ -100,7 +104,7 @@ def run_hparams(split: Split, cfg: HparamConfig, iterations: int, model: str) ->
 def hparam_table(
     cfg: HparamConfig, noises: list[float], splits: int, iterations: int, noise_on: str
 ) -> tuple[str, dict]:
-    models = ["unregularised", "bilevel", "trilevel"]
+    models = ["unregularised", "bilevel", *TRILEVEL_MODELS]
     results: dict = {}
     for noise in noises:
         for model in models:
@@ -128,8 +132,11 @@ def hparam_table(
         )
     adv = []
     for noise in noises:
-        mses = [r["test_mse_adv_model"] for r in results[(noise, "trilevel")]]
-        adv.append(f"| {noise:.1f} | {statistics.mean(mses):.4f} ± {statistics.stdev(mses):.4f} |")
+        cells = []
+        for model in TRILEVEL_MODELS:
+            mses = [r["test_mse_adv_model"] for r in results[(noise, model)]]
+            cells.append(f"{statistics.mean(mses):.4f} ± {statistics.stdev(mses):.4f}")
+        adv.append(f"| {noise:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines), {"results": results, "adv": adv}
 
 
@@ -195,19 +202,20 @@ def hparam_section(cfg: HparamConfig, noises: list[float], splits: int, iteratio
     seconds = time.perf_counter() - start
     results = extra["results"]
     paired = [
-        "| noise σ | test MSE trilevel − bilevel (paired, mean ± std) | trilevel lower on "
-        "| std bilevel | std trilevel |",
-        "|---|---|---|---|---|",
+        "| noise σ | model | test MSE minus bilevel's (paired, mean ± std) | lower than bilevel on "
+        "| std bilevel | std this model |",
+        "|---|---|---|---|---|---|",
     ]
     for noise in noises:
         bi = [r["test_mse"] for r in results[(noise, "bilevel")]]
-        tri = [r["test_mse"] for r in results[(noise, "trilevel")]]
-        diff = [t - b for t, b in zip(tri, bi, strict=True)]
-        paired.append(
-            f"| {noise:.1f} | {statistics.mean(diff):+.4f} ± {statistics.stdev(diff):.4f} | "
-            f"{sum(d < 0 for d in diff)}/{len(diff)} splits | "
-            f"{statistics.stdev(bi):.4f} | {statistics.stdev(tri):.4f} |"
-        )
+        for model in TRILEVEL_MODELS:
+            tri = [r["test_mse"] for r in results[(noise, model)]]
+            diff = [t - b for t, b in zip(tri, bi, strict=True)]
+            paired.append(
+                f"| {noise:.1f} | {model} | {statistics.mean(diff):+.4f} ± {statistics.stdev(diff):.4f} | "
+                f"{sum(d < 0 for d in diff)}/{len(diff)} splits | "
+                f"{statistics.stdev(bi):.4f} | {statistics.stdev(tri):.4f} |"
+            )
     lo, hi = cfg.log_weight_bounds
     noised = "features and target" if noise_on == "both" else "features only"
     cfg_text = ", ".join(f"{k}={v}" for k, v in asdict(cfg).items())
@@ -221,7 +229,8 @@ training {noised} (validation and test stay clean). L2 weights `exp(λ_j)`, one 
 Lowest level: T = {cfg.train_steps} steps of gradient descent (step {cfg.train_lr}) on the ridge loss from zero.
 Trilevel middle level: an adversary perturbs the training features, `|P_ij| <= {cfg.budget}`,
 T = {cfg.adversary_steps} steps of projected gradient ascent (step {cfg.adversary_lr}) on the summed squared
-training residual. Upper level: validation MSE, {iterations} iterations of projected gradient descent
+training residual (trilevel-train) or on the validation MSE of the model trained on its data (trilevel-val).
+Upper level: validation MSE, {iterations} iterations of projected gradient descent
 (step {cfg.upper_lr}); λ is the iterate with the lowest upper objective (validation only). Test MSE is that of
 the regressor trained on the (noisy) training data with the learned λ. "unregularised": the same T-step
 descent with λ at its lower bound. The same splits and noise draws serve every model.
@@ -233,10 +242,10 @@ Paired over the same splits:
 
 {chr(10).join(paired)}
 
-The trilevel solution's own regressor (trained on the adversary's perturbed features) on the test split:
+The trilevel solutions' own regressors (trained on the adversary's perturbed features), test MSE:
 
-| noise σ | test MSE mean ± std |
-|---|---|
+| noise σ | trilevel-train | trilevel-val |
+|---|---|---|
 {adv}
 """
 
@@ -252,6 +261,7 @@ def main() -> None:
     parser.add_argument("--noise-on", type=str, default="both", help="comma list of: both, features")
     parser.add_argument("--quick", action="store_true", help="2 splits, 10 iterations, small T: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench/results/multilevel.md"))
+    parser.add_argument("--append", action="store_true", help="append the tables to --out, skip the cost table")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and the machine is shared)
     if args.quick:
@@ -259,13 +269,18 @@ def main() -> None:
     cfg = HparamConfig(train_steps=args.train_steps, adversary_steps=args.adversary_steps, budget=args.budget)
     noises = [float(v) for v in args.noise.split(",")]
     sections = [hparam_section(cfg, noises, args.splits, args.iterations, on) for on in args.noise_on.split(",")]
+    command = "nice .venv/bin/python -m bench.multilevel_bench " + " ".join(sys.argv[1:])
+    if args.append:  # a further run (e.g. another budget) added to an existing report, without the cost table
+        with args.out.open("a") as f:
+            f.write(f"\n## Further run: `{command.strip()}`\n\n" + "\n".join(sections))
+        print(f"appended to {args.out}")
+        return
     ts = {2: [2, 4, 8], 3: [2, 4, 8], 4: [2, 4]} if args.quick else {2: [4, 8, 16, 32], 3: [4, 8, 16], 4: [2, 4, 8]}
     start = time.perf_counter()
     costs = cost_table(ts)
     cost_seconds = time.perf_counter() - start
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    command = "nice .venv/bin/python -m bench.multilevel_bench " + " ".join(sys.argv[1:])
     report = f"""# Multilevel optimisation (issue 4)
 
 Machine: {model_name}, 2 CPU cores shared with other jobs, `torch.set_num_threads(1)`, float64,

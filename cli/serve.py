@@ -48,7 +48,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
     from api.app import create_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_database(settings.resolved_database_url)
+    if settings.database_url is None:
+        # the embedded database is ours to create; a shared one is migrated once by `antidote migrate`
+        upgrade_database(settings.resolved_database_url)
     worker: subprocess.Popen[bytes] | None = None
     if settings.embedded_broker:
         n = redeliver_unfinished(settings)

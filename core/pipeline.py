@@ -135,14 +135,17 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     if spec.mode == "repair":
         registry = _repair_registry()
         clock.start("repair")
-        result = registry.repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
-                                 spec.model.num_classes, spec.seed, on_progress=clock.progress)
+        try:
+            result = registry.repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
+                                     spec.model.num_classes, spec.seed, on_progress=clock.progress)
+        except ValueError as exc:  # parameters the method's config refuses
+            raise InputError("spec.repair.params", str(exc)) from exc
         repaired = result.model
         clock.start("evaluate_after")
         after = _evaluate(repaired, eval_set, backdoor, norm, dev)
         report["after"] = after
-        report["repair"] = {"method": spec.repair.method, "params": result.params,
-                            **{k: v for k, v in result.summary.items() if k != "params"}}
+        report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
+                            "details": result.details, "timings": result.timings}
         if before["asr"] is not None and after["asr"] is not None:
             from core.metrics import defense_effectiveness_rating
 

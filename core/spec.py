@@ -77,6 +77,22 @@ class ScanSpec(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
+    def _repair_params(self) -> ScanSpec:
+        if self.mode != "repair":
+            return self
+        try:
+            from core.defenses.registry import REPAIR_METHODS, validate_params
+        except ImportError:
+            return self  # the API answers that the mode is not available
+        if self.repair.method not in REPAIR_METHODS:
+            raise ValueError(f"repair.method {self.repair.method!r} is unknown; known: {', '.join(REPAIR_METHODS)}")
+        try:
+            validate_params(self.repair.method, self.repair.params)
+        except ValueError as exc:
+            raise ValueError(f"repair.params: {exc}") from exc
+        return self
+
+    @model_validator(mode="after")
     def _target_in_range(self) -> ScanSpec:
         if self.attack is not None and self.attack.target >= self.model.num_classes:
             raise ValueError(f"attack.target {self.attack.target} is not a class of a "

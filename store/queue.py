@@ -21,6 +21,7 @@ def make_celery(settings: Settings) -> Celery:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,  # our JSON log lines go to stderr as they are
         "broker_connection_retry_on_startup": True,
         "task_time_limit": settings.scan_time_limit_s + 120,  # the pipeline enforces the limit itself first
         "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},

@@ -5,8 +5,11 @@ feature, or one in all) chosen on validation data. The bilevel model trains the 
 (lower) and picks λ by validation error (upper). The trilevel model puts an adversary in between who perturbs
 the training features by ``P`` (``|P_ij| <= budget``) to maximise the training loss of the regressor trained
 on the perturbed data; λ is then chosen for the worst case, which the paper finds more stable on noisy data.
-Our reading of the middle level: ``max_P Σ_i r_i² - penalty · ||P||²`` with ``r = y - (X + P) θ``, sums over
-samples so that each row of ``P`` sees an O(1) gradient whatever the data size.
+The middle level is our reading (the paper's exact adversary objective was not at hand): with ``adversary_objective``
+"train" the adversary maximises ``Σ_i r_i² - penalty · ||P||²``, ``r = y - (X + P) θ`` on the training data (sums
+over samples, so each row of ``P`` sees an O(1) gradient whatever the data size); with "val" it maximises the
+validation MSE (times the training-set size, for the same gradient scale) of the model trained on its perturbed
+data (a classic poisoning attack; the trilevel problem is then a min-max of the validation error over λ).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class HparamConfig:
     adversary_lr: float = 0.5  # large enough to reach the budget within its few steps
     budget: float = 0.5  # |P_ij| <= budget, in standard deviations of the feature
     adversary_penalty: float = 0.0
+    adversary_objective: str = "train"  # "train": maximise the training loss; "val": the validation loss
     log_weight_init: float = -2.0
     log_weight_bounds: tuple[float, float] = (-8.0, 1.0)
     upper_lr: float = 50.0  # d F / d λ_j = exp(λ_j) d F / d w_j is small, so the step in λ is large
@@ -85,8 +89,14 @@ def trilevel_hparam_problem(
     """Upper: validation MSE over λ; middle: a bounded adversary on the training features; lower: training."""
     d = x_train.shape[1]
 
+    if cfg.adversary_objective not in ("train", "val"):
+        raise ValueError(f"adversary_objective must be 'train' or 'val', got {cfg.adversary_objective!r}")
+
     def adversary(lam: torch.Tensor, p: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        gain = _residual(x_train + p, y_train, theta).square().sum()
+        if cfg.adversary_objective == "train":
+            gain = _residual(x_train + p, y_train, theta).square().sum()
+        else:
+            gain = len(y_train) * mse(x_val, y_val, theta)  # scaled like the summed training loss
         return -(gain - cfg.adversary_penalty * p.square().sum())
 
     return MultilevelProblem(

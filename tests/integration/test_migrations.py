@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Iterator
 
-import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+from bench.services import create_database, drop_database
 from store.db import alembic_config, make_engine, upgrade_database
 from store.models import Base
-from tests.conftest import PG_ADMIN_URL
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def empty_database() -> str:
-    name = f"antidote_mig_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def empty_database() -> Iterator[str]:
+    url = create_database("antidote_mig")
+    yield url
+    drop_database(url)
 
 
 def _diff(url: str) -> list:

@@ -210,3 +210,17 @@ def test_hparam_problems_have_exact_hypergradients_and_the_adversary_hurts_train
     # the adversary's perturbation raises the training loss of the model trained on the perturbed data
     loss_adv = float((y - (x + p) @ theta_adv).square().mean())
     assert loss_adv > float((y - x @ theta).square().mean())
+
+
+def test_validation_loss_adversary_hurts_the_held_out_error() -> None:
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 3, generator=g, dtype=DT), torch.randn(12, generator=g, dtype=DT)
+    x_val, y_val = torch.randn(8, 3, generator=g, dtype=DT), torch.randn(8, generator=g, dtype=DT)
+    cfg = HparamConfig(train_steps=6, adversary_steps=3, budget=0.3, adversary_objective="val")
+    problem = trilevel_hparam_problem(x, y, x_val, y_val, cfg)
+    lam = torch.full((3,), -1.0, dtype=DT)
+    theta_adv = unroll(problem, lam)[-1].detach()
+    theta = fit_ridge_gd(x, y, lam, cfg.train_steps, cfg.train_lr)
+    assert float((y_val - x_val @ theta_adv).square().mean()) > float((y_val - x_val @ theta).square().mean())
+    with pytest.raises(ValueError, match="adversary_objective"):
+        trilevel_hparam_problem(x, y, x_val, y_val, HparamConfig(adversary_objective="test"))
