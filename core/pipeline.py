@@ -28,6 +28,9 @@ from core.spec import ScanSpec
 
 ProgressFn = Callable[[str, float], None]
 HOLDOUT_FRACTION = 0.2
+# share of the repair span each method sub-stage takes (fine-tuning dominates the cost)
+_SUB_STAGE_SPANS = {"unlearn": (0.0, 0.3), "zero_reinit": (0.3, 0.35), "prune": (0.3, 0.35),
+                    "finetune": (0.35, 1.0)}
 # share of the whole scan that each stage takes, for the progress bar
 _STAGE_SPANS = {
     "scan": {"load": (0.0, 0.2), "evaluate_before": (0.2, 0.95), "report": (0.95, 1.0)},
@@ -67,6 +70,7 @@ class _Clock:
     timings: dict[str, float] = field(default_factory=dict)
     _stage: str | None = None
     _t0: float = 0.0
+    _sub_high: float = 0.0
 
     def start(self, stage: str) -> None:
         self.stop()
@@ -76,6 +80,16 @@ class _Clock:
     def progress(self, fraction: float) -> None:
         lo, hi = _STAGE_SPANS["repair" if self.mode != "scan" else "scan"][self._stage or "load"]
         self.on_progress(self._stage or "load", lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+
+    def sub_progress(self, sub_stage: str, fraction: float) -> None:
+        """Progress of a repair method's own stage (``unlearn``, ``finetune``, …), shown as ``repair:<name>``.
+
+        Methods report each sub-stage from 0 to 1; known ones get a share of the repair span, and the bar never
+        moves back."""
+        lo, hi = _SUB_STAGE_SPANS.get(sub_stage, (self._sub_high, self._sub_high))
+        self._sub_high = max(self._sub_high, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+        lo_all, hi_all = _STAGE_SPANS["repair"]["repair"]
+        self.on_progress(f"repair:{sub_stage}", lo_all + (hi_all - lo_all) * self._sub_high)
 
     def stop(self) -> None:
         if self._stage is not None:
@@ -137,7 +151,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         clock.start("repair")
         try:
             result = registry.repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
-                                     spec.model.num_classes, spec.seed, on_progress=clock.progress)
+                                     spec.model.num_classes, spec.seed, on_progress=clock.sub_progress)
         except ValueError as exc:  # parameters the method's config refuses
             raise InputError("spec.repair.params", str(exc)) from exc
         repaired = result.model

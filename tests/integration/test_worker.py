@@ -95,3 +95,45 @@ def test_worker_killed_mid_scan_is_delivered_again(prod_client: TestClient, prod
         scan = session.get(Scan, scan_id)
         assert scan is not None and scan.attempts == 2
     engine.dispose()
+
+
+def test_repair_scan_returns_weights_shaped_like_the_upload(prod_client: TestClient, prod_settings: Settings,
+                                                            auth: dict[str, str], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state, clean, test = backdoored_digits()
+    files = {"model": ("model.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
+             "clean_data": ("clean.npz", write_npz(tmp_path / "clean.npz", clean).read_bytes()),
+             "test_data": ("test.npz", write_npz(tmp_path / "test.npz", test).read_bytes())}
+    params = {"finetune_epochs": 3, "batch_size": 64, "augment": False}
+    spec = spec_json("repair", attack={"type": "badnets", "target": 0}, repair={"method": "tsbd", "params": params})
+    worker = start_worker(prod_settings, tmp_path / "worker.log")
+    try:
+        r = prod_client.post("/scans", headers=auth, files=files, data={"spec": spec})
+        assert r.status_code == 202, r.text
+        scan_id = r.json()["id"]
+        final = wait_for(lambda: (s := _status(prod_client, auth, scan_id))["status"] in ("succeeded", "failed")
+                         and s, 300, 0.2, "the repair to finish")
+        assert final["status"] == "succeeded", (final, (tmp_path / "worker.log").read_text()[-3000:])
+    finally:
+        stop_worker(worker)
+    report = prod_client.get(f"/scans/{scan_id}/report", headers=auth).json()
+    assert report["repair"]["method"] == "tsbd"
+    assert report["repair"]["params"]["finetune_epochs"] == 3  # every value used, given or default
+    assert "neuron_ratio" in report["repair"]["chosen"]  # the automatically chosen n is recorded
+    for key in ("acc", "asr", "ra"):
+        assert isinstance(report["after"][key], float)
+    assert "der" in report and {"load", "evaluate_before", "repair", "evaluate_after"} <= set(report["timings"])
+
+    r = prod_client.get(f"/scans/{scan_id}/artifacts/repaired_model", headers=auth)
+    assert r.status_code == 200
+    (tmp_path / "repaired.safetensors").write_bytes(r.content)
+    repaired = load_file(str(tmp_path / "repaired.safetensors"))
+    assert {k: tuple(v.shape) for k, v in repaired.items()} == {k: tuple(v.shape) for k, v in state.items()}
+    model = create_model("resnet20", 10, 1)
+    model.load_state_dict(repaired)
+    assert report["after"]["acc"] == accuracy(predict(model, test.x, NORM), test.y)
+    assert prod_client.get(f"/scans/{scan_id}/artifacts/nope", headers=auth).status_code == 404
+    # deleting the finished scan removes its files too
+    assert prod_client.delete(f"/scans/{scan_id}", headers=auth).status_code == 204
+    assert prod_client.get(f"/scans/{scan_id}/artifacts/repaired_model", headers=auth).status_code == 404
