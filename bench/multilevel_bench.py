@@ -48,15 +48,19 @@ class Split:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    y_scale: float = 1.0  # MSE × y_scale² is in units of the clean training target's variance
 
 
 def diabetes_split(
     seed: int, noise: float, noise_on: str = "both", fractions: tuple[float, float] = (0.4, 0.3)
 ) -> Split:
-    """A seeded train/val/test split, standardised by training statistics, with noise on the training data.
+    """A seeded train/val/test split with noise on the training data, standardised as a practitioner would.
 
-    ``noise_on``: "both" adds N(0, noise²) to the standardised training features and target, "features" to
-    the features only. Validation and test data stay clean.
+    Noise N(0, noise²) is added to the training features ("features") or features and target ("both"), in units
+    of the clean training split's standard deviations; validation and test data stay clean. Every split is then
+    standardised with the statistics of the training data as received (noisy), so the lowest level's gradient
+    descent sees unit-variance features at every noise level (a fixed step size stays stable). ``y_scale`` turns
+    MSEs back into units of the clean training target's variance, comparable across noise levels.
     """
     x, y = load_diabetes(return_X_y=True)
     rng = np.random.default_rng(seed)
@@ -65,14 +69,17 @@ def diabetes_split(
     parts = np.split(order, [n_train, n_train + n_val])
     mu, sd = x[parts[0]].mean(0), x[parts[0]].std(0)
     ymu, ysd = y[parts[0]].mean(), y[parts[0]].std()
-    xs = [torch.tensor((x[p] - mu) / sd, dtype=DT) for p in parts]
-    ys = [torch.tensor((y[p] - ymu) / ysd, dtype=DT) for p in parts]
-    xs[0] = xs[0] + noise * torch.tensor(rng.standard_normal(xs[0].shape), dtype=DT)
+    xs = [(x[p] - mu) / sd for p in parts]
+    ys = [(y[p] - ymu) / ysd for p in parts]
+    xs[0] = xs[0] + noise * rng.standard_normal(xs[0].shape)
     if noise_on == "both":
-        ys[0] = ys[0] + noise * torch.tensor(rng.standard_normal(ys[0].shape), dtype=DT)
+        ys[0] = ys[0] + noise * rng.standard_normal(ys[0].shape)
     elif noise_on != "features":
         raise ValueError(f"noise_on must be 'both' or 'features', got {noise_on!r}")
-    return Split(xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
+    mu2, sd2, ymu2, ysd2 = xs[0].mean(0), xs[0].std(0), ys[0].mean(), ys[0].std()
+    xt = [torch.tensor((v - mu2) / sd2, dtype=DT) for v in xs]
+    yt = [torch.tensor((v - ymu2) / ysd2, dtype=DT) for v in ys]
+    return Split(xt[0], yt[0], xt[1], yt[1], xt[2], yt[2], float(ysd2))
 
 
 def run_hparams(split: Split, cfg: HparamConfig, iterations: int, model: str) -> dict[str, float]:
@@ -80,7 +87,8 @@ def run_hparams(split: Split, cfg: HparamConfig, iterations: int, model: str) ->
     if model == "unregularised":
         lam = torch.full((split.x_train.shape[1],), cfg.log_weight_bounds[0], dtype=DT)
         theta = fit_ridge_gd(split.x_train, split.y_train, lam, cfg.train_steps, cfg.train_lr)
-        return {"test_mse": float(mse(split.x_test, split.y_test, theta)), "seconds": 0.0, "val_mse": math.nan}
+        test = float(mse(split.x_test, split.y_test, theta)) * split.y_scale**2
+        return {"test_mse": test, "seconds": 0.0, "val_mse": math.nan}
     if model == "bilevel":
         problem = bilevel_hparam_problem(split.x_train, split.y_train, split.x_val, split.y_val, cfg)
     else:  # "trilevel-train" or "trilevel-val": what the adversary maximises
@@ -90,14 +98,14 @@ def run_hparams(split: Split, cfg: HparamConfig, iterations: int, model: str) ->
     lam = trajectory.best  # chosen by the top objective (validation only), never by test error
     theta = fit_ridge_gd(split.x_train, split.y_train, lam, cfg.train_steps, cfg.train_lr)
     out = {
-        "test_mse": float(mse(split.x_test, split.y_test, theta)),
-        "val_mse": float(mse(split.x_val, split.y_val, theta)),
+        "test_mse": float(mse(split.x_test, split.y_test, theta)) * split.y_scale**2,
+        "val_mse": float(mse(split.x_val, split.y_val, theta)) * split.y_scale**2,
         "seconds": trajectory.seconds,
         "mean_log_weight": float(lam.mean()),
     }
     if model.startswith("trilevel"):  # the model the trilevel solution itself trains, on the adversary's data
         theta_adv = unroll(problem, lam)[-1].detach()
-        out["test_mse_adv_model"] = float(mse(split.x_test, split.y_test, theta_adv))
+        out["test_mse_adv_model"] = float(mse(split.x_test, split.y_test, theta_adv)) * split.y_scale**2
     return out
 
 
@@ -135,7 +143,7 @@ def hparam_table(
         cells = []
         for model in TRILEVEL_MODELS:
             mses = [r["test_mse_adv_model"] for r in results[(noise, model)]]
-            cells.append(f"{statistics.mean(mses):.4f} ± {statistics.stdev(mses):.4f}")
+            cells.append(f"{statistics.mean(mses):.4g} ± {statistics.stdev(mses):.4g} ({statistics.median(mses):.4f})")
         adv.append(f"| {noise:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines), {"results": results, "adv": adv}
 
@@ -222,9 +230,10 @@ def hparam_section(cfg: HparamConfig, noises: list[float], splits: int, iteratio
     adv = "\n".join(extra["adv"])
     return f"""## Bilevel vs trilevel hyperparameter learning — diabetes (442 × 10), noise on {noised}, {splits} splits
 
-Split 40% train / 30% validation / 30% test, features and target standardised with training statistics
-(test MSE is in units of the target's variance), then Gaussian noise N(0, σ²) added to the standardised
-training {noised} (validation and test stay clean). L2 weights `exp(λ_j)`, one per feature,
+Split 40% train / 30% validation / 30% test; Gaussian noise N(0, σ²) added to the training {noised}
+(σ in clean training standard deviations; validation and test stay clean); then every split standardised with
+the statistics of the training data as received. MSEs are in units of the clean training target's variance,
+comparable across σ. L2 weights `exp(λ_j)`, one per feature,
 λ in [{lo}, {hi}], start {cfg.log_weight_init}.
 Lowest level: T = {cfg.train_steps} steps of gradient descent (step {cfg.train_lr}) on the ridge loss from zero.
 Trilevel middle level: an adversary perturbs the training features, `|P_ij| <= {cfg.budget}`,
@@ -242,7 +251,8 @@ Paired over the same splits:
 
 {chr(10).join(paired)}
 
-The trilevel solutions' own regressors (trained on the adversary's perturbed features), test MSE:
+The trilevel solutions' own regressors (trained on the adversary's perturbed features), test MSE mean ± std
+(median):
 
 | noise σ | trilevel-train | trilevel-val |
 |---|---|---|

@@ -27,6 +27,10 @@ class TSBDConfig:
     weight_ratio: float = 0.7  # tsbd/config.yaml: m=0.7 (fraction of the pooled |dW| set to zero)
     # Automatic choice of n (not in the reference; see auto.py)
     auto_candidates: tuple[float, ...] = REFERENCE_N_SWEEP  # the values the reference's user chooses from
+    auto_collapse_fraction: float = 0.1  # collapsed = zeroed model keeps <= 10% of its above-chance accuracy
+    auto_safety_factor: float = 1.0  # multiply the collapse point by this
+    auto_min_n: float = 0.2  # RESEARCH.md §1: n <= 0.1 left 30-34% ASR on PreAct-ResNet18, n = 0.2 left 4.9%
+    auto_max_n: float = 0.5  # RESEARCH.md §1: n = 0.5 already cost 3.8 ACC points; beyond, only more cost
     # Stage 2, activeness-aware fine-tuning
     lr_finetune: float = 0.01  # tsbd/config.yaml: lr_ft=0.01 (SGD, momentum 0.9, no weight decay)
     finetune_momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
@@ -48,5 +52,9 @@ class TSBDConfig:
             raise ValueError("rho must be >= 0 and learning rates > 0")
         if not self.auto_candidates or any(not 0.0 < c <= 1.0 for c in self.auto_candidates):
             raise ValueError("auto_candidates must be a non-empty tuple of values in (0, 1]")
+        if not 0.0 <= self.auto_collapse_fraction <= 1.0 or self.auto_safety_factor <= 0:
+            raise ValueError("auto_collapse_fraction must lie in [0, 1] and auto_safety_factor be > 0")
+        if not 0.0 <= self.auto_min_n <= self.auto_max_n <= 1.0:
+            raise ValueError("need 0 <= auto_min_n <= auto_max_n <= 1")
         if self.unlearn_max_epochs < 1 or self.finetune_epochs < 0:
             raise ValueError("unlearn_max_epochs must be >= 1 and finetune_epochs >= 0")

@@ -11,7 +11,15 @@ import torch.nn as nn
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.defenses.result import RepairResult
-from core.defenses.runtime import DeviceImages, ProgressFn, StageTimer, prepare_model, runtime_for, score
+from core.defenses.runtime import (
+    DeviceImages,
+    ProgressFn,
+    StageTimer,
+    infer_num_classes,
+    prepare_model,
+    runtime_for,
+    score,
+)
 from core.defenses.tsbd.auto import choose_neuron_ratio
 from core.defenses.tsbd.config import TSBDConfig
 from core.defenses.tsbd.finetune import activeness_aware_finetune
@@ -35,7 +43,8 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
         raise ValueError("the model has no Conv2d layer TSBD can work on")
     timer.lap("setup")
 
-    unlearned = unlearn_clean(original, data, norm, cfg, device, num_classes, on_progress)
+    k = num_classes if num_classes is not None else infer_num_classes(original, data)
+    unlearned = unlearn_clean(original, data, norm, cfg, device, k, on_progress)
     timer.lap("unlearn")
     nwc = neuron_weight_change(original, unlearned.model, layers)
     del unlearned.model  # only its weight changes are needed
@@ -45,7 +54,7 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     details: dict[str, object] = {}
     n = cfg.neuron_ratio
     if n is None:
-        choice = choose_neuron_ratio(original, nwc, data, cfg)
+        choice = choose_neuron_ratio(original, nwc, data, cfg, k)
         n = choice.n
         chosen = {"neuron_ratio": n, "rule": choice.rule}
         details["auto"] = choice.as_dict()

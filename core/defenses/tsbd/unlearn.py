@@ -40,25 +40,35 @@ class UnlearnResult:
     reached_threshold: bool  # False when the epoch cap stopped it first
 
 
-def unlearn_threshold(num_classes: int, margin: float) -> float:
-    """Chance accuracy plus ``margin`` (the reference's fixed 0.10 is chance only for 10 classes)."""
-    return 1.0 / num_classes + margin
+def chance_accuracy(labels: torch.Tensor, num_classes: int) -> float:
+    """The accuracy of the best constant prediction on ``labels``: ``max(1/num_classes, largest class
+    share)``. Unlearning ends in such a collapse, so on a subset whose largest class holds more than
+    ``1/num_classes`` (e.g. 26 of 250 images) a threshold of exactly ``1/num_classes`` is never reached."""
+    counts = torch.bincount(labels.detach().flatten().cpu(), minlength=num_classes)
+    return max(1.0 / num_classes, float(counts.max()) / max(1, int(counts.sum())))
+
+
+def unlearn_threshold(num_classes: int, margin: float, labels: torch.Tensor | None = None) -> float:
+    """Chance accuracy plus ``margin``: the reference stops at 0.10, chance for 10 balanced classes; here chance
+    is ``1/num_classes``, or the largest class share of ``labels`` when that is higher."""
+    chance = 1.0 / num_classes if labels is None else chance_accuracy(labels, num_classes)
+    return chance + margin
 
 
 def unlearn_clean(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization, cfg: TSBDConfig,
                   device: torch.device | str, num_classes: int | None = None,
                   on_progress: ProgressFn | None = None, seed: int | None = None) -> UnlearnResult:
     """Gradient ascent on cross-entropy over ``clean`` on a copy of ``model`` (train mode, so BN statistics
-    update as in the reference), SGD(lr_unlearn, momentum, no weight decay), epoch by epoch until the eval-mode
-    accuracy on ``clean`` is <= ``1/num_classes + cfg.unlearn_margin`` or ``cfg.unlearn_max_epochs`` is hit.
-    ``model`` itself is not modified."""
+    update as in the reference), SGD(lr_unlearn, momentum, no weight decay), epoch by epoch until the
+    eval-mode accuracy on ``clean`` is <= chance (:func:`chance_accuracy`) + ``cfg.unlearn_margin``, or
+    ``cfg.unlearn_max_epochs`` is hit. ``model`` itself is not modified."""
     rt = runtime_for(device)
     data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
     unlearned = prepare_model(copy.deepcopy(model), rt)
     for p in unlearned.parameters():
         p.requires_grad_(True)
     k = num_classes if num_classes is not None else infer_num_classes(unlearned, data)
-    threshold = unlearn_threshold(k, cfg.unlearn_margin)
+    threshold = unlearn_threshold(k, cfg.unlearn_margin, data.y)
     seed = cfg.seed if seed is None else seed
     before = score(unlearned, data).accuracy
     acc = before
