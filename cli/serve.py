@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -56,13 +57,38 @@ def serve(settings: Settings, host: str, port: int) -> None:
         n = redeliver_unfinished(settings)
         if n:
             log.info("delivering %d unfinished scans again", n)
-        worker = subprocess.Popen(worker_command(settings))
+        worker = subprocess.Popen(worker_command(settings), preexec_fn=_die_with_parent)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turning them into SystemExit lets the
+    # finally below stop the worker instead of leaving it orphaned
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
     finally:
         if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_worker(worker)
+
+
+def _exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL if `serve` dies first (even by SIGKILL), so no orphan keeps the queue."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def stop_worker(worker: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Warm shutdown (the running scan is delivered again on the next start), then SIGKILL."""
+    if worker.poll() is None:
+        worker.terminate()
+    try:
+        worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait(timeout=10)

@@ -68,7 +68,7 @@ def test_worker_killed_mid_scan_is_delivered_again(prod_client: TestClient, prod
     state = create_model("preactresnet18", 10, 3).state_dict()
     rng = np.random.default_rng(0)
     clean = ImageSet(rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50))
-    test = ImageSet(rng.integers(0, 256, (1500, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1500))
+    test = ImageSet(rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1000))
     spec = '{"mode": "scan", "model": {"architecture": "preactresnet18", "num_classes": 10}}'
     files = {"model": ("m.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
              "clean_data": ("c.npz", write_npz(tmp_path / "c.npz", clean).read_bytes()),

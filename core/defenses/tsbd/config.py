@@ -35,6 +35,7 @@ class TSBDConfig:
     lr_finetune: float = 0.01  # tsbd/config.yaml: lr_ft=0.01 (SGD, momentum 0.9, no weight decay)
     finetune_momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
     finetune_epochs: int = 21  # tsbd/config.yaml: ft_epoch=20, and tsbd.py's loop runs ft_epoch + 1 = 21
+    finetune_schedule: str = "constant"  # tsbd.py: constant lr; "cosine" decays it to 0 over stage 2
     rho: float = 0.05  # tsbd/config.yaml: r=0.05 (size of the gradient-direction shift)
     alpha: float = 0.7  # tsbd/config.yaml: alpha=0.7 (weight of the shifted gradient)
     seed: int = 0
@@ -50,6 +51,8 @@ class TSBDConfig:
             raise ValueError("alpha must lie in [0, 1]")
         if self.rho < 0 or self.lr_unlearn <= 0 or self.lr_finetune <= 0:
             raise ValueError("rho must be >= 0 and learning rates > 0")
+        if self.finetune_schedule not in ("constant", "cosine"):
+            raise ValueError("finetune_schedule must be 'constant' or 'cosine'")
         if not self.auto_candidates or any(not 0.0 < c <= 1.0 for c in self.auto_candidates):
             raise ValueError("auto_candidates must be a non-empty tuple of values in (0, 1]")
         if not 0.0 <= self.auto_collapse_fraction <= 1.0 or self.auto_safety_factor <= 0:

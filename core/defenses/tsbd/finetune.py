@@ -7,6 +7,7 @@ gradient-norm penalty of Zhao et al. (ICML 2022) with ``lambda = alpha * r`` and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,9 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
     order_gen = make_generator(cfg.seed + 2)
     aug_gen = augment_generator(rt, cfg.seed + 3)
     epochs = cfg.finetune_epochs
+    total = epochs * -(-len(data) // cfg.batch_size)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / total)))
+             if cfg.finetune_schedule == "cosine" and total > 0 else None)
     steps, last = 0, torch.tensor(float("nan"))
     model.train()
     for epoch in range(epochs):
@@ -114,6 +118,8 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
             x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
             last = activeness_aware_step(model, params, x, data.y[idx], cfg.rho, cfg.alpha, rt.autocast)
             opt.step()
+            if sched is not None:
+                sched.step()
             steps += 1
         if on_progress is not None:
             on_progress("finetune", (epoch + 1) / epochs)
