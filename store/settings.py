@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_zip_members: int = Field(250_000, gt=0)
     max_zip_expanded_bytes: int = Field(4 * 1024**3, gt=0)
 
+    key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
+
     log_level: str = "INFO"
     log_json: bool = True
 
