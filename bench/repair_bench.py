@@ -239,12 +239,14 @@ def main() -> None:
             print(f"[{attack_name}] reference loop {sweep['total_s']:.1f}s: "
                   + " ".join(f"n={p['n']}:{p['acc']:.3f}/{p['asr']:.3f}" for p in sweep["per_n"]), flush=True)
         report["attacks"][attack_name] = entry
-    report["total_s"] = time.perf_counter() - started
+        report["total_s"] = time.perf_counter() - started
+        _write(report, Path(args.out))  # after every attack, so that a run cut short keeps what it measured
+    print(Path(args.out).read_text())
 
-    out = Path(args.out)
+
+def _write(report: dict, out: Path) -> None:
     out.write_text(render_markdown(report))
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    print(out.read_text())
 
 
 def _pct(v: float | None) -> str:

@@ -87,8 +87,9 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
         report = client.fetch_report(url, api_key, scan_id)
         if report_path:
             report_path.write_text(json.dumps(report, indent=2))
-        if out and "repaired_model" in report.get("artifacts", ["repaired_model"]):
+        if out is not None:
             client.download_artifact(url, api_key, scan_id, "repaired_model", out)
+            console.print(f"repaired weights written to {out}")
         for line in client.summary_lines(report):
             console.print(line)
         failures = gate.check(report)

@@ -28,9 +28,11 @@ class TSBDConfig:
     # Automatic choice of n (not in the reference; see auto.py)
     auto_candidates: tuple[float, ...] = REFERENCE_N_SWEEP  # the values the reference's user chooses from
     auto_collapse_fraction: float = 0.1  # collapsed = zeroed model keeps <= 10% of its above-chance accuracy
-    auto_safety_factor: float = 1.0  # multiply the collapse point by this
-    auto_min_n: float = 0.2  # RESEARCH.md §1: n <= 0.1 left 30-34% ASR on PreAct-ResNet18, n = 0.2 left 4.9%
-    auto_max_n: float = 0.5  # RESEARCH.md §1: n = 0.5 already cost 3.8 ACC points; beyond, only more cost
+    # auto.py's evidence: resetting too little leaves 17-99% ASR (RESEARCH.md §1: n <= 0.1 left 30-34% on
+    # PreAct-ResNet18 BadNets; here MNIST Blended 40% at n=0.2, SIG 17%), resetting 0.5 instead of the best n
+    # cost at most ~2 ACC points; the collapse point is early (0.05-0.15) and only ever raises n above 0.5
+    auto_min_n: float = 0.5
+    auto_max_n: float = 0.7  # MNIST BadNets: 0.7 cost no more ACC than 0.5; 8x8 digits: 0.9 cost 5 points more
     # Stage 2, activeness-aware fine-tuning
     lr_finetune: float = 0.01  # tsbd/config.yaml: lr_ft=0.01 (SGD, momentum 0.9, no weight decay)
     finetune_momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
@@ -55,8 +57,8 @@ class TSBDConfig:
             raise ValueError("finetune_schedule must be 'constant' or 'cosine'")
         if not self.auto_candidates or any(not 0.0 < c <= 1.0 for c in self.auto_candidates):
             raise ValueError("auto_candidates must be a non-empty tuple of values in (0, 1]")
-        if not 0.0 <= self.auto_collapse_fraction <= 1.0 or self.auto_safety_factor <= 0:
-            raise ValueError("auto_collapse_fraction must lie in [0, 1] and auto_safety_factor be > 0")
+        if not 0.0 <= self.auto_collapse_fraction <= 1.0:
+            raise ValueError("auto_collapse_fraction must lie in [0, 1]")
         if not 0.0 <= self.auto_min_n <= self.auto_max_n <= 1.0:
             raise ValueError("need 0 <= auto_min_n <= auto_max_n <= 1")
         if self.unlearn_max_epochs < 1 or self.finetune_epochs < 0:
