@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--sweep", help="comma-separated attacks that get the reference loop ('' for none)")
     ap.add_argument("--sweep-n", help="comma-separated n values for the reference loop (default: its 11)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="{}",
+                    help='JSON {"label": ["method", {params}]}: extra rows, e.g. a method with another lr')
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -180,7 +182,9 @@ def main() -> None:
         prof = dataclasses.replace(prof, attacks=tuple(args.attacks.split(",")))
     if args.sweep is not None:
         prof = dataclasses.replace(prof, sweep_attacks=tuple(a for a in args.sweep.split(",") if a))
-    methods = tuple(m for m in args.methods.split(",") if m)
+    variants = {m: (m, {}) for m in args.methods.split(",") if m}
+    variants.update({label: (v[0], dict(v[1])) for label, v in json.loads(args.variants).items()})
+    methods = tuple(variants)
     device = args.device
     if device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -216,17 +220,18 @@ def main() -> None:
             return {"acc": e.acc, "asr": e.asr, "ra": e.ra}
 
         entry: dict[str, object] = {"train_s": train_s, "before": measure(model), "methods": {}}
-        for method in methods:
-            params = dict(prof.repair_params)
+        for label in methods:
+            method, extra = variants[label]
+            params = {**prof.repair_params, **extra}
             if method in ("finetune", "fine_pruning"):
                 params = {("epochs" if k == "finetune_epochs" else k): v for k, v in params.items()
                           if k not in ("lr_unlearn",)}
             res = repair(method, model, defender, norm, params, device, num_classes, seed=args.seed)
             after = measure(res.model)
             der = defense_effectiveness_rating(before.acc, before.asr, after["acc"], after["asr"])
-            entry["methods"][method] = {**after, "der": der, "timings": res.timings, "chosen": res.chosen,
-                                        "params": res.params, "details": res.details}
-            print(f"[{attack_name}] {method}: ACC {after['acc']:.3f} ASR {after['asr']:.3f} "
+            entry["methods"][label] = {**after, "der": der, "timings": res.timings, "chosen": res.chosen,
+                                       "params": res.params, "details": res.details}
+            print(f"[{attack_name}] {label}: ACC {after['acc']:.3f} ASR {after['asr']:.3f} "
                   f"RA {after['ra']:.3f} DER {der:.3f} ({res.timings['total']:.1f}s) {res.chosen}", flush=True)
         if attack_name in prof.sweep_attacks:
             cfg = TSBDConfig(**{k: v for k, v in prof.repair_params.items()
