@@ -119,12 +119,22 @@ def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSB
     candidates = tuple(sorted(cfg.auto_candidates))
     points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio)
     collapse = next((p.n for p in points if p.accuracy <= floor), None)
-    raw = candidates[-1] if collapse is None else collapse
-    target = min(max(raw, cfg.auto_min_n), cfg.auto_max_n)
-    # the smallest candidate at or above the target (the candidates are the values the sweep measured)
-    n = next((c for c in candidates if c >= target - 1e-9), candidates[-1])
-    rule = (f"n = clip(collapse point, {cfg.auto_min_n}, {cfg.auto_max_n}) rounded up to a candidate; collapse "
-            f"point = smallest n whose zeroed model keeps <= {cfg.auto_collapse_fraction:g} of its "
-            f"above-chance clean accuracy")
+    if cfg.auto_rule == "retention":
+        keep = chance + cfg.auto_retention * max(0.0, base - chance)
+        kept = [p.n for p in points if p.accuracy >= keep]
+        raw = max(kept) if kept else candidates[0]
+        target = min(max(raw, cfg.auto_retention_min_n), cfg.auto_retention_max_n)
+        # the largest candidate at or below the target
+        n = max((c for c in candidates if c <= target + 1e-9), default=candidates[0])
+        rule = (f"n = clip(largest n whose zeroed model keeps >= {cfg.auto_retention:g} of its above-chance "
+                f"clean accuracy, {cfg.auto_retention_min_n}, {cfg.auto_retention_max_n})")
+    else:
+        raw = candidates[-1] if collapse is None else collapse
+        target = min(max(raw, cfg.auto_min_n), cfg.auto_max_n)
+        # the smallest candidate at or above the target (the candidates are the values the sweep measured)
+        n = next((c for c in candidates if c >= target - 1e-9), candidates[-1])
+        rule = (f"n = clip(collapse point, {cfg.auto_min_n}, {cfg.auto_max_n}) rounded up to a candidate; "
+                f"collapse point = smallest n whose zeroed model keeps <= {cfg.auto_collapse_fraction:g} of its "
+                f"above-chance clean accuracy")
     return AutoChoice(n=n, rule=rule, reference_accuracy=base, collapse_accuracy=floor, collapse_n=collapse,
                       nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points))

@@ -33,6 +33,13 @@ class TSBDConfig:
     # cost at most ~2 ACC points; the collapse point is early (0.05-0.15) and only ever raises n above 0.5
     auto_min_n: float = 0.5
     auto_max_n: float = 0.7  # MNIST BadNets: 0.7 cost no more ACC than 0.5; 8x8 digits: 0.9 cost 5 points more
+    # "collapse": n = clip(collapse point, auto_min_n, auto_max_n) (above); "retention": n = the largest
+    # candidate whose zeroed model keeps >= auto_retention of its above-chance accuracy, clipped to
+    # [auto_retention_min_n, auto_retention_max_n] (auto.py: the GPU evidence on PreAct-ResNet18)
+    auto_rule: str = "collapse"
+    auto_retention: float = 0.75
+    auto_retention_min_n: float = 0.05
+    auto_retention_max_n: float = 0.3
     # Stage 2, activeness-aware fine-tuning
     lr_finetune: float = 0.01  # tsbd/config.yaml: lr_ft=0.01 (SGD, momentum 0.9, no weight decay)
     finetune_momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
@@ -59,6 +66,12 @@ class TSBDConfig:
             raise ValueError("auto_candidates must be a non-empty tuple of values in (0, 1]")
         if not 0.0 <= self.auto_collapse_fraction <= 1.0:
             raise ValueError("auto_collapse_fraction must lie in [0, 1]")
+        if self.auto_rule not in ("collapse", "retention"):
+            raise ValueError("auto_rule must be 'collapse' or 'retention'")
+        if not 0.0 <= self.auto_retention <= 1.0:
+            raise ValueError("auto_retention must lie in [0, 1]")
+        if not 0.0 <= self.auto_retention_min_n <= self.auto_retention_max_n <= 1.0:
+            raise ValueError("need 0 <= auto_retention_min_n <= auto_retention_max_n <= 1")
         if not 0.0 <= self.auto_min_n <= self.auto_max_n <= 1.0:
             raise ValueError("need 0 <= auto_min_n <= auto_max_n <= 1")
         if self.unlearn_max_epochs < 1 or self.finetune_epochs < 0:
