@@ -81,6 +81,7 @@ def _cli(*args: str, data_dir: Path, api_key: str | None = None) -> subprocess.C
     return subprocess.run([*ANTIDOTE, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.timeout(900)
 def test_ci_client_scans_a_backdoored_model_and_fails_the_gate(server: Server, tmp_path: Path) -> None:
     created = _cli("keys", "create", "--tenant", "ci", data_dir=server.data_dir)
     assert created.returncode == 0, created.stderr
@@ -118,6 +119,7 @@ def _spec_file(tmp: Path) -> Path:
     return path
 
 
+@pytest.mark.timeout(900)
 def test_hard_restart_loses_no_queued_or_running_scan(server: Server, tmp_path: Path) -> None:
     key = _cli("keys", "create", "--tenant", "ops", data_dir=server.data_dir).stdout.strip()
     auth = {"Authorization": f"Bearer {key}"}

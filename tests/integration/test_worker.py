@@ -28,6 +28,7 @@ def _status(client: TestClient, auth: dict[str, str], scan_id: str) -> dict:
     return client.get(f"/scans/{scan_id}", headers=auth).json()
 
 
+@pytest.mark.timeout(900)
 def test_backdoored_model_scan_matches_direct_evaluation(prod_client: TestClient, prod_settings: Settings,
                                                          auth: dict[str, str], tmp_path: Path) -> None:
     state, clean, test = backdoored_digits()
@@ -62,6 +63,7 @@ def test_backdoored_model_scan_matches_direct_evaluation(prod_client: TestClient
     assert 'antidote_stage_duration_seconds_count{stage="evaluate_before"}' in metrics
 
 
+@pytest.mark.timeout(900)
 def test_worker_killed_mid_scan_is_delivered_again(prod_client: TestClient, prod_settings: Settings,
                                                    auth: dict[str, str], tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -97,6 +99,7 @@ def test_worker_killed_mid_scan_is_delivered_again(prod_client: TestClient, prod
     engine.dispose()
 
 
+@pytest.mark.timeout(900)
 def test_repair_scan_returns_weights_shaped_like_the_upload(prod_client: TestClient, prod_settings: Settings,
                                                             auth: dict[str, str], tmp_path: Path) -> None:
     from safetensors.torch import load_file
@@ -105,7 +108,8 @@ def test_repair_scan_returns_weights_shaped_like_the_upload(prod_client: TestCli
     files = {"model": ("model.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
              "clean_data": ("clean.npz", write_npz(tmp_path / "clean.npz", clean).read_bytes()),
              "test_data": ("test.npz", write_npz(tmp_path / "test.npz", test).read_bytes())}
-    params = {"finetune_epochs": 3, "batch_size": 64, "augment": False}
+    params = {"finetune_epochs": 3, "batch_size": 64, "augment": False, "lr_unlearn": 0.01,
+              "unlearn_max_epochs": 20}
     spec = spec_json("repair", attack={"type": "badnets", "target": 0}, repair={"method": "tsbd", "params": params})
     worker = start_worker(prod_settings, tmp_path / "worker.log")
     try:
@@ -113,7 +117,7 @@ def test_repair_scan_returns_weights_shaped_like_the_upload(prod_client: TestCli
         assert r.status_code == 202, r.text
         scan_id = r.json()["id"]
         final = wait_for(lambda: (s := _status(prod_client, auth, scan_id))["status"] in ("succeeded", "failed")
-                         and s, 300, 0.2, "the repair to finish")
+                         and s, 600, 0.2, "the repair to finish")
         assert final["status"] == "succeeded", (final, (tmp_path / "worker.log").read_text()[-3000:])
     finally:
         stop_worker(worker)
