@@ -23,5 +23,4 @@ RUN pip install . && useradd --create-home --uid 10001 antidote && mkdir -p /dat
 USER antidote
 ENV ANTIDOTE_DATA_DIR=/data
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
 CMD ["antidote", "serve", "--host", "0.0.0.0", "--port", "8000"]

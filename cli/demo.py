@@ -22,6 +22,7 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 
 DIGITS_NORM = Normalization((0.5,), (0.5,))
+DEMO_REPAIR_PARAMS = {"augment": False, "batch_size": 32}
 DIGITS_MODEL = {"architecture": "resnet20", "num_classes": 10, "in_channels": 1, "mean": [0.5], "std": [0.5]}
 
 
@@ -103,6 +104,9 @@ def run_demo(data_dir: Path, port: int) -> int:
         for step, mode in enumerate(modes, start=3):
             console.rule(f"{step}. {mode}")
             spec = {"mode": mode, "model": DIGITS_MODEL, "attack": {"type": "badnets", "target": 0}}
+            if mode == "repair":
+                # 8x8 digits: CIFAR's crop-by-4 and flips destroy them, and 240 images make one batch of 256
+                spec["repair"] = {"method": "tsbd", "params": DEMO_REPAIR_PARAMS}
             scan_id = client.submit(url, key, spec, inputs)
             final = client.wait(url, key, scan_id, 1800, console)
             if final["status"] != "succeeded":
