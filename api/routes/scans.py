@@ -23,6 +23,7 @@ from core.inputs import InputError, ScanInputs, UploadedFile, load_inputs
 from core.pipeline import available_modes
 from core.spec import ScanSpec
 from store import repository
+from store.logs import scan_id_var
 from store.models import TERMINAL_STATUSES, Scan, ScanStatus, Tenant
 from store.objects import ObjectNotFound
 from store.queue import enqueue_scan
@@ -59,7 +60,9 @@ async def create_scan(request: Request, response: Response, tenant: Tenant = Dep
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     response.headers["Location"] = f"/scans/{scan_id}"
-    log.info("scan queued", extra={"scan": scan_id, "tenant": tenant.name, "bytes": form.total_bytes})
+    token = scan_id_var.set(scan_id)
+    log.info("scan queued", extra={"tenant": tenant.name, "bytes": form.total_bytes, "mode": spec.mode})
+    scan_id_var.reset(token)
     return ScanCreated(id=scan_id, status=ScanStatus.queued.value)
 
 
