@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from pydantic import BaseModel
 
-from store.models import Scan
+from store.models import Scan, as_utc
 
 
 class ScanError(BaseModel):
@@ -28,7 +28,7 @@ class ScanOut(BaseModel):
     def of(cls, scan: Scan) -> ScanOut:
         error = ScanError(code=scan.error_code, message=scan.error_message or "") if scan.error_code else None
         return cls(id=scan.id, status=scan.status, mode=scan.mode, stage=scan.stage, progress=scan.progress,
-                   created_at=_aware(scan.created_at), updated_at=_aware(scan.updated_at), error=error)
+                   created_at=as_utc(scan.created_at), updated_at=as_utc(scan.updated_at), error=error)
 
 
 class ScanCreated(BaseModel):
@@ -40,6 +40,3 @@ class ScanPageOut(BaseModel):
     items: list[ScanOut]
     next_cursor: str | None
 
-
-def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)

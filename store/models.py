@@ -17,6 +17,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(dt: datetime) -> datetime:
+    """SQLite returns naive datetimes even for ``timezone=True`` columns; they were written as UTC."""
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
 class ScanStatus(enum.StrEnum):
     queued = "queued"
     running = "running"

@@ -8,13 +8,13 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.models import TERMINAL_STATUSES, ApiKey, Scan, ScanStatus, Tenant, utcnow
+from store.models import TERMINAL_STATUSES, ApiKey, Scan, ScanStatus, Tenant, as_utc, utcnow
 
 KEY_PREFIX = "adk_"
 
@@ -90,7 +90,7 @@ def list_scans(session: Session, tenant_id: str, status: str | None, limit: int,
 
 
 def encode_cursor(scan: Scan) -> str:
-    created = _aware(scan.created_at).isoformat()
+    created = as_utc(scan.created_at).isoformat()
     return base64.urlsafe_b64encode(f"{created}|{scan.id}".encode()).decode().rstrip("=")
 
 
@@ -102,11 +102,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(created), scan_id
     except Exception as exc:  # noqa: BLE001 - any garbage is the same client error
         raise ValueError("cursor is not one this service returned") from exc
-
-
-def _aware(dt: datetime) -> datetime:
-    # SQLite returns naive datetimes even for timezone=True columns
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def request_cancel(session: Session, scan: Scan) -> None:

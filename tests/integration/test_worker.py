@@ -28,13 +28,19 @@ def _status(client: TestClient, auth: dict[str, str], scan_id: str) -> dict:
     return client.get(f"/scans/{scan_id}", headers=auth).json()
 
 
+def _digits_parts(tmp: Path) -> dict[str, tuple[str, bytes]]:
+    """The backdoored digits model, its clean subset and its test set as multipart file parts."""
+    state, clean, test = backdoored_digits()
+    return {"model": ("model.safetensors", write_safetensors(tmp / "m.safetensors", state).read_bytes()),
+            "clean_data": ("clean.npz", write_npz(tmp / "clean.npz", clean).read_bytes()),
+            "test_data": ("test.npz", write_npz(tmp / "test.npz", test).read_bytes())}
+
+
 @pytest.mark.timeout(900)
 def test_backdoored_model_scan_matches_direct_evaluation(prod_client: TestClient, prod_settings: Settings,
                                                          auth: dict[str, str], tmp_path: Path) -> None:
     state, clean, test = backdoored_digits()
-    files = {"model": ("model.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
-             "clean_data": ("clean.npz", write_npz(tmp_path / "clean.npz", clean).read_bytes()),
-             "test_data": ("test.npz", write_npz(tmp_path / "test.npz", test).read_bytes())}
+    files = _digits_parts(tmp_path)
     worker = start_worker(prod_settings, tmp_path / "worker.log")
     try:
         r = prod_client.post("/scans", headers=auth, files=files,
@@ -105,9 +111,7 @@ def test_repair_scan_returns_weights_shaped_like_the_upload(prod_client: TestCli
     from safetensors.torch import load_file
 
     state, clean, test = backdoored_digits()
-    files = {"model": ("model.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
-             "clean_data": ("clean.npz", write_npz(tmp_path / "clean.npz", clean).read_bytes()),
-             "test_data": ("test.npz", write_npz(tmp_path / "test.npz", test).read_bytes())}
+    files = _digits_parts(tmp_path)
     params = {"finetune_epochs": 3, "batch_size": 64, "augment": False, "lr_unlearn": 0.01,
               "unlearn_max_epochs": 20}
     spec = spec_json("repair", attack={"type": "badnets", "target": 0}, repair={"method": "tsbd", "params": params})
