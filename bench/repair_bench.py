@@ -51,6 +51,7 @@ from core.models.registry import create_model  # noqa: E402
 from core.training import train_classifier  # noqa: E402
 
 ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "lowfreq")
+A2A_SUFFIX = "_a2a"  # "badnets_a2a": the all-to-all variant (label y -> y+1), reported but not in the mean
 ALL_METHODS = ("tsbd", "tsbd_fixed", "fine_pruning", "finetune")
 CIFAR_NORM = Normalization((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 
@@ -72,9 +73,10 @@ class Profile:
 
 
 PROFILES = {
-    # ~6 min on one H100: 5 x (40 epochs x 17.5k images at ~34k img/s ~ 20 s) + repairs + one timed sweep
-    "gpu": Profile("preactresnet18", "cifar10", 17_500, 2_500, 10_000, 40, 0.01, 256, ALL_ATTACKS,
-                   ("badnets",)),
+    # ~6 min on one H200: 6 x (60 epochs x 17.5k images at ~34k img/s ~ 31 s) + repairs + one timed sweep;
+    # 60 epochs (40 before commit 'GPU profile: 60 epochs') bring clean accuracy to ~85%
+    "gpu": Profile("preactresnet18", "cifar10", 17_500, 2_500, 10_000, 60, 0.01, 256,
+                   (*ALL_ATTACKS, "badnets" + A2A_SUFFIX), ("badnets",)),
     # ~10 min on 2 idle CPU cores: a 6-layer CNN (width 16) on 6k MNIST images, 500 defender images. The
     # reference's lr_un=1e-4 was set for PreAct-ResNet18; this small CNN needs >100 epochs at that rate, and
     # the rate only sets how fast the stopping threshold is reached, so the profile uses 1e-3.
@@ -129,6 +131,10 @@ def split_data(train_all: ImageSet, test_all: ImageSet, prof: Profile, seed: int
     defender = test_all.subset(np.sort(test_order[: prof.n_defender]))
     rest = test_order[prof.n_defender: prof.n_defender + prof.n_test]
     return train, defender, test_all.subset(np.sort(rest)), "test split"
+
+
+def _tsbd_only(params: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in params.items() if k in {f.name for f in dataclasses.fields(TSBDConfig)}}
 
 
 def reference_sweep(model: nn.Module, defender: ImageSet, norm: Normalization, cfg: TSBDConfig,
@@ -203,7 +209,9 @@ def main() -> None:
         "n_test_used": len(test), "attacks": {}}
     for attack_name in prof.attacks:
         t0 = time.perf_counter()
-        attack = create_attack(attack_name, target=0, image_shape=train.image_shape, seed=args.seed)
+        base_name, a2a = attack_name.removesuffix(A2A_SUFFIX), attack_name.endswith(A2A_SUFFIX)
+        attack = create_attack(base_name, target=0, image_shape=train.image_shape, seed=args.seed,
+                               **({"all_to_all": True} if a2a else {}))
         poisoned = poison_training_set(attack, train, 0.1, num_classes, args.seed)
         backdoor = make_backdoor_test_set(attack, test, num_classes)
         torch.manual_seed(args.seed)
@@ -220,6 +228,13 @@ def main() -> None:
             return {"acc": e.acc, "asr": e.asr, "ra": e.ra}
 
         entry: dict[str, object] = {"train_s": train_s, "before": measure(model), "methods": {}}
+        if device.startswith("cuda") and "warmup_s" not in report:
+            # one short untimed repair first, so that the timed ones do not pay for cuDNN autotuning and
+            # the first bf16 kernels (the first timed repair took 8 s instead of 5 without it)
+            t1 = time.perf_counter()
+            repair("tsbd", model, defender, norm, {**_tsbd_only(prof.repair_params), "finetune_epochs": 1},
+                   device, num_classes, seed=args.seed)
+            report["warmup_s"] = time.perf_counter() - t1
         for label in methods:
             method, extra = variants[label]
             params = {**prof.repair_params, **extra}
@@ -234,8 +249,7 @@ def main() -> None:
             print(f"[{attack_name}] {label}: ACC {after['acc']:.3f} ASR {after['asr']:.3f} "
                   f"RA {after['ra']:.3f} DER {der:.3f} ({res.timings['total']:.1f}s) {res.chosen}", flush=True)
         if attack_name in prof.sweep_attacks:
-            cfg = TSBDConfig(**{k: v for k, v in prof.repair_params.items()
-                                if k in {f.name for f in dataclasses.fields(TSBDConfig)}}, seed=args.seed)
+            cfg = TSBDConfig(**_tsbd_only(prof.repair_params), seed=args.seed)
             values = tuple(float(v) for v in args.sweep_n.split(",")) if args.sweep_n else REFERENCE_N_SWEEP
             sweep = reference_sweep(model, defender, norm, cfg, device, num_classes, measure, values)
             for p in sweep["per_n"]:
@@ -268,19 +282,25 @@ def render_markdown(report: dict) -> str:
              f"target 0; defender subset {cfg['n_defender']} clean images unseen in training (from the "
              f"{report['defender_source']}); test {report['n_test_used']} images. "
              f"Device: {report['device_name'] or report['device']}, "
-             f"torch {report['torch']}. Whole run {report['total_s']:.0f} s.", "",
+             f"torch {report['torch']}. Whole run {report['total_s']:.0f} s"
+             + (f" (an untimed warm-up repair: {report['warmup_s']:.1f} s)" if "warmup_s" in report else "")
+             + ". ASR of `_a2a` (all-to-all) rows: prediction == (true label + 1) mod 10; the means leave them out.",
+             "",
              "| attack | method | ACC | ASR | RA | DER | chosen | time (s) |", "|---|---|---|---|---|---|---|---|"]
     sums: dict[str, list[dict]] = {m: [] for m in ("none", *methods)}
     for name, e in attacks.items():
         b = e["before"]
         lines.append(f"| {name} | none | {_pct(b['acc'])} | {_pct(b['asr'])} | {_pct(b['ra'])} | — | | |")
-        sums["none"].append(b)
+        in_mean = not name.endswith(A2A_SUFFIX)
+        if in_mean:
+            sums["none"].append(b)
         for m in methods:
             r = e["methods"][m]
             chosen = ", ".join(f"{k}={v}" for k, v in r["chosen"].items() if k != "rule")
             lines.append(f"| {name} | {m} | {_pct(r['acc'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | "
                          f"{r['der']:.3f} | {chosen} | {r['timings']['total']:.1f} |")
-            sums[m].append(r)
+            if in_mean:
+                sums[m].append(r)
         if "reference_sweep" in e:
             best = max(e["reference_sweep"]["per_n"], key=lambda p: p["der"])
             lines.append(f"| {name} | oracle n={best['n']} (reads poisoned ASR) | {_pct(best['acc'])} | "
@@ -289,8 +309,8 @@ def render_markdown(report: dict) -> str:
         if rows:
             mean = {k: float(np.mean([r[k] for r in rows])) for k in ("acc", "asr", "ra")}
             der = f"{np.mean([r['der'] for r in rows]):.3f}" if m != "none" else "—"
-            lines.append(f"| **mean** | {m} | {_pct(mean['acc'])} | {_pct(mean['asr'])} | {_pct(mean['ra'])} | "
-                         f"{der} | | |")
+            lines.append(f"| **mean of {len(rows)}** | {m} | {_pct(mean['acc'])} | {_pct(mean['asr'])} | "
+                         f"{_pct(mean['ra'])} | {der} | | |")
     for name, e in attacks.items():
         if "reference_sweep" not in e:
             continue

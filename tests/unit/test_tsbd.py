@@ -204,6 +204,27 @@ def test_tsbd_repair_records_everything(trained) -> None:
     assert auto.params["neuron_ratio"] == auto.chosen["neuron_ratio"] and "choose_n" in auto.timings
 
 
+def test_width_rule_picks_the_branch_from_width_and_collapse_point(trained) -> None:
+    from core.defenses.runtime import DeviceImages, runtime_for
+    from core.defenses.tsbd.auto import choose_neuron_ratio
+
+    model, _, test = trained
+    data = DeviceImages(test.subset(np.arange(200)), NORM, runtime_for("cpu"))
+    cfg = TSBDConfig(lr_unlearn=0.01, batch_size=64, augment=False)
+    unlearned = unlearn_clean(model, data, NORM, cfg, "cpu", 10)
+    nwc = neuron_weight_change(model, unlearned.model, covered_conv_layers(model, cfg.layer_exclude))
+    narrow = choose_neuron_ratio(model, nwc, data, cfg, 10)  # 24 channels < 1000
+    assert narrow.branch == "collapse" and narrow.n == narrow.n_collapse_rule >= cfg.auto_min_n
+    wide_cfg = dataclasses.replace(cfg, auto_wide_channels=24, auto_redundant_from=0.0)
+    wide = choose_neuron_ratio(model, nwc, data, wide_cfg, 10)
+    assert wide.branch == "retention" and wide.n == wide.n_retention_rule <= cfg.auto_retention_max_n
+    late = dataclasses.replace(wide_cfg, auto_redundant_from=1.0)  # wide, but its clean function collapses early
+    assert choose_neuron_ratio(model, nwc, data, late, 10).branch == ("retention" if narrow.collapse_n is None
+                                                                        else "collapse")
+    for rule in ("collapse", "retention"):
+        assert choose_neuron_ratio(model, nwc, data, dataclasses.replace(cfg, auto_rule=rule), 10).branch == rule
+
+
 def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:
     """BadNets on 8x8 digits; the defender's subset is clean and poisoned data only measure."""
     from core.attacks.base import make_backdoor_test_set, poison_training_set
@@ -224,8 +245,13 @@ def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:
     asr_after = attack_success_rate(predict(res.model, backdoor.x, NORM), backdoor.y_target)
     acc_after = accuracy(predict(res.model, held.x, NORM), held.y)
     auto = res.details["auto"]
-    assert res.chosen["neuron_ratio"] == auto["n"] and cfg.auto_min_n <= auto["n"] <= cfg.auto_max_n
-    assert len(auto["sweep"]) == len(cfg.auto_candidates) and auto["rule"]
+    assert len(auto["sweep"]) == len(cfg.auto_candidates)
+    # the width rule: a 24-channel CNN is narrow, so the collapse rule sets n (the retention rule's 0.1 left
+    # 99% ASR here although the collapse point, 0.7, says the clean function survives zeroing)
+    assert auto["channels"] == 24 and auto["branch"] == "collapse" and "24 covered channels" in auto["rule"]
+    assert res.chosen["neuron_ratio"] == auto["n"] == auto["n_collapse_rule"]
+    assert cfg.auto_min_n <= auto["n"] <= cfg.auto_max_n
+    print(f"ASR {asr_before:.3f} -> {asr_after:.3f}, ACC {acc_after:.3f}, {auto['rule']}")
     assert asr_after < 0.5 * asr_before and acc_after > 0.5
 
 

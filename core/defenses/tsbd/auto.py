@@ -87,7 +87,11 @@ class AutoChoice:
     """The chosen ``n``, the rule that chose it, and the evidence it looked at."""
 
     n: float
-    rule: str
+    rule: str  # the rule as text, with the branch taken and why
+    branch: str  # "collapse" or "retention": the sweep rule that set n
+    channels: int  # output channels of the covered conv layers (the width rule reads it)
+    n_retention_rule: float  # what each sweep rule gives (both cost nothing more once the sweep is done)
+    n_collapse_rule: float
     reference_accuracy: float  # the unzeroed model's accuracy on the clean subset
     collapse_accuracy: float  # the accuracy at or below which the zeroed model counts as collapsed
     collapse_n: float | None  # the smallest candidate that collapsed (None: none did)
@@ -110,31 +114,50 @@ def nwc_mass_fraction(nwc: NWC, mass: float) -> float:
     return min(1.0, (k + 1) / len(desc))
 
 
+def _collapse_rule(candidates: tuple[float, ...], collapse: float | None, cfg: TSBDConfig) -> tuple[float, str]:
+    raw = candidates[-1] if collapse is None else collapse
+    target = min(max(raw, cfg.auto_min_n), cfg.auto_max_n)
+    # the smallest candidate at or above the target (the candidates are the values the sweep measured)
+    n = next((c for c in candidates if c >= target - 1e-9), candidates[-1])
+    return n, (f"n = clip(collapse point, {cfg.auto_min_n}, {cfg.auto_max_n}) rounded up to a candidate; "
+               f"collapse point = smallest n whose zeroed model keeps <= {cfg.auto_collapse_fraction:g} of its "
+               f"above-chance clean accuracy")
+
+
+def _retention_rule(candidates: tuple[float, ...], points: list[SweepPoint], base: float, chance: float,
+                    cfg: TSBDConfig) -> tuple[float, str]:
+    keep = chance + cfg.auto_retention * max(0.0, base - chance)
+    kept = [p.n for p in points if p.accuracy >= keep]
+    raw = max(kept) if kept else candidates[0]
+    target = min(max(raw, cfg.auto_retention_min_n), cfg.auto_retention_max_n)
+    # the largest candidate at or below the target
+    n = max((c for c in candidates if c <= target + 1e-9), default=candidates[0])
+    return n, (f"n = clip(largest n whose zeroed model keeps >= {cfg.auto_retention:g} of its above-chance "
+               f"clean accuracy, {cfg.auto_retention_min_n}, {cfg.auto_retention_max_n})")
+
+
 def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSBDConfig,
                         num_classes: int) -> AutoChoice:
-    """Choose ``n`` from the clean subset alone (the rule is described in this module's docstring)."""
+    """Choose ``n`` from the clean subset alone (the rules are described in this module's docstring)."""
     base = score(model, data).accuracy
     chance = chance_accuracy(data.y, num_classes)
     floor = chance + cfg.auto_collapse_fraction * max(0.0, base - chance)
     candidates = tuple(sorted(cfg.auto_candidates))
     points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio)
     collapse = next((p.n for p in points if p.accuracy <= floor), None)
-    if cfg.auto_rule == "retention":
-        keep = chance + cfg.auto_retention * max(0.0, base - chance)
-        kept = [p.n for p in points if p.accuracy >= keep]
-        raw = max(kept) if kept else candidates[0]
-        target = min(max(raw, cfg.auto_retention_min_n), cfg.auto_retention_max_n)
-        # the largest candidate at or below the target
-        n = max((c for c in candidates if c <= target + 1e-9), default=candidates[0])
-        rule = (f"n = clip(largest n whose zeroed model keeps >= {cfg.auto_retention:g} of its above-chance "
-                f"clean accuracy, {cfg.auto_retention_min_n}, {cfg.auto_retention_max_n})")
+    n_retention, text_retention = _retention_rule(candidates, points, base, chance, cfg)
+    n_collapse, text_collapse = _collapse_rule(candidates, collapse, cfg)
+    channels = len(nwc.flat())
+    if cfg.auto_rule == "width":
+        wide = channels >= cfg.auto_wide_channels
+        redundant = collapse is None or collapse >= cfg.auto_redundant_from - 1e-9
+        branch = "retention" if wide and redundant else "collapse"
+        why = (f"width: {channels} covered channels ({'>=' if wide else '<'} {cfg.auto_wide_channels}), "
+               f"collapse point {'none' if collapse is None else f'{collapse:g}'} "
+               f"({'>=' if redundant else '<'} {cfg.auto_redundant_from:g}) -> {branch} rule: ")
     else:
-        raw = candidates[-1] if collapse is None else collapse
-        target = min(max(raw, cfg.auto_min_n), cfg.auto_max_n)
-        # the smallest candidate at or above the target (the candidates are the values the sweep measured)
-        n = next((c for c in candidates if c >= target - 1e-9), candidates[-1])
-        rule = (f"n = clip(collapse point, {cfg.auto_min_n}, {cfg.auto_max_n}) rounded up to a candidate; "
-                f"collapse point = smallest n whose zeroed model keeps <= {cfg.auto_collapse_fraction:g} of its "
-                f"above-chance clean accuracy")
-    return AutoChoice(n=n, rule=rule, reference_accuracy=base, collapse_accuracy=floor, collapse_n=collapse,
-                      nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points))
+        branch, why = cfg.auto_rule, ""
+    n, text = (n_collapse, text_collapse) if branch == "collapse" else (n_retention, text_retention)
+    return AutoChoice(n=n, rule=why + text, branch=branch, channels=channels, n_retention_rule=n_retention,
+                      n_collapse_rule=n_collapse, reference_accuracy=base, collapse_accuracy=floor,
+                      collapse_n=collapse, nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points))

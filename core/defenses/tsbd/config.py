@@ -7,6 +7,8 @@ from dataclasses import dataclass
 # The reference's sweep over the neuron ratio n (tsbd.py loops over it; its user reads the poisoned ASR).
 REFERENCE_N_SWEEP: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
 
+AUTO_RULES = ("width", "collapse", "retention")
+
 
 @dataclass(frozen=True)
 class TSBDConfig:
@@ -36,7 +38,13 @@ class TSBDConfig:
     # "collapse": n = clip(collapse point, auto_min_n, auto_max_n) (above); "retention": n = the largest
     # candidate whose zeroed model keeps >= auto_retention of its above-chance accuracy, clipped to
     # [auto_retention_min_n, auto_retention_max_n] (auto.py: the GPU evidence on PreAct-ResNet18)
-    auto_rule: str = "collapse"
+    # "width" (default): the retention rule on wide networks whose clean function survives zeroing (at least
+    # auto_wide_channels covered channels and a collapse point >= auto_redundant_from), the collapse rule on
+    # the others (auto.py has the evidence: PreAct-ResNet18 3,904 channels, collapse 0.25-0.7, wants small n;
+    # a 6-layer CNN with 224 channels (collapse 0.01-0.15) and a 24-channel CNN (collapse 0.7) want n >= 0.5)
+    auto_rule: str = "width"
+    auto_wide_channels: int = 1000
+    auto_redundant_from: float = 0.2
     auto_retention: float = 0.75
     auto_retention_min_n: float = 0.05
     auto_retention_max_n: float = 0.3
@@ -66,8 +74,10 @@ class TSBDConfig:
             raise ValueError("auto_candidates must be a non-empty tuple of values in (0, 1]")
         if not 0.0 <= self.auto_collapse_fraction <= 1.0:
             raise ValueError("auto_collapse_fraction must lie in [0, 1]")
-        if self.auto_rule not in ("collapse", "retention"):
-            raise ValueError("auto_rule must be 'collapse' or 'retention'")
+        if self.auto_rule not in AUTO_RULES:
+            raise ValueError(f"auto_rule must be one of {', '.join(AUTO_RULES)}")
+        if self.auto_wide_channels < 0 or not 0.0 <= self.auto_redundant_from <= 1.0:
+            raise ValueError("auto_wide_channels must be >= 0 and auto_redundant_from in [0, 1]")
         if not 0.0 <= self.auto_retention <= 1.0:
             raise ValueError("auto_retention must lie in [0, 1]")
         if not 0.0 <= self.auto_retention_min_n <= self.auto_retention_max_n <= 1.0:
