@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--sweep", help="comma-separated attacks that get the reference loop ('' for none)")
     ap.add_argument("--sweep-n", help="comma-separated n values for the reference loop (default: its 11)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--defender-poison", type=float, default=0.0,
+                    help="fraction of the defender's 'clean' subset replaced by poisoned samples (issue 4: 0.02)")
     ap.add_argument("--variants", default="{}",
                     help='JSON {"label": ["method", {params}]}: extra rows, e.g. a method with another lr')
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +205,8 @@ def main() -> None:
 
     started = time.perf_counter()
     report: dict[str, object] = {
-        "profile": args.profile, "tiny": args.tiny, "config": dataclasses.asdict(prof), "device": device,
+        "profile": args.profile, "tiny": args.tiny, "defender_poison": args.defender_poison,
+        "config": dataclasses.asdict(prof), "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
         "torch": torch.__version__, "methods": methods, "defender_source": defender_source,
         "n_test_used": len(test), "attacks": {}}
@@ -214,6 +217,10 @@ def main() -> None:
                                **({"all_to_all": True} if a2a else {}))
         poisoned = poison_training_set(attack, train, 0.1, num_classes, args.seed)
         backdoor = make_backdoor_test_set(attack, test, num_classes)
+        clean_subset = defender
+        if args.defender_poison > 0:  # the defender believes these are clean
+            mixed = poison_training_set(attack, defender, args.defender_poison, num_classes, args.seed + 1)
+            clean_subset = mixed.data.subset(np.arange(len(defender)))  # WaNet's noise samples left out
         torch.manual_seed(args.seed)
         model = build_model(prof, train.image_shape[2], num_classes)
         train_classifier(model, poisoned.data, norm, prof.epochs, prof.lr, prof.batch_size, device,
@@ -241,7 +248,7 @@ def main() -> None:
             if method in ("finetune", "fine_pruning"):
                 params = {("epochs" if k == "finetune_epochs" else k): v for k, v in params.items()
                           if k not in ("lr_unlearn",)}
-            res = repair(method, model, defender, norm, params, device, num_classes, seed=args.seed)
+            res = repair(method, model, clean_subset, norm, params, device, num_classes, seed=args.seed)
             after = measure(res.model)
             der = defense_effectiveness_rating(before.acc, before.asr, after["acc"], after["asr"])
             entry["methods"][label] = {**after, "der": der, "timings": res.timings, "chosen": res.chosen,
@@ -251,7 +258,7 @@ def main() -> None:
         if attack_name in prof.sweep_attacks:
             cfg = TSBDConfig(**_tsbd_only(prof.repair_params), seed=args.seed)
             values = tuple(float(v) for v in args.sweep_n.split(",")) if args.sweep_n else REFERENCE_N_SWEEP
-            sweep = reference_sweep(model, defender, norm, cfg, device, num_classes, measure, values)
+            sweep = reference_sweep(model, clean_subset, norm, cfg, device, num_classes, measure, values)
             for p in sweep["per_n"]:
                 p["der"] = defense_effectiveness_rating(before.acc, before.asr, p["acc"], p["asr"])
             entry["reference_sweep"] = sweep
@@ -280,7 +287,10 @@ def render_markdown(report: dict) -> str:
     lines = [f"### Repair benchmark, profile `{report['profile']}`{' (tiny)' if report['tiny'] else ''}", "",
              f"{cfg['architecture']} on {cfg['n_train']} {cfg['dataset']} training images, 10% poisoning, "
              f"target 0; defender subset {cfg['n_defender']} clean images unseen in training (from the "
-             f"{report['defender_source']}); test {report['n_test_used']} images. "
+             f"{report['defender_source']})"
+             + (f", of which {100 * report['defender_poison']:g}% replaced by poisoned ones"
+                if report.get("defender_poison") else "")
+             + f"; test {report['n_test_used']} images. "
              f"Device: {report['device_name'] or report['device']}, "
              f"torch {report['torch']}. Whole run {report['total_s']:.0f} s"
              + (f" (an untimed warm-up repair: {report['warmup_s']:.1f} s)" if "warmup_s" in report else "")

@@ -1,35 +1,42 @@
 """Choosing the neuron ratio ``n`` from the clean subset alone (no poisoned data, no trigger, no target).
 
-The rule, run after stage 1 at the cost of forward passes only (~1 s for PreAct-ResNet18 + 2,500 images on
-a GPU, against one fine-tuning per tried ``n`` in the reference's loop):
+Everything here runs after stage 1 at the cost of forward passes only (~0.5 s for PreAct-ResNet18 + 2,500
+images on an H200, against one fine-tuning per tried ``n`` in the reference's loop):
 
 1. Zeroing sweep: for every candidate ``c`` of the reference's sweep (0.01 ... 0.9), zero the weights stage
    1c would zero for ``n = c`` on the *original* model and measure its eval-mode accuracy on the clean
    subset, without fine-tuning.
 2. Collapse point: the smallest ``c`` whose zeroed model keeps at most ``auto_collapse_fraction`` (10%) of
    its above-chance accuracy (chance = the best constant prediction on the subset).
-3. ``n = clip(collapse point, auto_min_n, auto_max_n) = clip(collapse, 0.5, 0.7)``, rounded up to a
-   candidate; 0.7 when nothing collapses.
+3. Two rules read the sweep:
 
-Why (evidence, poisoned data used only to measure; RESEARCH.md §1 and the CPU runs of
-``bench/repair_bench.py --profile cpu``, a 6-layer CNN on MNIST, 500 defender images):
+   * ``collapse``: ``n = clip(collapse point, 0.5, 0.7)``, rounded up to a candidate (0.7 if nothing
+     collapses) — reset a lot;
+   * ``retention``: the largest candidate whose zeroed model keeps >= 75% of its above-chance accuracy,
+     clipped to [0.05, 0.3] — reset what the clean function can spare.
 
-* The loss is asymmetric. Resetting too little leaves most of the backdoor: PreAct-ResNet18 BadNets kept
-  34% / 30% ASR at n = 0.05 / 0.1 (RESEARCH.md); MNIST Blended kept 99% / 74% / 40% / 60% at n = 0.05 / 0.1 /
-  0.2 / 0.3 and fell to 1.9% only at 0.5; MNIST SIG kept 17% at 0.2. Resetting more than needed costs little
-  accuracy, because fine-tuning rebuilds the clean function: MNIST BadNets ACC 97.2 / 96.2 / 94.6 / 94.8 at
-  n = 0.1 / 0.3 / 0.5 / 0.7; PreAct-ResNet18 83.8 at 0.3 against 82.2 at 0.5 (ASR 3.6% against 2.1%). With
-  DER weighting an ASR point like an ACC point, erring large wins.
-* Which ``n`` a backdoor needs is invisible in the clean signals measured here: the collapse point of the
-  zeroing sweep came early and in the wrong order (MNIST BadNets collapsed at 0.1 and needed ~0.1, Blended
-  collapsed at 0.05 and needed 0.5), and the fraction of channels holding half the NWC was the same for both
-  (0.28 / 0.29). So ``n`` does not go below 0.5, the value that removed every backdoor measured.
-* The sweep is still used upwards: a network whose clean function survives zeroing half of its high-NWC
-  channels is redundant enough that a trigger path can survive too, so ``n`` rises to the collapse point,
-  capped at 0.7 (8x8 digits with a 24-channel CNN: collapse at 0.7, best ASR at 0.5-0.9).
+4. ``width`` (the default) picks between them: ``retention`` when the network is wide (>= 1,000 output
+   channels in the covered conv layers) and its clean function survives zeroing (collapse point >= 0.2),
+   ``collapse`` otherwise.
 
-Every number the rule looked at (the sweep, the collapse point, the NWC half-mass fraction) is returned in
-:class:`AutoChoice` and lands in the repair report, so GPU runs can check and refine the rule.
+Why (poisoned data used only to measure; BENCHMARKS.md §2):
+
+* Wide networks want small ``n``. PreAct-ResNet18 on CIFAR-10 (3,904 channels, collapse points 0.25-0.7):
+  in the reference loop on BadNets every n from 0.01 to 0.4 left 2.3-3.9% ASR for 2.9-4.8 ACC points, while
+  0.5 / 0.7 / 0.9 cost 7.3 / 9.7 / 22.9; over five attacks the retention rule (n = 0.05-0.25) gave mean ASR
+  2.3% for -2.6 ACC (DER 0.944), where the collapse rule (n = 0.5-0.7) had cost 16.9 ACC points in an
+  earlier run (§2.5).
+* Narrow networks want large ``n``. A 6-layer CNN on MNIST (224 channels, collapse 0.01-0.15): Blended kept
+  37-99% ASR for n <= 0.1 and fell to 2-4% only at 0.5; SIG kept 19% at 0.3 and 96% at the retention
+  rule's 0.05; the collapse rule's 0.5 removed all five backdoors (mean ASR 0.6-1.1%) for 1-3 ACC points. A
+  24-channel CNN on 8x8 digits collapses late (0.7) yet kept 99% BadNets ASR at the retention rule's 0.1:
+  the collapse point alone does not tell a narrow network from a wide one, the channel count does.
+* Where the rules disagree, erring large is the safe side: it costs accuracy, which the report shows,
+  while erring small leaves a working backdoor behind a "repaired" label.
+
+The width threshold is an evidence-based prior from these three architectures, not a law: the report records
+the channel count, the collapse point, the branch taken, both rules' ``n`` and the whole sweep, so a run on
+another architecture can check it; ``auto_rule`` selects either rule directly.
 """
 
 from __future__ import annotations
