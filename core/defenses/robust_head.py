@@ -12,6 +12,9 @@ solved with :mod:`core.multilevel`:
 * lower: ``train_steps`` of gradient descent from the repaired head ``W0`` on
   ``CE(W; phi + P) + a ||W - W0||^2 + b ||W||^2``.
 
+Features are whitened first (PCA on the clean subset), so one step size, one budget and one range of ``a, b``
+fit every architecture; the head is mapped into and out of that basis exactly.
+
 With ``robust_model="bilevel"`` the middle level is left out (the usual hyperparameter learning), for
 comparison. The learned ``a``, ``b``, the held-out losses and the trajectory are returned for the report; the
 head is then refitted on all clean features (unperturbed) with them and written into a copy of the model.
@@ -42,13 +45,14 @@ class RobustHeadConfig:
     holdout_fraction: float = 0.2  # share of the clean subset the upper level scores on
     train_steps: int = 20  # T of the head's gradient descent (lowest level)
     train_step: float = 1.0  # the head's step is train_step / L, L a bound on the lower objective's curvature
+    # (about 10 on whitened features: 20 steps of 0.1)
     adversary_steps: int = 3  # T of the adversary (middle level)
     adversary_lr: float = 5.0  # large enough to reach the box within its few steps
-    budget: float = 0.5  # |P_ij| <= budget, in standard deviations of feature j
+    budget: float = 0.5  # |P_ij| <= budget, in whitened feature units (standard deviations)
     iterations: int = 15  # projected gradient steps on lambda
-    upper_lr: float = 1.0
+    upper_lr: float = 0.5  # distance moved in (log a, log b) per iteration (normalised hypergradient steps)
     log_weight_init: tuple[float, float] = (-4.0, -4.0)  # (log a, log b): a = b = exp(-4) ~ 0.018 to start
-    log_weight_bounds: tuple[float, float] = (-10.0, 1.0)  # a, b <= e: L stays within ~11 + the data's part
+    log_weight_bounds: tuple[float, float] = (-10.0, 0.0)  # a, b <= 1, so L <= 0.5 + 4 on whitened features
 
     def __post_init__(self) -> None:
         if self.robust_model not in ("trilevel", "bilevel"):
@@ -146,18 +150,23 @@ def robust_head_refit(model: nn.Module, clean: ImageSet, norm: Normalization, cf
     if phi.shape[1] != head.in_features:
         raise ValueError(f"the head {name!r} takes {head.in_features} features, the model feeds it {phi.shape[1]}")
     has_bias = head.bias is not None
-    # standardised features, so that one step size and one budget fit every model; without a bias the head
-    # cannot absorb a shift, so the features are only scaled
-    mean = phi.mean(0) if has_bias else torch.zeros_like(phi[0])
-    std = phi.std(0).clamp_min(1e-6)
-    z = (phi - mean) / std
+    # whitened features, so that one step size and one budget fit every model (and the head's curvature is
+    # known); without a bias the head cannot absorb a shift, so the features are not centred
+    phi64 = phi.double()
+    mean = phi64.mean(0) if has_bias else torch.zeros_like(phi64[0])
+    centred = phi64 - mean
+    eig, vecs = torch.linalg.eigh(centred.T @ centred / len(centred))
+    eig = eig.clamp_min(max(1e-6 * float(eig.max()), 1e-12))
+    whiten = vecs / eig.sqrt()  # z = (phi - mean) @ whiten
+    z = (centred @ whiten).float()
     y = data.y
     d = z.shape[1]
-    # the same head on standardised features: W' = W diag(std), b' = b + W mean
-    w_raw = head.weight.detach().float()
-    w0 = w_raw * std
+    # the same head on whitened features: W' = W V diag(sqrt(eig)), b' = b + W mean
+    w_raw = head.weight.detach().double()
+    w0 = w_raw @ vecs * eig.sqrt()
     if has_bias:
-        w0 = torch.cat([w0, (head.bias.detach().float() + w_raw @ mean)[:, None]], dim=1)
+        w0 = torch.cat([w0, (head.bias.detach().double() + w_raw @ mean)[:, None]], dim=1)
+    w0 = w0.float()
     perm = torch.randperm(len(y), generator=make_generator(seed)).to(rt.device)
     n_val = max(1, math.ceil(cfg.holdout_fraction * len(y)))
     val, fit = perm[:n_val], perm[n_val:]
@@ -168,7 +177,7 @@ def robust_head_refit(model: nn.Module, clean: ImageSet, norm: Normalization, cf
                            * (1 + cfg.budget) ** 2)
     problem = head_problem(z[fit], y[fit], z[val], y[val], w0, cfg, lr)
     with torch.autocast(device_type=rt.device.type, enabled=False):
-        trajectory = solve(problem, cfg.iterations)
+        trajectory = solve(problem, cfg.iterations, normalized=True)
         log_ab = trajectory.best.detach()
         val_before = float(_head_loss(w0, z[val], y[val]))
         # refit on every clean image with the learned values (unperturbed features)
@@ -178,16 +187,17 @@ def robust_head_refit(model: nn.Module, clean: ImageSet, norm: Normalization, cf
             (grad,) = torch.autograd.grad(loss, w)
             w = (w - lr * grad).detach().requires_grad_(True)
         w = w.detach()
-    new_w = w[:, :d] / std
+    new_w = w[:, :d].double() @ whiten.T  # back to raw features: W = W' whiten^T, b = b' - W mean
     with torch.no_grad():
         head.weight.copy_(new_w.to(head.weight.dtype))
         if head.bias is not None:
-            head.bias.copy_((w[:, d] - new_w @ mean).to(head.bias.dtype))
+            head.bias.copy_((w[:, d].double() - new_w @ mean).to(head.bias.dtype))
     a, b = (float(v) for v in torch.exp(log_ab))
     account = {
         "model": cfg.robust_model, "head": name, "proximal_weight": a, "l2_weight": b,
         "log_weights": [float(v) for v in log_ab], "heldout_images": len(val), "fit_images": len(fit),
-        "head_step": lr, "heldout_loss_repaired_head": val_before, "heldout_loss_unrolled": min(trajectory.values),
+        "head_step": lr, "head_change": float((w - w0).norm() / w0.norm().clamp_min(1e-12)),
+        "heldout_loss_repaired_head": val_before, "heldout_loss_unrolled": min(trajectory.values),
         "trajectory": trajectory.values, "seconds": time.perf_counter() - started,
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }

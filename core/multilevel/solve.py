@@ -39,9 +39,13 @@ def solve(
     lr: float | None = None,
     mode: Mode = "reverse",
     callback: Callable[[int, torch.Tensor, float], None] | None = None,
+    normalized: bool = False,
 ) -> Trajectory:
     """Run ``x1 <- P_1(x1 - lr * ∇F_1(x1))`` for ``iterations`` steps from ``x1`` (default: level 1's init).
 
+    ``normalized=True`` steps along ``∇F_1 / ||∇F_1||`` instead, so that ``lr`` is the distance moved per
+    iteration whatever the hypergradient's scale (useful when that scale is unknown in advance, e.g. a
+    regularisation weight that starts where it barely matters).
     ``lr`` defaults to level 1's; the start point is projected first, so every recorded iterate is feasible.
     The trajectory records ``iterations + 1`` points: the last one's value costs one more evaluation.
     ``callback(k, x, value)`` is called at each recorded point (progress reporting).
@@ -64,6 +68,8 @@ def solve(
             callback(k, x, float(value))
         if k == iterations:
             break
+        if normalized:
+            grad = grad / grad.norm().clamp_min(1e-30)
         x = x - step * grad
         if top.project is not None:
             x = top.project(x).detach()

@@ -168,6 +168,12 @@ def test_projection_keeps_every_iterate_feasible() -> None:
     assert trajectory.values[-1] < trajectory.values[0]
 
 
+def test_normalised_steps_move_exactly_lr() -> None:
+    trajectory = solve(_chain_problem(3, 3), 4, lr=0.05, normalized=True)
+    for before, after in zip(trajectory.x, trajectory.x[1:], strict=False):
+        assert float((after - before).norm()) == pytest.approx(0.05, rel=1e-9)
+
+
 def test_l2_ball_projection() -> None:
     project = l2_ball(1.0)
     torch.testing.assert_close(project(torch.tensor([3.0, 4.0])), torch.tensor([0.6, 0.8]))
