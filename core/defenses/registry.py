@@ -140,6 +140,8 @@ def validate_params(method: str, params: Mapping[str, object]) -> dict[str, Any]
             raise ValueError(f"parameter {key!r} of repair method {method!r} must be {types_[key]}, "
                              f"got {type(value).__name__} {value!r}")
         out[key] = tuple(value) if isinstance(value, list) else value
+    if "robust_model" in out:  # a value check that needs no model, so a bad one is refused at submission
+        RobustHeadConfig(robust_model=out["robust_model"])
     return out
 
 

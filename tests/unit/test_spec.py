@@ -49,3 +49,14 @@ def test_torchvision_names_are_accepted() -> None:
 def test_repair_params_are_checked_against_the_method() -> None:
     assert "repair.method" in _error({"mode": "repair", "model": MODEL, "repair": {"method": "magic"}})
     assert "bogus" in _error({"mode": "repair", "model": MODEL, "repair": {"method": "tsbd", "params": {"bogus": 1}}})
+
+
+def test_robust_hparams_is_a_parameter_of_every_method() -> None:
+    for method in ("tsbd", "tsbd_fixed", "finetune", "fine_pruning"):
+        spec = ScanSpec.model_validate({"mode": "repair", "model": MODEL, "repair": {
+            "method": method, "params": {"robust_hparams": True, "robust_model": "bilevel"}}})
+        assert spec.repair.params["robust_hparams"] is True
+    assert "robust_hparams" in _error({"mode": "repair", "model": MODEL, "repair": {
+        "method": "tsbd", "params": {"robust_hparams": "yes"}}})
+    assert "robust_model" in _error({"mode": "repair", "model": MODEL, "repair": {
+        "method": "finetune", "params": {"robust_model": "quadlevel"}}})
