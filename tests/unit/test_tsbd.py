@@ -251,7 +251,6 @@ def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:
     assert auto["channels"] == 24 and auto["branch"] == "collapse" and "24 covered channels" in auto["rule"]
     assert res.chosen["neuron_ratio"] == auto["n"] == auto["n_collapse_rule"]
     assert cfg.auto_min_n <= auto["n"] <= cfg.auto_max_n
-    print(f"ASR {asr_before:.3f} -> {asr_after:.3f}, ACC {acc_after:.3f}, {auto['rule']}")
     assert asr_after < 0.5 * asr_before and acc_after > 0.5
 
 
