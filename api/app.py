@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import KeyCache
 from api.errors import ApiError, api_error_handler
 from api.metrics import ApiMetrics
 from api.routes import health, scans
+from store import repository
 from store.db import make_engine, make_session_factory
 from store.objects import open_store
 from store.queue import make_celery
@@ -44,9 +50,45 @@ class RequestTimer:
                                   ).observe(time.perf_counter() - t0)
 
 
+log = logging.getLogger("antidote.api")
+
+
+def sweep_stale_scans(app: FastAPI) -> list[str]:
+    """Fail the running scans nobody will end any more (``repository.fail_stale_running``); idempotent, so
+    several API replicas may all run it."""
+    settings: Settings = app.state.settings
+    with app.state.sessions() as session:
+        failed = repository.fail_stale_running(session, settings.stale_after_s, settings.scan_time_limit_s)
+    for scan_id in failed:
+        log.warning("failed a stale running scan", extra={"scan_id": scan_id})
+    return failed
+
+
+async def _sweep_forever(app: FastAPI, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await run_in_threadpool(sweep_stale_scans, app)
+        except Exception:  # a database hiccup must not end the loop
+            log.exception("stale-scan sweep failed")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    interval = app.state.settings.stale_sweep_interval_s
+    task = asyncio.create_task(_sweep_forever(app, interval)) if interval > 0 else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="Antidote", version="0.1.0",
+    app = FastAPI(title="Antidote", version="0.1.0", lifespan=_lifespan,
                   description="Scans and repairs backdoored image classifiers. See CONTRACT.md.")
     engine = make_engine(settings.resolved_database_url)
     app.state.settings = settings

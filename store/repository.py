@@ -206,6 +206,38 @@ def end_scan(session: Session, scan_id: str, status: ScanStatus, code: str | Non
     session.commit()
 
 
+def fail_stale_running(session: Session, stale_after_s: float, time_limit_s: float,
+                       now: datetime | None = None) -> list[str]:
+    """Fail the running scans that have shown no progress for ``stale_after_s``; returns their ids.
+
+    Such a scan's task was stopped without a trace (Celery's hard time limit acknowledges the task it kills;
+    a worker lost for good never reports), so it would stay ``running`` forever. The code is ``time_limit``
+    when the scan started longer ago than the time limit, else ``worker_lost``. Timestamps are compared in
+    Python: SQLite hands them back naive."""
+    now = now or utcnow()
+    rows = session.execute(select(Scan.id, Scan.updated_at, Scan.started_at)
+                           .where(Scan.status == ScanStatus.running.value)).all()
+    failed = []
+    for scan_id, updated_at, started_at in rows:
+        silent = (now - as_utc(updated_at)).total_seconds()
+        if silent < stale_after_s:
+            continue
+        ran = (now - as_utc(started_at or updated_at)).total_seconds()
+        code = "time_limit" if ran > time_limit_s else "worker_lost"
+        message = (f"the scan showed no progress for {silent:.0f} s and its worker was stopped "
+                   + (f"by the hard time limit ({time_limit_s:.0f} s + 120 s); use fewer images or a smaller "
+                      "model, or ask the operator to raise ANTIDOTE_SCAN_TIME_LIMIT_S" if code == "time_limit"
+                      else "without finishing it (killed or lost); submit it again"))
+        result = session.execute(update(Scan).where(Scan.id == scan_id, Scan.status == ScanStatus.running.value,
+                                                    Scan.updated_at == updated_at)
+                                 .values(status=ScanStatus.failed.value, error_code=code, error_message=message,
+                                         finished_at=now, updated_at=now))
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            failed.append(scan_id)
+    session.commit()
+    return failed
+
+
 def requeue_running(session: Session) -> int:
     """Embedded restart: scans left ``running`` by a dead process go back to ``queued``."""
     result = session.execute(update(Scan).where(Scan.status == ScanStatus.running.value)

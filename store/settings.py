@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         7200, description="Redis: seconds before an unacknowledged scan is delivered again (> scan_time_limit_s)."
     )
     scan_time_limit_s: int = Field(3600, gt=0, description="A scan running longer fails with code time_limit.")
+    stale_sweep_interval_s: float = Field(
+        60.0, ge=0, description="How often the API fails running scans with no sign of life for longer than "
+        "scan_time_limit_s + 180 s, i.e. past Celery's hard limit (0: never)."
+    )
     device: str = Field("auto", description="torch device for the worker: auto, cpu, cuda, cuda:N.")
 
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Whole POST /scans body.")
@@ -47,6 +51,12 @@ class Settings(BaseSettings):
         if v is not None and not (v.startswith("file://") or v.startswith("s3://")):
             raise ValueError("ANTIDOTE_STORAGE_URL must start with file:// or s3://")
         return v
+
+    @property
+    def stale_after_s(self) -> float:
+        """A running scan silent this long was stopped without a trace: Celery's hard limit (scan_time_limit_s
+        + 120 s, store/queue.py) kills the task and acknowledges it, so nobody else will end it. 60 s of grace."""
+        return self.scan_time_limit_s + 120 + 60
 
     def data_limits(self) -> dict[str, int]:
         """Keyword arguments for ``core.data.formats.DataLimits``."""
