@@ -261,3 +261,19 @@ def test_chance_is_the_best_constant_prediction() -> None:
     assert chance_accuracy(torch.tensor([0, 0, 0, 1]), 4) == 0.75
     assert chance_accuracy(torch.tensor([0, 1]), 10) == 0.5
     assert unlearn_threshold(100, 0.02) == pytest.approx(0.03)
+
+
+def test_trimmed_cross_entropy_leaves_out_the_hardest_samples() -> None:
+    from core.defenses.tsbd.finetune import trimmed_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(20, 5, generator=g), torch.randint(0, 5, (20,), generator=g)
+    per_sample = F.cross_entropy(logits, y, reduction="none")
+    loss, keep = trimmed_cross_entropy(logits, y, 0.0)
+    assert keep.all() and torch.isclose(loss, per_sample.mean())
+    loss, keep = trimmed_cross_entropy(logits, y, 0.1)  # 2 of 20 left out: the two largest losses
+    assert int((~keep).sum()) == 2 and set(torch.nonzero(~keep).flatten().tolist()) == set(
+        torch.topk(per_sample, 2).indices.tolist())
+    assert torch.isclose(loss, per_sample[keep].mean()) and loss < per_sample.mean()
+    with pytest.raises(ValueError, match="finetune_trim"):
+        TSBDConfig(finetune_trim=0.5)

@@ -53,6 +53,8 @@ class TSBDConfig:
     finetune_momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
     finetune_epochs: int = 21  # tsbd/config.yaml: ft_epoch=20, and tsbd.py's loop runs ft_epoch + 1 = 21
     finetune_schedule: str = "constant"  # tsbd.py: constant lr; "cosine" decays it to 0 over stage 2
+    finetune_trim: float = 0.0  # not in the reference: share of each batch's highest-loss images stage 2
+    # leaves out (0 = the reference); against a "clean" subset with poisoned images in it (BENCHMARKS.md §3)
     rho: float = 0.05  # tsbd/config.yaml: r=0.05 (size of the gradient-direction shift)
     alpha: float = 0.7  # tsbd/config.yaml: alpha=0.7 (weight of the shifted gradient)
     seed: int = 0
@@ -68,6 +70,8 @@ class TSBDConfig:
             raise ValueError("alpha must lie in [0, 1]")
         if self.rho < 0 or self.lr_unlearn <= 0 or self.lr_finetune <= 0:
             raise ValueError("rho must be >= 0 and learning rates > 0")
+        if not 0.0 <= self.finetune_trim < 0.5:
+            raise ValueError("finetune_trim must lie in [0, 0.5)")
         if self.finetune_schedule not in ("constant", "cosine"):
             raise ValueError("finetune_schedule must be 'constant' or 'cosine'")
         if not self.auto_candidates or any(not 0.0 < c <= 1.0 for c in self.auto_candidates):

@@ -60,14 +60,31 @@ class _FrozenBatchNormStats:
                 bn.num_batches_tracked.copy_(cnt)
 
 
+def trimmed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, trim: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the batch without its ``trim`` share of highest-loss samples, and the mask of
+    the samples kept (``trim = 0``: the plain mean, every sample kept). Why: images in the "clean" subset that
+    carry a trigger and the target's label contradict what the repaired model sees in them, so they are
+    among the hardest until the model learns them again; leaving the hardest out keeps stage 2 from teaching
+    the backdoor back (BENCHMARKS.md §3)."""
+    per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+    drop = int(trim * len(y))
+    if drop == 0:
+        return per_sample.mean(), torch.ones_like(y, dtype=torch.bool)
+    keep = torch.ones_like(y, dtype=torch.bool)
+    keep[torch.topk(per_sample.detach(), drop).indices] = False
+    return per_sample[keep].mean(), keep
+
+
 def activeness_aware_step(model: nn.Module, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                          rho: float, alpha: float, rt_autocast: object) -> torch.Tensor:
+                          rho: float, alpha: float, rt_autocast: object, trim: float = 0.0) -> torch.Tensor:
     """Fill ``p.grad`` with ``(1 - alpha) * g1 + alpha * g2`` for every trainable parameter, where
     ``g1 = grad L(theta)`` and ``g2 = grad L(theta + rho * g1 / ||g1||)`` (norm per tensor). Leaves the
     parameters as they were (the shift is subtracted again, no copy of the model); returns L(theta)
-    detached (a tensor, so that the caller decides when to synchronise with the device)."""
+    detached (a tensor, so that the caller decides when to synchronise with the device). With ``trim > 0``
+    ``L`` is :func:`trimmed_cross_entropy` and the second pass uses the samples the first one kept."""
     with rt_autocast():  # type: ignore[operator]
-        loss = F.cross_entropy(model(x), y)
+        logits = model(x)
+    loss, keep = trimmed_cross_entropy(logits, y, trim)
     g1 = torch.autograd.grad(loss, params, allow_unused=True)
     shifts: list[torch.Tensor | None] = []
     with torch.no_grad():
@@ -79,7 +96,7 @@ def activeness_aware_step(model: nn.Module, params: list[torch.nn.Parameter], x:
             p.add_(s)
             shifts.append(s)
     with _FrozenBatchNormStats(model), rt_autocast():  # type: ignore[operator]
-        loss2 = F.cross_entropy(model(x), y)
+        loss2 = F.cross_entropy(model(x).float()[keep], y[keep])
     g2 = torch.autograd.grad(loss2, params, allow_unused=True)
     with torch.no_grad():
         for p, s, a, b in zip(params, shifts, g1, g2, strict=True):
@@ -116,7 +133,8 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
     for epoch in range(epochs):
         for idx in data.batches(cfg.batch_size, order_gen):
             x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
-            last = activeness_aware_step(model, params, x, data.y[idx], cfg.rho, cfg.alpha, rt.autocast)
+            last = activeness_aware_step(model, params, x, data.y[idx], cfg.rho, cfg.alpha, rt.autocast,
+                                         cfg.finetune_trim)
             opt.step()
             if sched is not None:
                 sched.step()
