@@ -52,7 +52,7 @@ from core.training import train_classifier  # noqa: E402
 
 ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "lowfreq")
 A2A_SUFFIX = "_a2a"  # "badnets_a2a": the all-to-all variant (label y -> y+1), reported but not in the mean
-ALL_METHODS = ("tsbd", "tsbd_fixed", "fine_pruning", "finetune")
+ALL_METHODS = ("tsbd", "tsbd_fixed", "fine_pruning", "finetune", "ft_sam")
 CIFAR_NORM = Normalization((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 
 
@@ -248,6 +248,10 @@ def main() -> None:
             if method in ("finetune", "fine_pruning"):
                 params = {("epochs" if k == "finetune_epochs" else k): v for k, v in params.items()
                           if k not in ("lr_unlearn",)}
+            elif method == "ft_sam":  # its own 100 epochs unless the profile shortens stage 2 (--tiny)
+                shared = {("epochs" if k == "finetune_epochs" else k): v for k, v in prof.repair_params.items()
+                          if k in ("batch_size", "augment", "finetune_epochs")}
+                params = {**shared, **extra}
             res = repair(method, model, clean_subset, norm, params, device, num_classes, seed=args.seed)
             after = measure(res.model)
             der = defense_effectiveness_rating(before.acc, before.asr, after["acc"], after["asr"])

@@ -17,6 +17,7 @@ import torch.nn as nn
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.defenses.baselines import FinePruningConfig, FinetuneConfig, fine_pruning, vanilla_finetune
+from core.defenses.ft_sam import FTSAMConfig, ft_sam
 from core.defenses.result import RepairResult
 from core.defenses.robust_head import RobustHeadConfig, last_linear, robust_head_refit
 from core.defenses.runtime import ProgressFn
@@ -71,6 +72,12 @@ def _run_finetune(model: nn.Module, clean: ImageSet, norm: Normalization, params
     return vanilla_finetune(model, clean, norm, FinetuneConfig(**{**params, "seed": seed}), device, on_progress)
 
 
+def _run_ft_sam(model: nn.Module, clean: ImageSet, norm: Normalization, params: dict[str, Any],
+                device: torch.device | str, num_classes: int, seed: int, on_progress: ProgressFn | None
+                ) -> RepairResult:
+    return ft_sam(model, clean, norm, FTSAMConfig(**{**params, "seed": seed}), device, on_progress)
+
+
 _FT_KEYS = tuple(_fields(FinetuneConfig, ("seed",)))
 
 
@@ -95,6 +102,9 @@ REPAIR_METHODS: Mapping[str, RepairMethod] = MappingProxyType({
     "finetune": RepairMethod(
         "vanilla fine-tuning on the clean subset (TSBD's stage 2 without the penalty)",
         _fields(FinetuneConfig, ("seed",)), _run_finetune),
+    "ft_sam": RepairMethod(
+        "FT-SAM (Zhu et al. 2023): fine-tuning with adaptive sharpness-aware minimisation (rho 2, 100 epochs)",
+        _fields(FTSAMConfig, ("seed",)), _run_ft_sam),
     "fine_pruning": RepairMethod(
         "fine-pruning (Liu et al. 2018): prune dormant last-layer channels, then fine-tune",
         {**_fields(FinePruningConfig, ("finetune",)), **_fields(FinetuneConfig, ("seed",))}, _run_fine_pruning),

@@ -11,6 +11,7 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.defenses.baselines import FinePruningConfig, FinetuneConfig, fine_pruning, last_conv_layer
 from core.defenses.registry import REPAIR_METHODS, repair, validate_params
+from core.metrics import predict
 from core.training import train_classifier
 
 NORM = Normalization()
@@ -102,3 +103,35 @@ def test_fine_pruning_keeps_pruned_channels_at_zero(model_and_clean) -> None:
     conv = dict(res.model.named_modules())[layer]
     dead = (conv.weight.detach().flatten(1).abs().sum(1) == 0) & (conv.bias.detach() == 0)
     assert int(dead.sum()) == res.chosen["pruned_channels"]
+
+
+def test_adaptive_sam_perturbation_has_the_right_size_and_direction() -> None:
+    from core.defenses.ft_sam import adaptive_sam_perturbation
+
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 4, generator=g)), nn.Parameter(torch.randn(5, generator=g))]
+    grads = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    shifts = adaptive_sam_perturbation(params, grads, rho=2.0)
+    # ||T^-1 e|| = rho with T = |w|, and e is T^2 g scaled (elementwise same sign as g)
+    inv = torch.cat([(e / p.detach().abs()).flatten() for p, e in zip(params, shifts, strict=True)])
+    assert float(inv.norm()) == pytest.approx(2.0, rel=1e-5)
+    for p, e, gr in zip(params, shifts, grads, strict=True):
+        ratio = e / (p.detach().abs().square() * gr)
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.flatten()[0])))
+    assert adaptive_sam_perturbation(params, [None, grads[1]], 1.0)[0] is None
+
+
+def test_ft_sam_runs_through_the_registry_and_keeps_clean_accuracy() -> None:
+    from tests.unit.test_tsbd import NORM, digits, tiny_cnn
+
+    train, test = digits()
+    model = train_classifier(tiny_cnn(seed=2), train, NORM, epochs=6, lr=0.05, batch_size=64, device="cpu",
+                             augment=False)
+    before = (predict(model, test.x, NORM) == test.y).mean()
+    res = repair("ft_sam", model, test.subset(np.arange(200)), NORM,
+                 {"epochs": 3, "batch_size": 64, "augment": False}, "cpu", 10)
+    after = (predict(res.model, test.x[200:], NORM) == test.y[200:]).mean()
+    assert res.method == "ft_sam" and res.params["rho"] == 2.0 and res.params["epochs"] == 3
+    assert after > before - 0.1 and "finetune" in res.timings
+    with pytest.raises(ValueError, match="rho"):
+        repair("ft_sam", model, test.subset(np.arange(50)), NORM, {"rho": -1.0}, "cpu", 10)
