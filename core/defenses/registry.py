@@ -172,17 +172,23 @@ def repair(method: str, model: nn.Module, clean: ImageSet, norm: Normalization, 
     result = REPAIR_METHODS[method].run(model, clean, norm, checked, device, num_classes, seed, on_progress)
     result.params["robust_hparams"] = robust
     if robust:
-        started = time.perf_counter()
-        if on_progress is not None:
-            on_progress("robust_hparams", 0.0)
-        result.model, account = robust_head_refit(result.model, clean, norm, head_cfg, device, seed)
-        result.params["robust_model"] = head_cfg.robust_model
-        result.chosen["head_proximal_weight"] = account["proximal_weight"]
-        result.chosen["head_l2_weight"] = account["l2_weight"]
-        result.details["robust_hparams"] = account
-        seconds = time.perf_counter() - started
-        result.timings["robust_hparams"] = seconds
-        result.timings["total"] = result.timings.get("total", 0.0) + seconds
-        if on_progress is not None:
-            on_progress("robust_hparams", 1.0)
+        _refit_head(result, clean, norm, head_cfg, device, seed, on_progress)
     return result
+
+
+def _refit_head(result: RepairResult, clean: ImageSet, norm: Normalization, cfg: RobustHeadConfig,
+                device: torch.device | str, seed: int, on_progress: ProgressFn | None) -> None:
+    """``robust_hparams``: the trilevel head refit after the method's repair, recorded in ``result``."""
+    started = time.perf_counter()
+    if on_progress is not None:
+        on_progress("robust_hparams", 0.0)
+    result.model, account = robust_head_refit(result.model, clean, norm, cfg, device, seed)
+    result.params["robust_model"] = cfg.robust_model
+    result.chosen["head_proximal_weight"] = account["proximal_weight"]
+    result.chosen["head_l2_weight"] = account["l2_weight"]
+    result.details["robust_hparams"] = account
+    seconds = time.perf_counter() - started
+    result.timings["robust_hparams"] = seconds
+    result.timings["total"] = result.timings.get("total", 0.0) + seconds
+    if on_progress is not None:
+        on_progress("robust_hparams", 1.0)
