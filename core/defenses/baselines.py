@@ -12,7 +12,16 @@ import torch.nn as nn
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.defenses.result import RepairResult
-from core.defenses.runtime import DeviceImages, ProgressFn, StageTimer, prepare_model, runtime_for, score, sgd_finetune
+from core.defenses.runtime import (
+    DeviceImages,
+    ProgressFn,
+    StageTimer,
+    forward_all,
+    prepare_model,
+    runtime_for,
+    score,
+    sgd_finetune,
+)
 
 
 @dataclass(frozen=True)
@@ -92,13 +101,11 @@ def mean_channel_activation(model: nn.Module, layer: str, data: DeviceImages, ba
         total.append(out.float().mean(dim=(2, 3)).sum(0))
 
     handle = module.register_forward_hook(hook)
-    model.eval()
     try:
-        with torch.inference_mode(), data.rt.autocast():
-            for start in range(0, len(data), batch_size):
-                model(data.inputs(slice(start, start + batch_size)))
+        forward_all(model, data, batch_size)
     finally:
         handle.remove()
+    model.eval()
     return torch.stack(total).sum(0) / len(data)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.defenses.runtime import DeviceImages, make_generator, prepare_model, runtime_for
+from core.defenses.runtime import DeviceImages, forward_all, make_generator, prepare_model, runtime_for
 from core.multilevel import Level, MultilevelProblem, box, solve
 
 
@@ -81,15 +81,10 @@ def penultimate_features(model: nn.Module, data: DeviceImages, head: nn.Linear,
     """The inputs of ``head`` for every image of ``data`` (eval mode, float32)."""
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().float()))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode(), data.rt.autocast():
-            for start in range(0, len(data), batch_size):
-                model(data.inputs(slice(start, start + batch_size)))
+        forward_all(model, data, batch_size)
     finally:
         handle.remove()
-        model.train(was_training)
     return torch.cat([c.flatten(1) for c in captured]).clone()
 
 

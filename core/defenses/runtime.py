@@ -130,6 +130,19 @@ def score(model: nn.Module, data: DeviceImages, batch_size: int = 1024) -> Clean
     return CleanScore(accuracy=correct / len(data), loss=loss_sum / len(data))
 
 
+def forward_all(model: nn.Module, data: DeviceImages, batch_size: int = 1024) -> None:
+    """Eval-mode forward passes over every image of ``data`` (inference mode, autocast), for forward hooks to
+    observe; restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), data.rt.autocast():
+            for start in range(0, len(data), batch_size):
+                model(data.inputs(slice(start, start + batch_size)))
+    finally:
+        model.train(was_training)
+
+
 def infer_num_classes(model: nn.Module, data: DeviceImages) -> int:
     """The number of logits ``model`` produces (one eval-mode forward pass on one image)."""
     was_training = model.training
