@@ -1,0 +1,42 @@
+"""The repair benchmark's harness end to end on random images (the numbers mean nothing; the table, the means,
+the all-to-all row, the poisoned defender subset, the variants and the reference loop must all come out), so
+that a GPU session never spends its minutes on a crash."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_cpu_run_writes_the_whole_report(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = tmp_path / "random.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (2400, 28, 28, 1), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 2400), x_test=rng.integers(0, 256, (800, 28, 28, 1), dtype=np.uint8),
+             y_test=rng.integers(0, 10, 800))
+    out = tmp_path / "report.md"
+    variants = json.dumps({"tsbd_trim": ["tsbd", {"finetune_trim": 0.05}]})
+    proc = subprocess.run(
+        [sys.executable, "bench/repair_bench.py", "--profile", "cpu", "--tiny", "--data", str(data),
+         "--attacks", "badnets,badnets_a2a", "--defender-poison", "0.02", "--sweep", "badnets",
+         "--sweep-n", "0.1,0.5", "--variants", variants, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["attacks"]) == {"badnets", "badnets_a2a"} and report["defender_poison"] == 0.02
+    assert set(report["methods"]) == {"tsbd", "tsbd_fixed", "fine_pruning", "finetune", "ft_sam", "tsbd_trim"}
+    for entry in report["attacks"].values():
+        assert set(entry["methods"]) == set(report["methods"])
+        assert all(0 <= m["asr"] <= 1 and 0 <= m["acc"] <= 1 for m in entry["methods"].values())
+    assert report["attacks"]["badnets"]["methods"]["tsbd_trim"]["params"]["finetune_trim"] == 0.05
+    assert [p["n"] for p in report["attacks"]["badnets"]["reference_sweep"]["per_n"]] == [0.1, 0.5]
+    text = out.read_text()
+    assert "of which 2% replaced by poisoned ones" in text and "| badnets_a2a | ft_sam |" in text
+    assert text.count("| **mean of 1** |") == 1 + len(report["methods"])  # the all-to-all row is left out
+    assert "warm-up" not in text  # only CUDA runs warm up
