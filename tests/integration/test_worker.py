@@ -28,6 +28,22 @@ def _status(client: TestClient, auth: dict[str, str], scan_id: str) -> dict:
     return client.get(f"/scans/{scan_id}", headers=auth).json()
 
 
+def _run_to_success(client: TestClient, settings: Settings, auth: dict[str, str], files: dict, spec: str,
+                    timeout_s: float, tmp: Path) -> str:
+    """Submit ``spec`` with a real worker running, wait for the scan to end and require success; its id."""
+    worker = start_worker(settings, tmp / "worker.log")
+    try:
+        r = client.post("/scans", headers=auth, files=files, data={"spec": spec})
+        assert r.status_code == 202, r.text
+        scan_id = r.json()["id"]
+        final = wait_for(lambda: (s := _status(client, auth, scan_id))["status"] in ("succeeded", "failed")
+                         and s, timeout_s, 0.2, "the scan to finish")
+        assert final["status"] == "succeeded", (final, (tmp / "worker.log").read_text()[-3000:])
+    finally:
+        stop_worker(worker)
+    return scan_id
+
+
 def _digits_parts(tmp: Path) -> dict[str, tuple[str, bytes]]:
     """The backdoored digits model, its clean subset and its test set as multipart file parts."""
     state, clean, test = backdoored_digits()
@@ -41,17 +57,8 @@ def test_backdoored_model_scan_matches_direct_evaluation(prod_client: TestClient
                                                          auth: dict[str, str], tmp_path: Path) -> None:
     state, clean, test = backdoored_digits()
     files = _digits_parts(tmp_path)
-    worker = start_worker(prod_settings, tmp_path / "worker.log")
-    try:
-        r = prod_client.post("/scans", headers=auth, files=files,
-                             data={"spec": spec_json(attack={"type": "badnets", "target": 0})})
-        assert r.status_code == 202, r.text
-        scan_id = r.json()["id"]
-        final = wait_for(lambda: (s := _status(prod_client, auth, scan_id))["status"] in ("succeeded", "failed")
-                         and s, 180, 0.2, "the scan to finish")
-        assert final["status"] == "succeeded", (final, (tmp_path / "worker.log").read_text()[-3000:])
-    finally:
-        stop_worker(worker)
+    scan_id = _run_to_success(prod_client, prod_settings, auth, files,
+                              spec_json(attack={"type": "badnets", "target": 0}), 180, tmp_path)
     report = prod_client.get(f"/scans/{scan_id}/report", headers=auth).json()
 
     model = create_model("resnet20", 10, 1)
@@ -115,16 +122,7 @@ def test_repair_scan_returns_weights_shaped_like_the_upload(prod_client: TestCli
     params = {"finetune_epochs": 3, "batch_size": 64, "augment": False, "lr_unlearn": 0.01,
               "unlearn_max_epochs": 20}
     spec = spec_json("repair", attack={"type": "badnets", "target": 0}, repair={"method": "tsbd", "params": params})
-    worker = start_worker(prod_settings, tmp_path / "worker.log")
-    try:
-        r = prod_client.post("/scans", headers=auth, files=files, data={"spec": spec})
-        assert r.status_code == 202, r.text
-        scan_id = r.json()["id"]
-        final = wait_for(lambda: (s := _status(prod_client, auth, scan_id))["status"] in ("succeeded", "failed")
-                         and s, 600, 0.2, "the repair to finish")
-        assert final["status"] == "succeeded", (final, (tmp_path / "worker.log").read_text()[-3000:])
-    finally:
-        stop_worker(worker)
+    scan_id = _run_to_success(prod_client, prod_settings, auth, files, spec, 600, tmp_path)
     report = prod_client.get(f"/scans/{scan_id}/report", headers=auth).json()
     assert report["repair"]["method"] == "tsbd"
     assert report["repair"]["params"]["finetune_epochs"] == 3  # every value used, given or default
