@@ -19,6 +19,7 @@ from api.metrics import ApiMetrics
 from api.routes import health, scans
 from store import repository
 from store.db import make_engine, make_session_factory
+from store.logs import configure_logging
 from store.objects import open_store
 from store.queue import make_celery
 from store.settings import Settings, get_settings
@@ -84,6 +85,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def app_from_environment() -> FastAPI:
+    """The factory ``antidote serve --workers N`` hands uvicorn: each worker process configures its logging and
+    builds its app (and its own database pools) from the ``ANTIDOTE_*`` environment."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

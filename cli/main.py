@@ -23,14 +23,16 @@ err = Console(stderr=True)
 
 
 @app.command()
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(host: str = "127.0.0.1", port: int = 8000,
+          workers: Annotated[int, typer.Option(min=1, help="API processes (uvicorn workers)")] = 1) -> None:
     """The API and a worker on the embedded default (SQLite, a folder broker, local files under
-    ANTIDOTE_DATA_DIR), or just the API when ANTIDOTE_BROKER_URL names a broker."""
+    ANTIDOTE_DATA_DIR), or just the API when ANTIDOTE_BROKER_URL names a broker. With --workers N the API
+    runs in N processes; the embedded default still starts exactly one Celery worker."""
     from cli.serve import serve as run
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    run(settings, host, port)
+    run(settings, host, port, workers)
 
 
 @app.command()

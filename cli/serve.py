@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -45,8 +47,12 @@ def redeliver_unfinished(settings: Settings) -> int:
     return len(ids)
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    """The API in ``workers`` processes (each with its own pools), and exactly one embedded Celery worker."""
     from api.app import create_app
+
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.database_url is None:
@@ -63,10 +69,28 @@ def serve(settings: Settings, host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+        if workers == 1:
+            uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+        else:
+            # uvicorn's worker processes import the app themselves; they read these settings from the environment
+            os.environ.update(settings_environment(settings))
+            uvicorn.run("api.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                        log_config=None, access_log=False)
     finally:
         if worker is not None:
             stop_worker(worker)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``ANTIDOTE_*`` variables that rebuild ``settings`` in another process (set fields only)."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        env[f"ANTIDOTE_{name.upper()}"] = text
+    return env
 
 
 def _exit(signum: int, _frame: object) -> None:
