@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from store.models import Scan, as_utc
+from store.reads import ScanSummary
 
 
 class ScanError(BaseModel):
@@ -25,7 +26,7 @@ class ScanOut(BaseModel):
     error: ScanError | None
 
     @classmethod
-    def of(cls, scan: Scan) -> ScanOut:
+    def of(cls, scan: Scan | ScanSummary) -> ScanOut:
         error = ScanError(code=scan.error_code, message=scan.error_message or "") if scan.error_code else None
         return cls(id=scan.id, status=scan.status, mode=scan.mode, stage=scan.stage, progress=scan.progress,
                    created_at=as_utc(scan.created_at), updated_at=as_utc(scan.updated_at), error=error)

@@ -6,12 +6,10 @@ import base64
 import hashlib
 import secrets
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from store.models import TERMINAL_STATUSES, ApiKey, Scan, ScanStatus, Tenant, as_utc, utcnow
@@ -70,28 +68,9 @@ def get_scan(session: Session, tenant_id: str, scan_id: str) -> Scan | None:
     return session.scalar(select(Scan).where(Scan.id == scan_id, Scan.tenant_id == tenant_id))
 
 
-@dataclass(frozen=True)
-class ScanPage:
-    items: Sequence[Scan]
-    next_cursor: str | None
-
-
-def list_scans(session: Session, tenant_id: str, status: str | None, limit: int, cursor: str | None) -> ScanPage:
-    """The tenant's scans, newest first; ``cursor`` is opaque and comes from the previous page."""
-    query = select(Scan).where(Scan.tenant_id == tenant_id)
-    if status:
-        query = query.where(Scan.status == status)
-    if cursor:
-        created_at, last_id = decode_cursor(cursor)
-        query = query.where(or_(Scan.created_at < created_at, and_(Scan.created_at == created_at, Scan.id < last_id)))
-    rows = session.scalars(query.order_by(Scan.created_at.desc(), Scan.id.desc()).limit(limit + 1)).all()
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return ScanPage(items=rows[:limit], next_cursor=next_cursor)
-
-
-def encode_cursor(scan: Scan) -> str:
-    created = as_utc(scan.created_at).isoformat()
-    return base64.urlsafe_b64encode(f"{created}|{scan.id}".encode()).decode().rstrip("=")
+def encode_cursor(created_at: datetime, scan_id: str) -> str:
+    """The opaque position after a scan in the newest-first listing (``store/reads.py`` pages with it)."""
+    return base64.urlsafe_b64encode(f"{as_utc(created_at).isoformat()}|{scan_id}".encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:

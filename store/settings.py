@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     max_zip_expanded_bytes: int = Field(4 * 1024**3, gt=0)
 
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
+    read_pool_size: int = Field(10, ge=1, description="PostgreSQL: connections of each API process's async pool "
+                                "for the GET paths (store/reads.py).")
+    read_pool_timeout_s: float = Field(5.0, gt=0, description="PostgreSQL: how long a GET waits for a pooled "
+                                       "connection before it fails (the database is down or the pool is busy).")
 
     log_level: str = "INFO"
     log_json: bool = True

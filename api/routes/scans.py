@@ -124,18 +124,21 @@ def _own_scan(session: Session, tenant: Tenant, scan_id: str) -> Scan:
 
 
 @router.get("/scans/{scan_id}", response_model=ScanOut)
-def read_scan(scan_id: str, tenant: Tenant = Depends(current_tenant),
-              session: Session = Depends(get_session)) -> ScanOut:
+async def read_scan(scan_id: str, request: Request, tenant: Tenant = Depends(current_tenant)) -> ScanOut:
     """Status, stage and progress of one scan."""
-    return ScanOut.of(_own_scan(session, tenant, scan_id))
+    # async with store/reads.py: the path clients poll stays on the event loop, with no ORM session
+    scan = await request.app.state.reads.scan(tenant.id, scan_id)
+    if scan is None:
+        raise ApiError(404, f"no scan {scan_id!r}")
+    return ScanOut.of(scan)
 
 
 @router.get("/scans", response_model=ScanPageOut)
-def list_scans(status: ScanStatus | None = None, limit: int = Query(20, ge=1, le=200), cursor: str | None = None,
-               tenant: Tenant = Depends(current_tenant), session: Session = Depends(get_session)) -> ScanPageOut:
+async def list_scans(request: Request, status: ScanStatus | None = None, limit: int = Query(20, ge=1, le=200),
+                     cursor: str | None = None, tenant: Tenant = Depends(current_tenant)) -> ScanPageOut:
     """The tenant's scans, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     try:
-        page = repository.list_scans(session, tenant.id, status.value if status else None, limit, cursor)
+        page = await request.app.state.reads.scans(tenant.id, status.value if status else None, limit, cursor)
     except ValueError as exc:
         raise ApiError(422, f"cursor: {exc}", field="cursor") from exc
     return ScanPageOut(items=[ScanOut.of(s) for s in page.items], next_cursor=page.next_cursor)
