@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,31 @@ def run_wrk(url: str, token: str, connections: int, duration: int) -> WrkRun:
                   to_ms(lat["50"]), to_ms(lat["90"]), to_ms(lat["99"]), errors, out)
 
 
+def profile(pid: int, url: str, token: str, connections: int, duration: int, work: Path, out: Path) -> None:
+    """``py-spy record`` over the server and its worker processes during one wrk run; the frames that cost most."""
+    raw = work / "profile.txt"
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                            "--subprocesses", "--nonblocking", "--rate", "200", "--duration", str(duration),
+                            "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    run_wrk(url, token, connections, duration)
+    spy.wait(timeout=duration + 60)
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        for frame in {re.sub(r":\d+\)$", ")", f).replace(str(Path(np.__file__).parents[1]) + "/", "")
+                      for f in stack.split(";")}:
+            inclusive[frame] += n
+    rows = [f"| {100 * n / total:.1f} % | `{frame[:140]}` |" for frame, n in inclusive.most_common(60)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"py-spy, {total} samples over the API's processes under wrk ({connections} clients, "
+                   f"{duration} s): share of samples in which each frame is on the stack.\n\n| share | frame |\n"
+                   "|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def upload_scans(url: str, key: str, work: Path, n: int) -> tuple[list[float], float, str]:
     """``n`` uploads of a PreAct-ResNet18 checkpoint; returns their times, the size in MB and the last scan id."""
     torch.manual_seed(0)
@@ -153,6 +179,8 @@ def main() -> None:
                     help="uvicorn worker processes, the same for the API and the anchor")
     ap.add_argument("--rounds", type=int, default=3, help="alternating API/anchor wrk runs; medians reported")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/api.md")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also profile the API's processes with py-spy under one more wrk run; write a summary here")
     args = ap.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "antidote-bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "antidote-bench-secret")
@@ -190,6 +218,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for target, token, runs in targets:
                 runs.append(run_wrk(target, token, args.connections, args.duration))
+        if args.profile:
+            profile(server.pid, targets[0][0], key, args.connections, args.duration, work, args.profile)
     finally:
         stop_server(server)
         stop_server(anchor)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -69,13 +70,13 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
     try:
+        options: dict[str, Any] = {"host": host, "port": port, "log_config": None, "access_log": False}
         if workers == 1:
-            uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+            uvicorn.run(create_app(settings), **options)
         else:
             # uvicorn's worker processes import the app themselves; they read these settings from the environment
             os.environ.update(settings_environment(settings))
-            uvicorn.run("api.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
-                        log_config=None, access_log=False)
+            uvicorn.run("api.app:app_from_environment", factory=True, workers=workers, **options)
     finally:
         if worker is not None:
             stop_worker(worker)

@@ -8,6 +8,7 @@ statements are SQLAlchemy Core, compiled once, so the table definitions stay in 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -17,7 +18,6 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import Engine, Select, and_, bindparam, make_url, or_, select
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
-from starlette.concurrency import run_in_threadpool
 
 from store.models import ApiKey, Scan, Tenant, as_utc
 from store.repository import decode_cursor, encode_cursor
@@ -174,7 +174,7 @@ class ThreadedReads(Reads):
             return list(conn.execute(statement, params).all())
 
     async def _rows(self, statement: Select[Any], params: dict[str, Any]) -> list[Any]:
-        return await run_in_threadpool(self._rows_sync, statement, params)
+        return await asyncio.to_thread(self._rows_sync, statement, params)
 
 
 _TENANT = tenant_statement()
