@@ -40,8 +40,10 @@ def seed(dsn: str, scan_id: str) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the same pool bound per process as the API's engine (store/db.py)
+    # autocommit as the API's reads have it: a lone SELECT with no BEGIN/COMMIT round trips
+    autocommit = os.environ.get("ANCHOR_AUTOCOMMIT", "1") == "1"
     async with AsyncConnectionPool(os.environ["ANCHOR_DATABASE_URL"], min_size=4, max_size=10,
-                                   kwargs={"row_factory": dict_row}) as pool:
+                                   kwargs={"row_factory": dict_row, "autocommit": autocommit}) as pool:
         app.state.pool = pool
         yield
 

@@ -123,6 +123,9 @@ def run_wrk(url: str, token: str, connections: int, duration: int) -> WrkRun:
                   to_ms(lat["50"]), to_ms(lat["90"]), to_ms(lat["99"]), errors, out)
 
 
+FRAME = re.compile(r"[\w.<>]+ \([^()]+\)")
+
+
 def profile(pid: int, url: str, token: str, connections: int, duration: int, work: Path, out: Path) -> None:
     """``py-spy record`` over the server and its worker processes during one wrk run; the frames that cost most."""
     raw = work / "profile.txt"
@@ -133,14 +136,15 @@ def profile(pid: int, url: str, token: str, connections: int, duration: int, wor
     run_wrk(url, token, connections, duration)
     spy.wait(timeout=duration + 60)
     inclusive: Counter[str] = Counter()
-    total = 0
+    total, site = 0, str(Path(np.__file__).parents[1]) + "/"
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
-        for frame in {re.sub(r":\d+\)$", ")", f).replace(str(Path(np.__file__).parents[1]) + "/", "")
-                      for f in stack.split(";")}:
-            inclusive[frame] += n
+        frames = {re.sub(r":\d+\)$", ")", f).replace(site, "") for f in stack.split(";")}
+        for frame in frames:
+            if FRAME.fullmatch(frame):  # not the "process N: command line" roots py-spy adds
+                inclusive[frame] += n
     rows = [f"| {100 * n / total:.1f} % | `{frame[:140]}` |" for frame, n in inclusive.most_common(60)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"py-spy, {total} samples over the API's processes under wrk ({connections} clients, "
@@ -179,6 +183,9 @@ def main() -> None:
                     help="uvicorn worker processes, the same for the API and the anchor")
     ap.add_argument("--rounds", type=int, default=3, help="alternating API/anchor wrk runs; medians reported")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/api.md")
+    ap.add_argument("--s3-endpoint", default=None,
+                    help="an S3 server already running (AWS_* credentials from the environment); default: start "
+                    "weed mini on its fixed ports")
     ap.add_argument("--profile", type=Path, default=None,
                     help="also profile the API's processes with py-spy under one more wrk run; write a summary here")
     args = ap.parse_args()
@@ -186,7 +193,7 @@ def main() -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "antidote-bench-secret")
 
     work = Path(tempfile.mkdtemp(prefix="antidote-bench-"))
-    weed, endpoint = start_weed_mini(work)
+    weed, endpoint = (None, args.s3_endpoint) if args.s3_endpoint else start_weed_mini(work)
     db, anchor_db = create_database("antidote_bench"), create_database("antidote_anchor")
     port, anchor_port = free_port(), free_port()
     env = {**os.environ, "ANTIDOTE_DATABASE_URL": db, "ANTIDOTE_BROKER_URL": "redis://127.0.0.1:6379/12",
@@ -223,7 +230,8 @@ def main() -> None:
     finally:
         stop_server(server)
         stop_server(anchor)
-        stop(weed)
+        if weed is not None:
+            stop(weed)
         drop_database(db)
         drop_database(anchor_db)
 
