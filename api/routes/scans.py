@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import current_tenant, get_session
@@ -124,24 +124,30 @@ def _own_scan(session: Session, tenant: Tenant, scan_id: str) -> Scan:
 
 
 @router.get("/scans/{scan_id}", response_model=ScanOut)
-async def read_scan(scan_id: str, request: Request, tenant: Tenant = Depends(current_tenant)) -> ScanOut:
+async def read_scan(scan_id: str, request: Request, tenant: Tenant = Depends(current_tenant)) -> Response:
     """Status, stage and progress of one scan."""
     # async with store/reads.py: the path clients poll stays on the event loop, with no ORM session
     scan = await request.app.state.reads.scan(tenant.id, scan_id)
     if scan is None:
         raise ApiError(404, f"no scan {scan_id!r}")
-    return ScanOut.of(scan)
+    return json_response(ScanOut.of(scan))
 
 
 @router.get("/scans", response_model=ScanPageOut)
 async def list_scans(request: Request, status: ScanStatus | None = None, limit: int = Query(20, ge=1, le=200),
-                     cursor: str | None = None, tenant: Tenant = Depends(current_tenant)) -> ScanPageOut:
+                     cursor: str | None = None, tenant: Tenant = Depends(current_tenant)) -> Response:
     """The tenant's scans, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     try:
         page = await request.app.state.reads.scans(tenant.id, status.value if status else None, limit, cursor)
     except ValueError as exc:
         raise ApiError(422, f"cursor: {exc}", field="cursor") from exc
-    return ScanPageOut(items=[ScanOut.of(s) for s in page.items], next_cursor=page.next_cursor)
+    return json_response(ScanPageOut(items=[ScanOut.of(s) for s in page.items], next_cursor=page.next_cursor))
+
+
+def json_response(model: BaseModel) -> Response:
+    """The model serialised once; returned as a model, FastAPI would validate it again against response_model
+    (which still documents the answer)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 @router.get("/scans/{scan_id}/report")
