@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, make_url, select, update
 
 from bench.services import create_database, drop_database
 from store import repository
@@ -151,3 +152,79 @@ def test_postgres_reads_survive_their_connections_being_killed(database: tuple[s
         return int(killed)
 
     assert run(url, engine, body) >= 1
+
+
+class TcpGate:
+    """A loopback TCP relay to PostgreSQL that can go down (dropping every connection) and come back on the
+    same port: a database outage without touching the shared server."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.port = target_port, 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def up(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+def test_postgres_reads_fail_fast_while_the_database_is_away_and_recover_by_themselves(
+        database: tuple[str, Engine]) -> None:
+    url, engine = database
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    s = seed(engine)
+    parsed = make_url(url)
+
+    async def body() -> None:
+        gate = TcpGate(parsed.port or 5432)
+        await gate.up()
+        reads = PostgresReads(parsed.set(port=gate.port).render_as_string(hide_password=False), 2, timeout_s=1)
+        await reads.open()
+        try:
+            assert await reads.scan(s["a"].id, s["ids"][2]) is not None
+            await gate.down()
+            t0 = time.monotonic()
+            with pytest.raises(psycopg.OperationalError):  # the API's handler answers these with a 503
+                await reads.scan(s["a"].id, s["ids"][2])
+            assert time.monotonic() - t0 < 5
+            await gate.up()
+            deadline = time.monotonic() + 20
+            while True:  # the pool reconnects in the background; no restart of anything
+                try:
+                    if await reads.scan(s["a"].id, s["ids"][2]) is not None:
+                        break
+                except psycopg.OperationalError:
+                    assert time.monotonic() < deadline, "the pool did not reconnect"
+                    await asyncio.sleep(0.2)
+            for _ in range(10):
+                assert await reads.scan(s["a"].id, s["ids"][2]) is not None
+        finally:
+            await reads.close()
+            await gate.down()
+
+    asyncio.run(body())
