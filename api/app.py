@@ -89,7 +89,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="Antidote", version="0.1.0", lifespan=_lifespan,
-                  description="Scans and repairs backdoored image classifiers. See CONTRACT.md.")
+                  description="Scans and repairs backdoored image classifiers. See docs/api.md.")
     engine = make_engine(settings.resolved_database_url)
     app.state.settings = settings
     app.state.engine = engine

@@ -40,7 +40,7 @@ async def create_scan(request: Request, response: Response, tenant: Tenant = Dep
     """Upload a model, a clean data subset and a spec; the scan is queued once every part checks out.
 
     Parts: ``model``, ``spec`` (JSON), ``clean_data``, and optionally ``test_data``, ``poisoned_data``,
-    ``training_data`` (CONTRACT.md)."""
+    ``training_data`` (docs/api.md)."""
     state = request.app.state
     settings = state.settings
     rules = {"spec": PartRule(SPEC_MAX_BYTES, is_file=False), "model": PartRule(settings.max_model_bytes, True)}
