@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("antidote.api")
@@ -48,11 +49,24 @@ async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.detail, exc.field, exc.headers)
 
 
-async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's own 404/405 and any ``HTTPException``: the same shape, the detail always a string."""
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own 404/405 and any ``HTTPException``: the same shape, the detail always a string; a 405's
+    ``Allow`` lists every method of the path (Starlette names only those of the first route it matched)."""
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(exc.status_code, detail, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(exc.status_code, detail, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route_methods
+    return sorted(methods)
 
 
 async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:

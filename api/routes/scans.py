@@ -28,7 +28,7 @@ from store.models import TERMINAL_STATUSES, Scan, ScanStatus, Tenant
 from store.objects import ObjectNotFound
 from store.queue import enqueue_scan
 
-router = APIRouter(tags=["scans"])
+router = APIRouter(tags=["scans"], responses={404: {"model": ErrorOut, "description": "no such scan for this tenant"}})
 log = logging.getLogger("antidote.api")
 FILE_PARTS = ("model", "clean_data", "test_data", "poisoned_data", "training_data")
 
@@ -41,7 +41,11 @@ FILE_PARTS = ("model", "clean_data", "test_data", "poisoned_data", "training_dat
     422: {"model": ErrorOut, "description": "invalid spec or data; the answer names the field"},
     429: {"model": ErrorOut, "description": "the tenant has ANTIDOTE_MAX_ACTIVE_SCANS_PER_TENANT scans queued "
                                             "or running"},
-    503: {"model": ErrorOut, "description": "too many uploads at once, or the queue is down; see Retry-After"}})
+    503: {"model": ErrorOut, "description": "too many uploads at once, or the queue is down; see Retry-After"}},
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["model", "spec", "clean_data"],
+        "properties": {"spec": {"type": "string", "description": "the scan spec, JSON (docs/api.md)"},
+                       **{p: {"type": "string", "format": "binary"} for p in FILE_PARTS}}}}}}})
 async def create_scan(request: Request, response: Response, tenant: Tenant = Depends(current_tenant)) -> ScanCreated:
     """Upload a model, a clean data subset and a spec; the scan is queued once every part checks out.
 
@@ -165,7 +169,8 @@ def list_scans(status: ScanStatus | None = None, limit: int = Query(20, ge=1, le
     return ScanPageOut(items=[ScanOut.of(s) for s in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/scans/{scan_id}/report")
+@router.get("/scans/{scan_id}/report", responses={
+    409: {"model": ErrorOut, "description": "the scan has not succeeded (yet); the answer says why"}})
 def read_report(scan_id: str, tenant: Tenant = Depends(current_tenant),
                 session: Session = Depends(get_session)) -> dict[str, Any]:
     """The ACC/ASR report, once the scan has succeeded (409 before)."""
