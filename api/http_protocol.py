@@ -31,7 +31,10 @@ class HeadLimits:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` plus the head's byte cap and time limit (``ANTIDOTE_MAX_HEADER_BYTES``,
     ``ANTIDOTE_HEADER_TIMEOUT_S``). ``limits`` is set by ``antidote serve``; a process started without it
-    (uvicorn's worker processes) reads the same settings from the environment."""
+    (uvicorn's worker processes) reads the same settings from the environment.
+
+    Kept off the common path: a head that arrives within one read costs no timer and no counting unless
+    the read itself is bigger than the cap."""
 
     limits: HeadLimits | None = None
 
@@ -39,15 +42,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._limits = type(self).limits or HeadLimits.of(get_settings())
         self._in_head = True  # a fresh connection waits for its first head
-        self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._refused = False
+        self._head_bytes = 0  # bytes of reads that ended with the head still incomplete
+        self._big_read = False  # this read could hold a whole head over the cap: count its pieces
         self._parsed_head = 0
         self._head_too_big = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
+        self._head_timer = self.loop.call_later(self._limits.header_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -56,36 +60,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # lingering after a refusal: drop the bytes so that closing does not reset the answer
+        self._big_read = self._head_bytes + len(data) > self._limits.max_header_bytes
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
-            self._head_bytes += len(data)  # a head spread over reads (httptools buffers the pieces)
+        if self._in_head and not self.transport.is_closing():  # the head goes on past this read
+            self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_header_bytes:
                 self._refuse_big_head()
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(self._limits.header_timeout_s, self._head_timed_out)
 
-    def _refuse_big_head(self) -> None:
-        self._refuse(431, f"request head over {self._limits.max_header_bytes} bytes (ANTIDOTE_MAX_HEADER_BYTES)")
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes, self._parsed_head = True, 0, 0
 
     def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
+        if self._big_read:
+            self._count_head(len(url))
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        if self._big_read:
+            self._count_head(len(name) + len(value) + 4)
         super().on_header(name, value)
 
     def _count_head(self, n: int) -> None:
-        """Within one read: a head that arrives whole is counted by its pieces; raising stops the parser."""
+        """A whole head inside one big read is counted by its pieces; raising stops the parser."""
         self._parsed_head += n
         if self._parsed_head > self._limits.max_header_bytes:
             self._head_too_big = True
             raise ValueError("request head too large")
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if not self._in_head:  # the next request on a kept-alive connection
-            self._in_head, self._head_bytes = True, 0
-            self._arm_head_timer()
-        self._parsed_head = 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -98,10 +101,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_big_head()
         else:
             self._refuse(400, msg)
-
-    def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self._limits.header_timeout_s, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -117,6 +116,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._refuse(408, f"request head not received within {self._limits.header_timeout_s:g} s "
                               "(ANTIDOTE_HEADER_TIMEOUT_S)")
+
+    def _refuse_big_head(self) -> None:
+        self._refuse(431, f"request head over {self._limits.max_header_bytes} bytes (ANTIDOTE_MAX_HEADER_BYTES)")
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer in the API's error shape, stop parsing, and close after a short linger."""
