@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -109,6 +110,11 @@ def seed_scan(server: RunningServer, folder: Path, wait_s: float = 0) -> str:
     return scan_id
 
 
+def scan_status(server: RunningServer, scan_id: str) -> str:
+    r = httpx.get(f"{server.url}/scans/{scan_id}", headers={"Authorization": f"Bearer {server.key}"}, timeout=10)
+    return str(r.json()["status"])
+
+
 def write_config(path: Path, scan_ids: list[str]) -> Path:
     """The known ids as dictionaries: most generated ids are real ones, the rest are fuzzed."""
     ids = json.dumps(scan_ids)
@@ -147,9 +153,9 @@ def run_schemathesis(server: RunningServer, config: Path, max_examples: int, see
     text = out.stdout + out.stderr
     generated = re.search(r"(\d+) generated", text)
     failed = re.search(r"(\d+) found (\d+) unique failures", text)
-    shown = " ".join(c if "Authorization" not in c else "Authorization: Bearer $KEY" for c in command[1:])
+    shown = shlex.join(["python", *command[1:]]).replace(server.key, "$KEY").replace(str(config), "schemathesis.toml")
     return Outcome(out.returncode, int(generated.group(1)) if generated else 0,
-                   int(failed.group(2)) if failed else 0, text, f"python {shown}")
+                   int(failed.group(2)) if failed else 0, text, shown)
 
 
 def main() -> None:
@@ -164,20 +170,27 @@ def main() -> None:
         server = start_server(root)
         try:
             ids = [seed_scan(server, root, wait_s=300 if args.wait else 0), seed_scan(server, root)]
+            statuses = [scan_status(server, i) for i in ids]
+            config = write_config(root / "schemathesis.toml", ids)
             t0 = time.monotonic()
-            outcome = run_schemathesis(server, write_config(root / "schemathesis.toml", ids), args.max_examples,
-                                       args.seed)
+            outcome = run_schemathesis(server, config, args.max_examples, args.seed)
             seconds = time.monotonic() - t0
             server_errors = outcome.output.count("Server error")
+            config_text = config.read_text()
+            log = server.log.read_text()
+            unhandled = log.count("unhandled error") + log.count("Exception in ASGI application")
         finally:
             server.stop()
     print(outcome.output[-4000:])
     summary = (f"# schemathesis against `antidote serve`\n\n"
                f"- cases generated: {outcome.cases}\n- unique failures: {outcome.failures}\n"
-               f"- server errors reported: {server_errors}\n- exit code: {outcome.returncode}\n"
-               f"- wall time: {seconds:.0f} s (2 seeded scans, the first run to its end: {args.wait})\n\n"
+               f"- server errors reported: {server_errors}; unhandled exceptions in the server log: {unhandled}\n"
+               f"- exit code: {outcome.returncode}\n- wall time: {seconds:.0f} s\n"
+               f"- seeded scans (their ids fill `scan_id` 70% of the time): {', '.join(statuses)} when the run "
+               "began\n\n"
                f"Command (via `python -m bench.schemathesis_run --max-examples {args.max_examples} --seed "
                f"{args.seed}{' --wait' if args.wait else ''}`):\n\n```\n{outcome.command}\n```\n\n"
+               f"`schemathesis.toml`:\n\n```toml\n{config_text.strip()}\n```\n\n"
                f"Checks: all but `{CHECKS_EXCLUDED}` (see the module docstring). Tail of the output:\n\n"
                f"```\n{outcome.output[-2500:].strip()}\n```\n")
     if args.out:
