@@ -149,7 +149,8 @@ def run_schemathesis(server: RunningServer, config: Path, max_examples: int, see
                "--no-color", "--request-timeout", "30", "--generation-database", "none"]
     if max_time_s:
         command += ["--max-time", str(max_time_s)]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=server.env)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=server.env,
+                         cwd=config.parent)  # its crash cache lands there, not in the checkout
     text = out.stdout + out.stderr
     generated = re.search(r"(\d+) generated", text)
     failed = re.search(r"(\d+) found (\d+) unique failures", text)
