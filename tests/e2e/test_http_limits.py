@@ -173,6 +173,20 @@ def _read_all(sock: socket.socket, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
+def _read_answer(sock: socket.socket, timeout: float) -> bytes:
+    """One answer off a kept-alive connection: the head, then ``Content-Length`` bytes."""
+    sock.settimeout(timeout)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += sock.recv(65536)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def _json_answer(raw: bytes) -> tuple[int, dict[str, object]]:
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), json.loads(body)
@@ -229,3 +243,30 @@ def test_unknown_paths_and_methods_answer_the_error_shape(server: Server) -> Non
     assert wrong.status_code == 405 and wrong.json() == {"detail": "Method Not Allowed"}
     mine = httpx.get(f"{server.url}/healthz", headers={"X-Request-ID": "ci-run-42"}, timeout=5)
     assert mine.headers["x-request-id"] == "ci-run-42"
+
+
+def test_a_slow_but_steady_upload_is_not_cut_off(server: Server) -> None:
+    """The read timeout is per silence, not per upload: 3 s of body in 0.5 s steps (timeout 1.5 s) is read."""
+    body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{{}}\r\n--{BOUNDARY}--\r\n'
+            ).encode()
+    head = (f"POST /scans HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head)
+        step = len(body) // 6 + 1
+        for i in range(0, len(body), step):
+            time.sleep(0.5)
+            sock.sendall(body[i:i + step])
+        status, answer = _json_answer(_read_answer(sock, 10))
+    assert (status, answer["field"]) == (422, "model")  # read to the end and judged: the model part is missing
+
+
+def test_a_kept_alive_connection_gets_the_head_limit_again(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_answer(sock, 5).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the second head never ends
+        t0 = time.monotonic()
+        status, body = _json_answer(_read_all(sock, 10))
+    assert status == 408 and time.monotonic() - t0 < 5
