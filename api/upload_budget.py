@@ -34,7 +34,8 @@ class UploadBudget:
 
 
 class UploadTicket:
-    """One upload's share of the budget; ``spool`` grows it past the declared length (chunked bodies)."""
+    """One upload's share of the budget; ``spool`` grows it past the declared length (chunked bodies); a
+    context manager that gives it all back."""
 
     def __init__(self, budget: UploadBudget) -> None:
         self.budget = budget
@@ -55,6 +56,12 @@ class UploadTicket:
         self.spooled += n
         if self.spooled > self.reserved:
             self.reserve(self.spooled - self.reserved)
+
+    def __enter__(self) -> UploadTicket:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
 
     def release(self) -> None:
         if not self.released:

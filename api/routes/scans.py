@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,12 +55,11 @@ async def create_scan(request: Request, response: Response, tenant: Tenant = Dep
     settings = state.settings
     check_form_headers(request, settings.max_upload_bytes)
     await run_in_threadpool(_check_tenant_cap, request, tenant)
-    ticket = state.upload_budget.admit(declared_length(request))
     rules = {"spec": PartRule(SPEC_MAX_BYTES, is_file=False), "model": PartRule(settings.max_model_bytes, True)}
     rules.update({p: PartRule(settings.max_data_bytes, True) for p in FILE_PARTS[1:]})
-    tmp = Path(tempfile.mkdtemp(prefix="antidote-upload-"))
-    try:
-        form = await receive_form(request, rules, settings.max_upload_bytes, tmp, on_bytes=ticket.spool)
+    with (state.upload_budget.admit(declared_length(request)) as ticket,
+          tempfile.TemporaryDirectory(prefix="antidote-upload-", ignore_cleanup_errors=True) as tmp):
+        form = await receive_form(request, rules, settings.max_upload_bytes, Path(tmp), on_bytes=ticket.spool)
         state.metrics.upload_bytes.inc(form.total_bytes)
         spec = _parse_spec(form)
         inputs = _scan_inputs(form)
@@ -72,9 +70,6 @@ async def create_scan(request: Request, response: Response, tenant: Tenant = Dep
         scan_id = repository.new_id()
         await run_in_threadpool(_check_tenant_cap, request, tenant)  # again: others may have queued meanwhile
         await run_in_threadpool(_store_scan, request, scan_id, tenant.id, spec, form)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ticket.release()
     response.headers["Location"] = f"/scans/{scan_id}"
     token = scan_id_var.set(scan_id)
     log.info("scan queued", extra={"tenant": tenant.name, "bytes": form.total_bytes, "mode": spec.mode})
