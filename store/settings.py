@@ -42,6 +42,26 @@ class Settings(BaseSettings):
 
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
 
+    # server limits (api/http_protocol.py, api/body_guard.py, api/upload_budget.py, create_scan)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="Bytes of a request head (line + headers); "
+                                  "more is refused with 431.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection whose request head has not fully "
+                                    "arrived this long after it opened (or after the head began) is closed "
+                                    "(408 if it sent part of one).")
+    body_read_timeout_s: float = Field(60.0, gt=0, description="An upload that sends no byte for this long is "
+                                       "ended with 408.")
+    drain_max_bytes: int = Field(1024**3, ge=0, description="After an early answer (401/413/415/422/429/503) "
+                                 "at most this many unread body bytes are read and discarded so that the "
+                                 "client can read the answer; a longer rest closes the connection at once.")
+    drain_timeout_s: float = Field(60.0, ge=0, description="Time bound of that draining.")
+    max_concurrent_uploads: int = Field(8, gt=0, description="POST /scans bodies received at once by one API "
+                                        "process; more are answered 503 with Retry-After.")
+    max_spool_bytes: int = Field(8 * 1024**3, gt=0, description="Bytes the uploads of one API process may hold "
+                                 "in temp files at once (declared lengths are reserved up front); more: 503.")
+    max_active_scans_per_tenant: int = Field(100, gt=0, description="Queued + running scans one tenant may "
+                                             "have; a new POST /scans over it is answered 429.")
+    retry_after_s: int = Field(10, gt=0, description="The Retry-After of the 503 and 429 answers above.")
+
     log_level: str = "INFO"
     log_json: bool = True
 
