@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from core.models.checkpoint.tensors import tensor_problem
 from core.models.registry import create_model
 
 _LIST_LIMIT = 10
@@ -66,6 +67,10 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
         raise ArchitectureMismatchError(
             f"state dict values must be tensors; {_listing(not_tensors, 'entry', 'entries')} are not"
         )
+    # meta, sparse, quantized or nested tensors pass the shape check but break every read of their values
+    unusable = [f"{k} {p}" for k, v in state_dict.items() if (p := tensor_problem(v)) is not None]
+    if unusable:
+        raise WeightsError(f"state dict holds unusable tensors: {_listing(unusable, 'tensor', 'tensors')}")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
@@ -73,7 +78,8 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
         for k in expected
         if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
     ]
-    # integer tensors copy into float parameters fine, but complex or float into an integer buffer do not
+    # a float weight must come as floats (integers there mean a wrong or hostile file), and an integer or
+    # boolean buffer as the same kind
     bad_dtype = [
         f"{k} expected {expected[k].dtype}, got {state_dict[k].dtype}"
         for k in expected
@@ -100,11 +106,9 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
 
 
 def _dtype_compatible(expected: torch.dtype, got: torch.dtype) -> bool:
-    if got.is_complex or got == torch.bool:
+    if got.is_complex or got == torch.bool or expected == torch.bool:
         return expected == got
-    if expected.is_floating_point:
-        return True
-    return not got.is_floating_point
+    return expected.is_floating_point == got.is_floating_point
 
 
 def _listing(items: list[str], singular: str, plural: str) -> str:
