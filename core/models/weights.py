@@ -67,10 +67,6 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
         raise ArchitectureMismatchError(
             f"state dict values must be tensors; {_listing(not_tensors, 'entry', 'entries')} are not"
         )
-    # meta, sparse, quantized or nested tensors pass the shape check but break every read of their values
-    unusable = [f"{k} {p}" for k, v in state_dict.items() if (p := tensor_problem(v)) is not None]
-    if unusable:
-        raise WeightsError(f"state dict holds unusable tensors: {_listing(unusable, 'tensor', 'tensors')}")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
@@ -96,6 +92,10 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
         if bad_dtype:
             parts.append(_listing(bad_dtype, "dtype mismatch", "dtype mismatches"))
         raise ArchitectureMismatchError(f"state dict does not match {described}: " + "; ".join(parts))
+    # meta, sparse, quantized or nested tensors match keys and shapes but break every read of their values
+    unusable = [f"{k} {p}" for k, v in state_dict.items() if (p := tensor_problem(v)) is not None]
+    if unusable:
+        raise WeightsError(f"state dict holds unusable tensors: {_listing(unusable, 'tensor', 'tensors')}")
     non_finite = [
         k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
     ]
