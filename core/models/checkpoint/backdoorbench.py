@@ -82,9 +82,11 @@ def extract_backdoorbench(zf: zipfile.ZipFile, prefix: str, limits: CheckpointLi
 
 @dataclass(frozen=True)
 class _StorageType:
-    """What ``torch.FloatStorage`` and friends become: only a dtype, not callable."""
+    """What ``torch.FloatStorage`` and friends become: only a dtype (``None`` for one we do not load, named
+    by ``name``), not callable."""
 
-    dtype: torch.dtype
+    dtype: torch.dtype | None
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,9 @@ class SafeUnpickler(pickle.Unpickler):
             return allowed
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and name.endswith("Storage"):
+            # quantized and complex storages: named in the refusal, not made inert
+            return _StorageType(None, f"torch.{name}"[:80])
         qualified = f"{module}.{name}"[:200]
         if qualified not in self.ignored:
             if len(self.ignored) >= self._limits.max_pickle_globals:
@@ -214,16 +219,21 @@ class SafeUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(f"PyTorch checkpoint has an unknown persistent record {str(pid)[:80]}")
         _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"PyTorch checkpoint has a storage of unsupported type {str(storage_type)[:80]}")
+        if not isinstance(storage_type, _StorageType) or storage_type.dtype is None:
+            what = storage_type.name if isinstance(storage_type, _StorageType) else "(not a storage class)"
+            raise CheckpointError(
+                f"PyTorch checkpoint has a storage of the unsupported type {what}: quantized, complex and "
+                "other exotic tensors are not loaded; save the float model's state dict"
+            )
         if not isinstance(key, str) or "/" in key or ".." in key or not is_nonneg_int(numel):
             raise CheckpointError(f"PyTorch checkpoint has an invalid storage record {str(pid)[:80]}")
         cached = self._storages.get(key)
         if cached is not None:
             return cached
-        itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
+        dtype = storage_type.dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
         if not self._read_storages:
-            storage: torch.Tensor | _StorageStub = _StorageStub(storage_type.dtype, numel)
+            storage: torch.Tensor | _StorageStub = _StorageStub(dtype, numel)
         else:
             name = f"{self._prefix}data/{key}"
             raw = read_record(self._zf, name, numel * itemsize) or b""
@@ -233,7 +243,6 @@ class SafeUnpickler(pickle.Unpickler):
                 )
             # a private, writable copy: the tensor owns its memory and never aliases the archive
             buf = bytearray(raw)
-            dtype = storage_type.dtype
             storage = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
         self._storages[key] = storage
         return storage
