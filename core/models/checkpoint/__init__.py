@@ -4,7 +4,7 @@ Formats: safetensors (``safetensors_file``: header validated first), zip-format 
 ``torch.load(weights_only=True)`` (``torch_zip``, after ``archive`` has audited every record), and
 BackdoorBench results, whose pickled dataset objects ``weights_only`` refuses (``backdoorbench``: an
 allowlist unpickler that rebuilds tensors and containers and turns every other global into one inert
-placeholder). Every loaded tensor passes ``tensors.check_tensors``. See docs/formats.md.
+placeholder). Every loaded tensor passes ``tensors.check_tensors``.
 """
 
 from __future__ import annotations
