@@ -428,7 +428,7 @@ def _decode(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: DataLimits) -> n
 def _open_zip(path: Path, kind: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except _ZIP_READ_ERRORS as e:
         raise DataFormatError(f"not a valid {kind} file (it is not a readable zip archive): {e}") from e
 
 
