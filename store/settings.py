@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     max_pickle_globals: int = Field(
         1000, gt=0, description="Distinct globals a BackdoorBench pickle may name (each is neutralised, not run)."
     )
+    max_pickle_memory_ratio: float = Field(
+        2.0, gt=0, description="Memory the objects of a data.pkl may take, estimated from its opcodes before "
+        "unpickling, as a multiple of its size (plus pickle_memory_slack_bytes)."
+    )
+    pickle_memory_slack_bytes: int = Field(64 * 1024**2, ge=0, description="See max_pickle_memory_ratio.")
 
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
 
@@ -75,7 +80,9 @@ class Settings(BaseSettings):
         return {"max_images": self.max_images, "max_pixels_per_image": self.max_image_pixels,
                 "max_zip_members": self.max_zip_members, "max_expanded_bytes": self.max_zip_expanded_bytes,
                 "max_compression_ratio": self.max_zip_ratio, "max_total_pixels": self.max_total_pixels,
-                "max_pickle_bytes": self.max_pickle_bytes, "max_pickle_globals": self.max_pickle_globals}
+                "max_pickle_bytes": self.max_pickle_bytes, "max_pickle_globals": self.max_pickle_globals,
+                "max_pickle_memory_ratio": self.max_pickle_memory_ratio,
+                "pickle_memory_slack_bytes": self.pickle_memory_slack_bytes}
 
     @property
     def resolved_database_url(self) -> str:

@@ -155,6 +155,11 @@ def many_globals_pickle(count: int, base: object | None = None) -> bytes:
     return head[:-1] + b"X\x08\x00\x00\x00bd_train](" + names + b"es."
 
 
+def tiny_objects_pickle(count: int) -> bytes:
+    """A list of ``count`` empty lists: one byte of pickle per object, about 64 bytes of memory each."""
+    return b"\x80\x02(" + b"]" * count + b"l."
+
+
 def backdoorbench_zip(path: Path, pkl: bytes) -> Path:
     """An archive for a pickle whose tensors use one 4-float storage ``"0"``."""
     return torch_like_zip(path, pkl, {"0": 16})

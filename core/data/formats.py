@@ -67,11 +67,17 @@ class DataLimits:
     # the model part's bounds (core.models.checkpoint.CheckpointLimits), here so one object bounds every part
     max_pickle_bytes: int = CheckpointLimits.max_pickle_bytes
     max_pickle_globals: int = CheckpointLimits.max_pickle_globals
+    max_pickle_memory_ratio: float = CheckpointLimits.max_pickle_memory_ratio
+    pickle_memory_slack_bytes: int = CheckpointLimits.pickle_memory_slack_bytes
 
     @property
     def checkpoint(self) -> CheckpointLimits:
         """The bounds :func:`core.models.checkpoint.load_checkpoint` enforces on the model part."""
-        return CheckpointLimits(max_pickle_bytes=self.max_pickle_bytes, max_pickle_globals=self.max_pickle_globals)
+        return CheckpointLimits(
+            max_pickle_bytes=self.max_pickle_bytes, max_pickle_globals=self.max_pickle_globals,
+            max_pickle_memory_ratio=self.max_pickle_memory_ratio,
+            pickle_memory_slack_bytes=self.pickle_memory_slack_bytes,
+        )
 
 
 def load_image_set(

@@ -45,6 +45,8 @@ _BOMBS: list[tuple[str, str, Callable[[Path], Path], str, str]] = [
      r"zip's 20 images of 4096x4096 hold \d+ pixels together, over the limit|zip's images expands \d+-fold"),
     ("globals.pt", "model", lambda p: hf.backdoorbench_zip(p, hf.many_globals_pickle(200_000)),
      "CheckpointError", "names more than 1000 distinct globals"),
+    ("tiny_objects.pt", "model", lambda p: hf.backdoorbench_zip(p, hf.tiny_objects_pickle(5_000_000)),
+     "CheckpointError", r"data.pkl \(5000005 bytes\) would build more than"),
 ]  # fmt: skip
 
 # small malformed files, measured one after another in one process
@@ -133,3 +135,5 @@ def test_bomb_builders_really_are_bombs(bombs: dict[str, Path]) -> None:
         assert zf.getinfo("x.npy").file_size > _bound(bombs["npz_bomb.npz"].stat().st_size)
     assert _bound(bombs["huge_pngs.zip"].stat().st_size) < 20 * 4096 * 4096 * 3
     assert bombs["globals.pt"].stat().st_size < 10 * _MB
+    # 5 M empty lists: about 64 bytes of memory for each byte of pickle
+    assert _bound(bombs["tiny_objects.pt"].stat().st_size) < 64 * 5_000_000

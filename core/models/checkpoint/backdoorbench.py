@@ -60,9 +60,12 @@ def is_state_dict(obj: object) -> bool:
     )
 
 
-def extract_backdoorbench(zf: zipfile.ZipFile, prefix: str, limits: CheckpointLimits) -> LoadedCheckpoint:
-    """The state dict under ``model`` and what the result says about it, with the neutralised globals."""
-    top, ignored = SafeUnpickler.run(zf, prefix, read_storages=True, limits=limits)
+def extract_backdoorbench(
+    zf: zipfile.ZipFile, prefix: str, data: bytes, limits: CheckpointLimits
+) -> LoadedCheckpoint:
+    """The state dict under ``model`` of the result whose ``data.pkl`` is ``data``, what the result says
+    about it, and the neutralised globals."""
+    top, ignored = SafeUnpickler.run(zf, prefix, data, read_storages=True, limits=limits)
     if not looks_like_backdoorbench(top):  # the same bytes as the first look; checked, not assumed
         raise CheckpointError("BackdoorBench result holds no state dict under 'model'")
     state_dict = dict(dict.items(dict.get(top, "model")))
@@ -181,10 +184,10 @@ class SafeUnpickler(pickle.Unpickler):
 
     @classmethod
     def run(
-        cls, zf: zipfile.ZipFile, prefix: str, read_storages: bool, limits: CheckpointLimits
+        cls, zf: zipfile.ZipFile, prefix: str, data: bytes, read_storages: bool, limits: CheckpointLimits
     ) -> tuple[Any, set[str]]:
-        """The unpickled object and the names of the globals that were made inert."""
-        data = read_record(zf, prefix + "data.pkl", limits.max_pickle_bytes) or b""
+        """The object ``data`` (the archive's ``data.pkl``) unpickles to, and the names of the globals that
+        were made inert."""
         unpickler = cls(zf, prefix, data, read_storages, limits)
         try:
             obj = unpickler.load()

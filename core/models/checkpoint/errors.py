@@ -26,6 +26,9 @@ class CheckpointLimits:
     max_pickle_bytes: int = 256 * 1024 * 1024
     # distinct globals a BackdoorBench pickle may name before it is refused (each is neutralised, not run)
     max_pickle_globals: int = 1000
+    # the objects data.pkl may build, estimated before unpickling: this times its size, plus the slack
+    max_pickle_memory_ratio: float = 2.0
+    pickle_memory_slack_bytes: int = 64 * 1024 * 1024
     # how many neutralised names the report lists (the count is always complete)
     max_listed_globals: int = 100
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from core.models.checkpoint.archive import archive_prefix, open_archive
+from core.models.checkpoint.archive import archive_prefix, open_archive, read_record
 from core.models.checkpoint.backdoorbench import (
     SafeUnpickler,
     extract_backdoorbench,
@@ -18,6 +18,7 @@ from core.models.checkpoint.backdoorbench import (
     looks_like_backdoorbench,
 )
 from core.models.checkpoint.errors import CheckpointError, CheckpointLimits, LoadedCheckpoint
+from core.models.checkpoint.pickle_budget import check_pickle_budget
 from core.models.checkpoint.tensors import check_tensors
 
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
@@ -27,10 +28,13 @@ def load_torch_zip(path: Path, limits: CheckpointLimits) -> LoadedCheckpoint:
     """A state dict or a BackdoorBench result from a zip-format torch file."""
     with open_archive(path) as zf:
         prefix = archive_prefix(zf)
+        data = read_record(zf, prefix + "data.pkl", limits.max_pickle_bytes) or b""
+        # both unpicklers (ours, then torch's) build what data.pkl describes: bound it before either runs
+        check_pickle_budget(data, limits.max_pickle_memory_ratio, limits.pickle_memory_slack_bytes)
         # a first look that reads no tensor data: is this a BackdoorBench result?
-        top, _ = SafeUnpickler.run(zf, prefix, read_storages=False, limits=limits)
+        top, _ = SafeUnpickler.run(zf, prefix, data, read_storages=False, limits=limits)
         if looks_like_backdoorbench(top):
-            return extract_backdoorbench(zf, prefix, limits)
+            return extract_backdoorbench(zf, prefix, data, limits)
     return _load_weights_only(path)
 
 
