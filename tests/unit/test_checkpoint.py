@@ -317,6 +317,8 @@ def test_one_shared_placeholder_for_every_global(tmp_path: Path) -> None:
         assert unpickler.ignored == {"a.B", "c.D"}
     loaded = load_checkpoint(path)
     assert loaded.meta["ignored_globals"] == ["evil_module_0.Name0", "evil_module_1.Name1", "evil_module_2.Name2"]
+    assert loaded.findings() == {"ignored_globals": loaded.meta["ignored_globals"], "ignored_globals_count": 3}
+    assert load_checkpoint(hf.small_state_dict_zip(tmp_path / "plain.pt")).findings() == {}
 
 
 def test_hostile_pickle_errors_become_checkpoint_errors(tmp_path: Path) -> None:

@@ -42,6 +42,14 @@ class LoadedCheckpoint:
     format: CheckpointFormat
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def findings(self) -> dict[str, Any]:
+        """What the report should say about the file itself: the globals a BackdoorBench pickle named, which
+        were neutralised (sorted, at most ``max_listed_globals``, with the full count); empty otherwise."""
+        if "ignored_globals" not in self.meta:
+            return {}
+        return {"ignored_globals": list(self.meta["ignored_globals"]),
+                "ignored_globals_count": int(self.meta.get("ignored_globals_count", len(self.meta["ignored_globals"])))}
+
 
 def is_nonneg_int(v: object) -> bool:
     """True for a plain non-negative ``int`` (not ``bool``): the only thing a size or offset may be."""
