@@ -54,8 +54,11 @@ def load_image_zip(
         x = np.empty((len(members), h, w, channels), dtype=np.uint8)
         for i, m in enumerate(members):
             img = _decode(zf, m.info, limits)
-            if img.shape[:2] != (h, w):  # the header said otherwise: a file that changed its mind
-                raise DataFormatError(f"image {m.info.filename!r} decodes to {wxh(img.shape[:2])}, not {wxh((h, w))}")
+            if img.shape[:2] != (h, w) or img.shape[2] > channels:  # not what its header said
+                raise DataFormatError(
+                    f"image {m.info.filename!r} decodes to {wxh(img.shape[:2])} with {img.shape[2]} channel(s), "
+                    f"not the {wxh((h, w))} its header declared"
+                )
             x[i] = img  # a grayscale image broadcasts into a colour folder's three channels
     y = np.array([labels[m.class_name] for m in members], dtype=np.int64)
     check_labels(y, num_classes)
@@ -72,24 +75,31 @@ def _plan_decode(
         w, h, mode = _header(zf, m.info, limits)
         if first is None:
             first = (m.info.filename, (h, w))
+            # every image has the first one's size: the budgets are known now, before the other headers
+            _check_budgets(len(members), h, w, 1, limits, archive_bytes)
         elif (h, w) != first[1]:
             raise DataFormatError(
                 f"image {m.info.filename!r} is {wxh((h, w))} but {first[0]!r} is "
                 f"{wxh(first[1])}; all images must have the same size"
             )
         # a folder mixing grayscale and colour images becomes colour throughout
-        if mode not in ("L", "1"):
+        if mode not in _GRAY_MODES:
             channels = 3
     assert first is not None
     h, w = first[1]
-    total = len(members) * h * w
+    _check_budgets(len(members), h, w, channels, limits, archive_bytes)
+    return h, w, channels
+
+
+def _check_budgets(n: int, h: int, w: int, channels: int, limits: DataLimits, archive_bytes: int) -> None:
+    """Refuse ``n`` images of ``h``×``w`` past the total pixel budget, or decoding past the ratio limit."""
+    total = n * h * w
     if total > limits.max_total_pixels:
         raise DataFormatError(
-            f"zip's {len(members)} images of {wxh((h, w))} hold {total} pixels together, over the limit of "
+            f"zip's {n} images of {wxh((h, w))} hold {total} pixels together, over the limit of "
             f"{limits.max_total_pixels}"
         )
     check_ratio("zip's images", total * channels, archive_bytes, limits)
-    return h, w, channels
 
 
 def _image_members(zf: zipfile.ZipFile, limits: DataLimits) -> list[_Member]:
