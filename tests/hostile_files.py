@@ -36,6 +36,19 @@ class RawTensor:
         return (torch._utils._rebuild_tensor_v2, args)
 
 
+class StatefulTensor(RawTensor):
+    """A :class:`RawTensor` followed by a BUILD with ``state``: ``Tensor.__setstate__`` would ``set_`` a
+    4-tuple, i.e. re-point the tensor at any storage, size and stride."""
+
+    def __init__(self, storage: StorageRef, size: tuple[int, ...], state: object) -> None:
+        super().__init__(storage, size)
+        self.state = state
+
+    def __reduce__(self):  # noqa: ANN204
+        rebuild, args = super().__reduce__()
+        return (rebuild, args, self.state)
+
+
 class ShadowedOrderedDict:
     """Pickles as an ``OrderedDict`` holding ``items`` whose BUILD then sets attributes named like its methods."""
 

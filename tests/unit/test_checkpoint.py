@@ -330,6 +330,11 @@ def test_hostile_pickle_errors_become_checkpoint_errors(tmp_path: Path) -> None:
         "bad_persistent": head + b"X\x01\x00\x00\x00kX\x01\x00\x00\x00zQs.",
         "deep": b"\x80\x02" + b"]" * 100_000 + b".",
     }
+    storage = hf.StorageRef(4)
+    for i, state in enumerate([(storage, 0, (10**6,), (0,)), (storage, 0, (100,), (1,)), {"a": 1, "b": 2, "c": 3},
+                               {"requires_grad": True}]):
+        bodies[f"tensor_build_{i}"] = hf.torch_pickle({"model": {"w": hf.StatefulTensor(storage, (4,), state)},
+                                                      "model_name": "x"})
     for name, body in bodies.items():
         with pytest.raises(CheckpointError):
             load_checkpoint(hf.backdoorbench_zip(tmp_path / f"{name}.pt", body))
