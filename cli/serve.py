@@ -70,7 +70,8 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
     try:
-        options: dict[str, Any] = {"host": host, "port": port, "log_config": None, "access_log": False}
+        options: dict[str, Any] = {"host": host, "port": port, "log_config": None, "access_log": False,
+                                   **server_limits(settings)}
         if workers == 1:
             uvicorn.run(create_app(settings), **options)
         else:
@@ -80,6 +81,15 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
     finally:
         if worker is not None:
             stop_worker(worker)
+
+
+def server_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn options for the limits that live in the HTTP server (the embedded default and production
+    alike): the head's byte cap and time limit (``api/http_protocol.py``)."""
+    from api.http_protocol import GuardedHttpToolsProtocol, HeadLimits
+
+    GuardedHttpToolsProtocol.limits = HeadLimits.of(settings)
+    return {"http": GuardedHttpToolsProtocol, "h11_max_incomplete_event_size": settings.max_header_bytes}
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:
