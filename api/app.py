@@ -143,8 +143,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.include_router(health.router)
+    # routes match in order: the polled GET /scans/{id} first, past as few patterns as possible
     app.include_router(scans.router)
+    app.include_router(health.router)
 
     # outermost last: BodyGuard sees every answer (the JSON 500 too) before its first byte goes out
     app.add_middleware(ErrorShield)
