@@ -122,6 +122,8 @@ class Progress:
             self._current = None
 
     def finish(self) -> dict[str, float]:
-        """End the current stage; the stage timings plus ``total`` (seconds since this reporter began)."""
+        """End the current stage and move the bar to this reporter's end; the stage timings plus ``total``
+        (seconds since this reporter began)."""
         self.close()
+        self.update(1.0)
         return {**self.timings, "total": round(self._now() - self._started, 4)}
