@@ -15,10 +15,11 @@ diverges above it on normalised inputs), momentum in [0, 1), weight decay in [0,
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, Strict, ValidationError, create_model
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -93,3 +94,36 @@ def check_fields(obj: object, skip: tuple[str, ...] = ()) -> None:
     cls = type(obj)
     types = field_types(cls, skip)
     check_params(cls.__name__, types, {name: getattr(obj, name) for name in types})
+
+
+def describe(tp: Any) -> str:
+    """A reader's description of a ranged annotation: ``whole number in [0, 300]``, ``list of 1-32 …``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        parts = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(describe(a) for a in parts) + (" or null" if len(parts) < len(typing.get_args(tp)) else "")
+    bounds: dict[str, Any] = {}
+    if typing.get_origin(tp) is Annotated:
+        base, *extras = typing.get_args(tp)
+        for extra in extras:
+            for item in getattr(extra, "metadata", [extra]):
+                for key in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+                    if hasattr(item, key):
+                        bounds[key] = getattr(item, key)
+        tp = base
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(f"`{v!r}`" for v in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        count = f"{bounds.get('min_length', 0)}-{bounds['max_length']} " if "max_length" in bounds else ""
+        return f"list of {count}({describe(typing.get_args(tp)[0])})"
+    name = {bool: "true or false", int: "whole number", float: "finite number", str: "text"}.get(tp, str(tp))
+    if tp is str and "max_length" in bounds:
+        return f"text of at most {bounds['max_length']} characters"
+    if not {"ge", "gt", "le", "lt"} & set(bounds):
+        return name
+    low = f"[{_num(bounds['ge'])}" if "ge" in bounds else f"({_num(bounds.get('gt', '-inf'))}"
+    high = f"{_num(bounds['le'])}]" if "le" in bounds else f"{_num(bounds.get('lt', 'inf'))})"
+    return f"{name} in {low}, {high}"
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

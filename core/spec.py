@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -125,3 +126,52 @@ class ScanSpec(BaseModel):
             raise ValueError(f"attack.target {self.attack.target} is not a class of a "
                              f"{self.model.num_classes}-class model")
         return self
+
+
+def parameter_reference() -> str:
+    """docs/parameters.md: every attack and repair parameter with its default and range, from the code (a
+    test keeps the file equal to this)."""
+    import dataclasses
+
+    from core.attacks.registry import ATTACKS, attack_param_types
+    from core.defenses.registry import COMMON_PARAMS, REPAIR_METHODS
+    from core.defenses.robust_head import RobustHeadConfig
+    from core.ranges import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LEARNING_RATE, describe
+
+    def row(name: str, tp: Any, default: Any) -> str:
+        shown = list(default) if isinstance(default, tuple) else default
+        return f"| `{name}` | {describe(tp)} | `{json.dumps(shown)}` |"
+
+    lines = ["# Spec parameters: names, defaults and ranges", "",
+             "Generated from the code (`core.spec.parameter_reference()`; a test keeps this file equal to it). "
+             "Every value is checked when the scan is submitted: a bad one is answered 422 with `field` naming "
+             "it, e.g. `spec.repair.params.epochs`. Whole numbers must be JSON integers (`2.5` and `true` are "
+             "refused), numbers must be finite (`NaN`, `Infinity` are refused), switches JSON booleans.", "",
+             f"Common bounds: epochs 0-{MAX_EPOCHS}, batch sizes 1-{MAX_BATCH_SIZE}, learning rates in "
+             f"(0, {MAX_LEARNING_RATE:g}]; with at most `ANTIDOTE_MAX_IMAGES` images this bounds a repair's "
+             "work, and the scan time limit (`ANTIDOTE_SCAN_TIME_LIMIT_S`) still stops it between batches.", "",
+             "## `spec.model`", "", "| field | type and range | default |", "| --- | --- | --- |"]
+    for name, info in ModelSpec.model_fields.items():
+        if name in ("mean", "std"):
+            lines.append(f"| `{name}` | list of 1 or `in_channels` values, {info.description} | `null` |")
+    lines += ["", "## `spec.repair.params`", "", "Parameters every method takes:", "",
+              "| parameter | type and range | default |", "| --- | --- | --- |"]
+    head = RobustHeadConfig()
+    for name, tp in COMMON_PARAMS.items():
+        lines.append(row(name, tp, getattr(head, name, False)))
+    for method, entry in REPAIR_METHODS.items():
+        cfg = entry.configure({}, 0)
+        lines += ["", f"### `{method}`", "", entry.description + ".", "",
+                  "| parameter | type and range | default |", "| --- | --- | --- |"]
+        for name, tp in entry.param_types.items():
+            owner = cfg if name in {f.name for f in dataclasses.fields(cfg)} else cfg.finetune
+            lines.append(row(name, tp, getattr(owner, name)))
+    lines += ["", "## `spec.attack.params`", "",
+              "`spec.attack.target` is a class of the model; `spec.seed` seeds the random patterns. Limits that "
+              "depend on the image size (`patch_size`, `k` at most the image's side) are checked when the "
+              "scan runs.", ""]
+    for name, builder in ATTACKS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(builder)}  # type: ignore[arg-type]
+        lines += [f"### `{name}`", "", "| parameter | type and range | default |", "| --- | --- | --- |"]
+        lines += [row(p, tp, defaults[p]) for p, tp in attack_param_types(name).items()] + [""]
+    return "\n".join(lines)

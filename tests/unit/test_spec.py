@@ -149,3 +149,14 @@ def test_worst_case_work_is_bounded_by_the_ranges() -> None:
             if "epochs" in key:
                 bounds = {type(m).__name__: m for m in getattr(tp, "__metadata__", ())[-1].metadata}
                 assert bounds["Le"].le <= MAX_EPOCHS, (name, key)
+
+
+def test_the_parameter_reference_in_docs_is_the_code_s() -> None:
+    """docs/parameters.md is generated; regenerate it with
+    ``python -c "from core.spec import parameter_reference as r; print(r(), end='')" > docs/parameters.md``."""
+    from pathlib import Path
+
+    from core.spec import parameter_reference
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "parameters.md"
+    assert docs.read_text() == parameter_reference()
