@@ -143,16 +143,14 @@ def evaluate(
         raise ValueError("clean test set is empty")
     n_bd = 0 if backdoor is None else len(backdoor.x)
     split = len(clean) / (len(clean) + n_bd)
-    part = None if progress is None else progress.stage("clean", 0.0, split)
+    part = None if progress is None else progress.span(0.0, split)
     acc = accuracy(predict(model, clean.x, norm, device, batch_size, part), clean.y)
     if backdoor is None:
         return Evaluation(acc=acc, asr=None, ra=None, n_clean=len(clean), n_backdoor=0)
     if n_bd == 0:
         raise ValueError("backdoor test set is empty")
-    part = None if progress is None else progress.stage("triggered", split, 1.0)
+    part = None if progress is None else progress.span(split, 1.0)
     pred = predict(model, backdoor.x, norm, device, batch_size, part)
-    if progress is not None:
-        progress.close()
     return Evaluation(
         acc=acc,
         asr=attack_success_rate(pred, backdoor.y_target),

@@ -77,9 +77,16 @@ class Progress:
         it keeps the bar where it is); a safe point, so it may raise :class:`StopRequested`."""
         self.close()
         self.check()
+        child = self._child(f"{self._label}:{name}" if self._label else name, lo, hi)
+        self._current = (name, self._clock())
+        child._started = self._current[1]
+        child.update(0.0)
+        return child
+
+    def _child(self, label: str, lo: float | None, hi: float | None) -> Progress:
+        """A reporter for ``[lo, hi]`` of this one's span (no span: a point where the bar is now)."""
         if lo is None or hi is None:
-            pos = min(max(self._root._high, self._lo), self._hi)
-            abs_lo = abs_hi = pos
+            abs_lo = abs_hi = min(max(self._root._high, self._lo), self._hi)
         else:
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ValueError(f"a stage's span must satisfy 0 <= lo <= hi <= 1, got [{lo}, {hi}]")
@@ -87,12 +94,15 @@ class Progress:
             abs_lo, abs_hi = self._lo + width * lo, self._lo + width * hi
         child = Progress.__new__(Progress)
         child.sink, child.sync, child.timings, child._clock = None, None, {}, self._clock
-        child._root, child._parent = self._root, self
-        child._label = f"{self._label}:{name}" if self._label else name
+        child._root, child._parent, child._label = self._root, self, label
         child._lo, child._hi, child._high, child._current = abs_lo, abs_hi, 0.0, None
-        self._current = (name, self._clock())
-        child._started = self._current[1]
-        child.update(0.0)
+        return child
+
+    def span(self, lo: float, hi: float) -> Progress:
+        """A part of this reporter's span, ``[lo, hi]``, under the same stage label and with no timing of its
+        own (e.g. the clean and the triggered pass of one evaluation)."""
+        child = self._child(self._label, lo, hi)
+        child._started = self._clock()
         return child
 
     def update(self, fraction: float) -> None:

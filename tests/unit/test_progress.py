@@ -52,7 +52,10 @@ def test_stages_are_timed_and_children_scaled_into_their_parent_span() -> None:
     unlearn.update(0.5)
     assert sink.reports[-1] == ("repair:unlearn", pytest.approx(0.35))  # 0.2 + 0.6 * (0.5 * 0.5)
     clock.now = 2.0
-    repair.stage("finetune", 0.5, 1.0).update(1.0)
+    finetune = repair.stage("finetune", 0.5, 1.0)
+    finetune.span(0.0, 0.5).update(1.0)  # a part of a stage keeps its label and has no timing of its own
+    assert sink.reports[-1] == ("repair:finetune", pytest.approx(0.65))  # 0.2 + 0.6 * (0.5 + 0.5 * 0.5)
+    finetune.update(1.0)
     clock.now = 4.0
     method_timings = repair.finish()
     root.stage("report", 0.8, 1.0)
