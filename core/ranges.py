@@ -61,8 +61,14 @@ def float_in(lo: float, hi: float, *, open_low: bool = False, open_high: bool = 
 
 def field_types(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The annotations (ranges included) of a dataclass's ``__init__`` fields, less ``skip``."""
+    return dict(_field_types(cls, skip))
+
+
+@cache
+def _field_types(cls: type, skip: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    # cached: string annotations are evaluated anew on each call, and new objects would miss _model's cache
     hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and f.name not in skip}
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.init and f.name not in skip)
 
 
 @cache

@@ -160,3 +160,18 @@ def test_the_parameter_reference_in_docs_is_the_code_s() -> None:
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "parameters.md"
     assert docs.read_text() == parameter_reference()
+
+
+def test_range_checks_reuse_one_validator_per_config() -> None:
+    """Configs are built on every repair and every attack: the checker must not build a new model each time."""
+    from core.attacks.registry import create_attack
+    from core.defenses.tsbd.config import TSBDConfig
+    from core.ranges import _model
+
+    TSBDConfig()
+    create_attack("wanet", image_shape=(8, 8, 1))
+    size = _model.cache_info().currsize
+    for _ in range(5):
+        TSBDConfig(finetune_epochs=3)
+        create_attack("wanet", image_shape=(8, 8, 1), k=3)
+    assert _model.cache_info().currsize == size
