@@ -189,3 +189,33 @@ def test_neutralised_globals_reach_the_report(ctx: WorkerContext, tmp_path: Path
     report = _scan(ctx.sessions, scan_id).report
     assert report is not None and report["model"]["format"] == "backdoorbench"
     assert "fractions.Fraction" in report["model"]["neutralised_globals"]
+
+
+def test_progress_reaches_the_database_at_most_twice_a_second(ctx: WorkerContext, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-batch reports are cheap: only stage changes and one write per half second reach the row."""
+    from worker import runner
+
+    scan_id = _queue_scan(ctx, tmp_path)
+    writes: list[str] = []
+    real = repository.record_progress
+
+    def counting(session: Session, sid: str, stage: str, progress: float, timings: dict[str, float]) -> bool:
+        writes.append(stage)
+        return real(session, sid, stage, progress, timings)
+
+    monkeypatch.setattr(runner.repository, "record_progress", counting)
+    sink = runner._ScanSink(ctx, scan_id, deadline=time.monotonic() + 60)
+    progress = runner.Progress(sink)
+    started = time.monotonic()
+    stage = progress.stage("evaluate_before", 0.0, 1.0)
+    for i in range(1000):
+        stage.update(i / 1000)
+        stage.check()
+    elapsed = time.monotonic() - started
+    # the stage change, then at most one write per half second (a few ms here, unless the machine stalls)
+    assert set(writes) == {"evaluate_before"} and len(writes) <= 1 + elapsed / runner._ScanSink.WRITE_INTERVAL_S
+    progress.stage("report", 0.0, 1.0)
+    assert writes[-1] == "report"
+    sink.deadline = time.monotonic() - 1
+    assert progress.should_stop() == "time_limit"
