@@ -59,7 +59,7 @@ class _ScanSink:
 
     def __init__(self, ctx: WorkerContext, scan_id: str, deadline: float) -> None:
         self.ctx, self.scan_id, self.deadline = ctx, scan_id, deadline
-        self.stage, self.fraction = "start", 0.0
+        self.stage, self.fraction = "starting", 0.0  # what claim_scan wrote
         self.timings: dict[str, float] = {}
         self.canceled = False
         self._last_write = float("-inf")
