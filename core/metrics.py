@@ -127,6 +127,10 @@ class Evaluation:
     n_clean: int
     n_backdoor: int
 
+    def scores(self) -> dict[str, float | None]:
+        """ACC, ASR and RA as the scan report's ``before`` and ``after`` blocks hold them."""
+        return {"acc": self.acc, "asr": self.asr, "ra": self.ra}
+
 
 def evaluate(
     model: nn.Module,

@@ -19,7 +19,6 @@ import torch
 
 from core.data.formats import DataLimits
 from core.data.imageset import ImageSet
-from core.data.transforms import Normalization
 from core.inputs import InputError, LoadedInputs, ScanInputs, load_inputs
 from core.metrics import evaluate
 from core.models.registry import create_model
@@ -84,8 +83,8 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     backdoor = _backdoor_set(spec, loaded, eval_set)
     norm = spec.model.normalization()
 
-    before = _evaluate(model, eval_set, backdoor, norm, dev, progress.stage("evaluate_before",
-                                                                             *spans["evaluate_before"]))
+    before = evaluate(model, eval_set, backdoor, norm, dev,
+                      progress=progress.stage("evaluate_before", *spans["evaluate_before"])).scores()
     report: dict[str, Any] = {
         "mode": spec.mode,
         "model": {
@@ -121,8 +120,8 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         except ValueError as exc:  # parameters the method's config refuses
             raise InputError("spec.repair.params", str(exc)) from exc
         repaired = result.model
-        after = _evaluate(repaired, eval_set, backdoor, norm, dev,
-                          progress.stage("evaluate_after", *spans["evaluate_after"]))
+        after = evaluate(repaired, eval_set, backdoor, norm, dev,
+                         progress=progress.stage("evaluate_after", *spans["evaluate_after"])).scores()
         report["after"] = after
         report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
                             "details": result.details, "timings": result.timings}
@@ -172,13 +171,6 @@ def _backdoor_set(spec: ScanSpec, loaded: LoadedInputs, eval_set: ImageSet) -> _
     except ValueError as exc:  # e.g. every evaluation image already has the target label
         raise InputError("spec.attack", str(exc)) from exc
     return _Backdoor(bd.x, bd.y_target, bd.y_true, f"attack:{spec.attack.type}")
-
-
-def _evaluate(model: torch.nn.Module, clean: ImageSet, backdoor: _Backdoor | None, norm: Normalization,
-              device: torch.device, progress: Progress) -> dict[str, float | None]:
-    """The report's ``before``/``after`` block, from the one evaluation path (:func:`core.metrics.evaluate`)."""
-    result = evaluate(model, clean, backdoor, norm, device, progress=progress)
-    return {"acc": result.acc, "asr": result.asr, "ra": result.ra}
 
 
 def _save_like_upload(model: torch.nn.Module, uploaded: dict[str, torch.Tensor], path: Path) -> None:
