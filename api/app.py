@@ -9,14 +9,25 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Response
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.body_guard import BodyGuard
 from api.deps import KeyCache
-from api.errors import ApiError, api_error_handler
+from api.errors import (
+    ERROR_RESPONSES,
+    ApiError,
+    ErrorShield,
+    api_error_handler,
+    http_error_handler,
+    validation_error_handler,
+)
 from api.metrics import ApiMetrics
 from api.routes import health, scans
+from api.upload_budget import UploadBudget
 from store import repository
 from store.db import make_engine, make_session_factory
 from store.objects import open_store
@@ -88,8 +99,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="Antidote", version="0.1.0", lifespan=_lifespan,
-                  description="Scans and repairs backdoored image classifiers. See CONTRACT.md.")
+    app = FastAPI(title="Antidote", version="0.1.0", lifespan=_lifespan, responses=ERROR_RESPONSES,
+                  description="Scans and repairs backdoored image classifiers. See docs/api.md.")
     engine = make_engine(settings.resolved_database_url)
     app.state.settings = settings
     app.state.engine = engine
@@ -98,11 +109,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.metrics = ApiMetrics(app.state.sessions)
     app.state.key_cache = KeyCache(settings.key_cache_s)
+    app.state.upload_budget = UploadBudget(settings.max_concurrent_uploads, settings.max_spool_bytes,
+                                           settings.retry_after_s)
     app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(health.router)
     app.include_router(scans.router)
 
+    # outermost last: BodyGuard sees every answer (the JSON 500 too) before its first byte goes out
+    app.add_middleware(ErrorShield)
     app.add_middleware(RequestTimer, histogram=app.state.metrics.request_seconds)
+    app.add_middleware(BodyGuard, drain_max_bytes=settings.drain_max_bytes,
+                       drain_timeout_s=settings.drain_timeout_s, read_timeout_s=settings.body_read_timeout_s)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

@@ -1,4 +1,4 @@
-"""Response bodies of the REST API (CONTRACT.md)."""
+"""Response bodies of the REST API (docs/api.md)."""
 
 from __future__ import annotations
 

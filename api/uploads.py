@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from api.errors import ApiError
 
@@ -38,121 +41,159 @@ class PartRule:
     is_file: bool
 
 
+@dataclass
 class _Part:
-    def __init__(self) -> None:
-        self.headers: dict[str, bytes] = {}
-        self.name: str | None = None
-        self.filename: str | None = None
-        self.size = 0
-        self.digest = hashlib.sha256()
-        self.file = None  # type: ignore[var-annotated]
-        self.path: Path | None = None
-        self.buffer = bytearray()
+    """The part being parsed: its headers, then its bytes (into a temp file, or a buffer for a text field)."""
+
+    headers: dict[str, bytes] = field(default_factory=dict)
+    name: str = ""
+    filename: str | None = None
+    size: int = 0
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    file: IO[bytes] | None = None
+    path: Path | None = None
+    buffer: bytearray = field(default_factory=bytearray)
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
 
 
-async def receive_form(request: Request, rules: dict[str, PartRule], max_total: int, tmp_dir: Path) -> ReceivedForm:
-    """Parse the body into files under ``tmp_dir`` and small text fields; raises ``ApiError`` 413/415/422."""
-    content_type, params = parse_options_header(request.headers.get("content-type", ""))
-    if content_type != b"multipart/form-data" or b"boundary" not in params:
-        raise ApiError(415, "POST /scans takes multipart/form-data")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_total:
-        raise ApiError(413, f"upload of {int(declared)} bytes is over the limit of {max_total} bytes")
+class MultipartReceiver:
+    """The parser's callbacks as methods over typed state; the first problem found is kept and raised."""
 
-    form = ReceivedForm()
-    state: dict[str, object] = {"part": None, "field": b"", "value": b"", "error": None}
+    def __init__(self, rules: dict[str, PartRule], tmp_dir: Path) -> None:
+        self.rules, self.tmp_dir = rules, tmp_dir
+        self.form = ReceivedForm()
+        self.error: ApiError | None = None
+        self._part = _Part()
+        self._header_field, self._header_value = b"", b""
 
-    def fail(error: ApiError) -> None:
-        if state["error"] is None:
-            state["error"] = error
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end}
 
-    def on_part_begin() -> None:
-        state["part"] = _Part()
+    def fail(self, error: ApiError) -> None:
+        if self.error is None:
+            self.error = error
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] = bytes(state["field"]) + data[start:end]  # type: ignore[operator]
+    def on_part_begin(self) -> None:
+        self._part = _Part()
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] = bytes(state["value"]) + data[start:end]  # type: ignore[operator]
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
 
-    def on_header_end() -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
-        part.headers[bytes(state["field"]).decode("latin-1").lower()] = bytes(state["value"])  # type: ignore[arg-type]
-        state["field"], state["value"] = b"", b""
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
 
-    def on_headers_finished() -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
+    def on_header_end(self) -> None:
+        self._part.headers[self._header_field.decode("latin-1").lower()] = self._header_value
+        self._header_field, self._header_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        part = self._part
         _, disp = parse_options_header(part.headers.get("content-disposition", b""))
-        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        part.name = disp.get(b"name", b"").decode("utf-8", "replace")
         filename = disp.get(b"filename")
-        part.name = name
         part.filename = os.path.basename(filename.decode("utf-8", "replace")) if filename else None
-        rule = rules.get(name)
+        rule = self.rules.get(part.name)
         if rule is None:
-            fail(ApiError(422, f"unknown part {name!r}; expected some of: {', '.join(rules)}", field=name))
-            return
-        if name in form.files or name in form.fields:
-            fail(ApiError(422, f"part {name!r} was sent twice", field=name))
-            return
-        if rule.is_file:
-            if not part.filename:
-                fail(ApiError(422, f"part {name!r} must be a file with a filename", field=name))
-                return
-            fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f"{name}-")
+            self.fail(ApiError(422, f"unknown part {part.name!r}; expected some of: {', '.join(self.rules)}",
+                               field=part.name))
+        elif part.name in self.form.files or part.name in self.form.fields:
+            self.fail(ApiError(422, f"part {part.name!r} was sent twice", field=part.name))
+        elif rule.is_file and not part.filename:
+            self.fail(ApiError(422, f"part {part.name!r} must be a file with a filename", field=part.name))
+        elif rule.is_file:
+            fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{part.name}-")
             part.file, part.path = os.fdopen(fd, "wb"), Path(tmp)
 
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
-        if state["error"] is not None or part.name not in rules:
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        rule = self.rules.get(part.name)
+        if self.error is not None or rule is None:
             return
         chunk = data[start:end]
         part.size += len(chunk)
-        rule = rules[part.name]
         if part.size > rule.max_bytes:
-            fail(ApiError(413, f"part {part.name!r} is over its limit of {rule.max_bytes} bytes", field=part.name))
-            return
-        if part.file is not None:
+            self.fail(ApiError(413, f"part {part.name!r} is over its limit of {rule.max_bytes} bytes",
+                               field=part.name))
+        elif part.file is not None:
             part.file.write(chunk)
             part.digest.update(chunk)
         else:
             part.buffer += chunk
 
-    def on_part_end() -> None:
-        part: _Part = state["part"]  # type: ignore[assignment]
-        if part.file is not None:
-            part.file.close()
-        if state["error"] is not None or part.name not in rules:
+    def on_part_end(self) -> None:
+        part = self._part
+        part.close()
+        if self.error is not None or part.name not in self.rules:
             return
         if part.path is not None:
-            form.files[part.name] = ReceivedFile(part.path, part.filename or "", part.size, part.digest.hexdigest())
-        else:
-            try:
-                form.fields[part.name] = part.buffer.decode("utf-8")
-            except UnicodeDecodeError:
-                fail(ApiError(422, f"part {part.name!r} is not UTF-8 text", field=part.name))
+            self.form.files[part.name] = ReceivedFile(part.path, part.filename or "", part.size,
+                                                      part.digest.hexdigest())
+            return
+        try:
+            self.form.fields[part.name] = part.buffer.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(ApiError(422, f"part {part.name!r} is not UTF-8 text", field=part.name))
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end,
-    }, max_header_count=16)
+    def close(self) -> None:
+        """Close the temp file of a part cut off by an error (the caller removes ``tmp_dir``)."""
+        self._part.close()
+
+
+def check_form_headers(request: Request, max_total: int) -> bytes:
+    """The boundary of a ``multipart/form-data`` body no longer than ``max_total``; 415/413 otherwise.
+
+    Runs before a byte of the body is read, so that the early answer needs no body at all."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise ApiError(415, "POST /scans takes multipart/form-data", field="content-type")
+    declared = declared_length(request)
+    if declared is not None and declared > max_total:
+        raise ApiError(413, f"upload of {declared} bytes is over the limit of {max_total} bytes",
+                       field="content-length")
+    return params[b"boundary"]
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's ``Content-Length`` when the client sent a valid one."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
+async def receive_form(request: Request, rules: dict[str, PartRule], max_total: int, tmp_dir: Path,
+                       on_bytes: Callable[[int], None] | None = None) -> ReceivedForm:
+    """Parse the body into files under ``tmp_dir`` and small text fields; raises ``ApiError`` 408/413/415/422.
+
+    ``on_bytes`` sees every chunk's size before it is written (the spool budget refuses there)."""
+    boundary = check_form_headers(request, max_total)
+    receiver = MultipartReceiver(rules, tmp_dir)
+    parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=16)
+    form = receiver.form
     try:
         async for chunk in request.stream():
             form.total_bytes += len(chunk)
             if form.total_bytes > max_total:
                 raise ApiError(413, f"upload is over the limit of {max_total} bytes")
+            if on_bytes is not None:
+                on_bytes(len(chunk))
             parser.write(chunk)
-            if state["error"] is not None:
-                raise state["error"]  # type: ignore[misc]
+            if receiver.error is not None:
+                raise receiver.error
         parser.finalize()
     except ApiError:
         raise
+    except ClientDisconnect as exc:  # the client left, or sent nothing for ANTIDOTE_BODY_READ_TIMEOUT_S
+        raise ApiError(408, "the upload stopped before its end: the client left or sent nothing for "
+                            f"{request.app.state.settings.body_read_timeout_s:g} s") from exc
     except Exception as exc:  # the parser's own errors: a malformed body
         raise ApiError(422, f"malformed multipart body: {exc}") from exc
     finally:
-        part = state["part"]
-        if isinstance(part, _Part) and part.file is not None and not part.file.closed:
-            part.file.close()
-    if state["error"] is not None:
-        raise state["error"]  # type: ignore[misc]
+        receiver.close()
+    if receiver.error is not None:
+        raise receiver.error
     return form

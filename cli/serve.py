@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -63,10 +64,20 @@ def serve(settings: Settings, host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False,
+                    **server_limits(settings))
     finally:
         if worker is not None:
             stop_worker(worker)
+
+
+def server_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn options for the limits that live in the HTTP server (the embedded default and production
+    alike): the head's byte cap and time limit (``api/http_protocol.py``)."""
+    from api.http_protocol import GuardedHttpToolsProtocol, HeadLimits
+
+    GuardedHttpToolsProtocol.limits = HeadLimits.of(settings)
+    return {"http": GuardedHttpToolsProtocol, "h11_max_incomplete_event_size": settings.max_header_bytes}
 
 
 def _exit(signum: int, _frame: object) -> None:

@@ -55,7 +55,7 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
     if spec.mode == "repair_data" and inputs.training_data is None:
         raise InputError("training_data", "is required by mode repair_data")
     try:
-        checkpoint = load_checkpoint(inputs.model.path, inputs.model.filename)
+        checkpoint = load_checkpoint(inputs.model.path, inputs.model.filename, limits=limits.checkpoint)
     except UnsupportedFormatError as exc:
         raise InputError("model", str(exc), unsupported=True) from exc
     except CheckpointError as exc:

@@ -1,4 +1,4 @@
-"""ACC, ASR, RA and DER as BackdoorBench defines them (RESEARCH.md §2), and batched prediction."""
+"""ACC, ASR, RA and DER as BackdoorBench defines them (docs/methods.md), and batched prediction."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def predict(
     """Predicted labels (int64) for uint8 ``N×H×W×C`` images; the model must already be on ``device``.
 
     Runs in eval mode under ``torch.inference_mode()``; on CUDA with bf16 autocast and channels-last input
-    (DESIGN.md). Every submodule's train/eval flag is restored afterwards, so a caller mid-training is
+    (docs/methods.md). Every submodule's train/eval flag is restored afterwards, so a caller mid-training is
     unaffected. ``progress``, when given, is polled and advanced batch by batch.
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:

@@ -85,6 +85,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
 
     before = evaluate(model, eval_set, backdoor, norm, dev,
                       progress=progress.stage("evaluate_before", *spans["evaluate_before"])).scores()
+    findings = loaded.checkpoint.findings()
     report: dict[str, Any] = {
         "mode": spec.mode,
         "model": {
@@ -95,8 +96,9 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
             "format": loaded.checkpoint.format,
             "parameters": int(sum(p.numel() for p in model.parameters())),
             # BackdoorBench files: the names of the pickle's globals that were replaced by an inert
-            # placeholder instead of being imported (empty for every other format)
-            "neutralised_globals": list(loaded.checkpoint.meta.get("ignored_globals", [])),
+            # placeholder instead of being imported (sorted, the list capped; empty for every other format)
+            "neutralised_globals": findings.get("ignored_globals", []),
+            "neutralised_globals_count": findings.get("ignored_globals_count", 0),
         },
         "data": {
             "clean_images": len(loaded.clean),

@@ -1,4 +1,4 @@
-"""The scan specification clients send as the ``spec`` part (CONTRACT.md), validated field by field."""
+"""The scan specification clients send as the ``spec`` part (docs/api.md), validated field by field."""
 
 from __future__ import annotations
 

@@ -118,6 +118,13 @@ def delete_scan(session: Session, scan: Scan) -> None:
     session.commit()
 
 
+def count_active_scans(session: Session, tenant_id: str) -> int:
+    """The tenant's queued and running scans (its cap, ANTIDOTE_MAX_ACTIVE_SCANS_PER_TENANT, is checked on
+    POST /scans; the tenant and status indexes make it one index range)."""
+    return int(session.scalar(select(func.count()).select_from(Scan).where(
+        Scan.tenant_id == tenant_id, Scan.status.in_([ScanStatus.queued.value, ScanStatus.running.value]))) or 0)
+
+
 def count_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Scan.status, func.count()).group_by(Scan.status)).all()
     counts = {s.value: 0 for s in ScanStatus}

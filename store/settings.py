@@ -37,10 +37,47 @@ class Settings(BaseSettings):
     max_data_bytes: int = Field(1024**3, gt=0, description="Each data part.")
     max_images: int = Field(200_000, gt=0, description="Images in one data file.")
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="Pixels of one image.")
-    max_zip_members: int = Field(250_000, gt=0)
-    max_zip_expanded_bytes: int = Field(4 * 1024**3, gt=0)
+    max_zip_members: int = Field(250_000, gt=0, description="Members of one .zip or .npz.")
+    max_zip_expanded_bytes: int = Field(4 * 1024**3, gt=0, description="Bytes one .zip or .npz expands to.")
+    max_zip_ratio: float = Field(
+        200.0, gt=1, description="How many times its stored size a zip member, an .npz array, or an image "
+        "folder's decoded pixels may expand (checked above 16 MiB); bombs expand a thousand-fold."
+    )
+    max_total_pixels: int = Field(
+        256 * 1024**2, gt=0, description="Pixels (N x H x W) of all images of one image-folder upload, read "
+        "from the image headers before anything is decoded."
+    )
+    max_pickle_bytes: int = Field(256 * 1024**2, gt=0, description="data.pkl of a torch or BackdoorBench file.")
+    max_pickle_globals: int = Field(
+        1000, gt=0, description="Distinct globals a BackdoorBench pickle may name (each is neutralised, not run)."
+    )
+    max_pickle_memory_ratio: float = Field(
+        2.0, gt=0, description="Memory the objects of a data.pkl may take, estimated from its opcodes before "
+        "unpickling, as a multiple of its size (plus pickle_memory_slack_bytes)."
+    )
+    pickle_memory_slack_bytes: int = Field(64 * 1024**2, ge=0, description="See max_pickle_memory_ratio.")
 
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
+
+    # server limits (api/http_protocol.py, api/body_guard.py, api/upload_budget.py, create_scan)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="Bytes of a request head (line + headers); "
+                                  "more is refused with 431.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection whose request head has not fully "
+                                    "arrived this long after it opened (or after the head began) is closed "
+                                    "(408 if it sent part of one).")
+    body_read_timeout_s: float = Field(60.0, gt=0, description="An upload that sends no byte for this long is "
+                                       "ended with 408.")
+    drain_max_bytes: int = Field(1024**3, ge=0, description="After an early answer (401/413/415/422/429/503) "
+                                 "at most this many unread body bytes are read and discarded so that the "
+                                 "client can read the answer; a longer rest closes the connection at once.")
+    drain_timeout_s: float = Field(60.0, ge=0, description="Time bound of that draining.")
+    max_concurrent_uploads: int = Field(8, gt=0, description="POST /scans bodies received at once by one API "
+                                        "process; more are answered 503 with Retry-After.")
+    max_spool_bytes: int = Field(8 * 1024**3, gt=0, description="Bytes the uploads of one API process may hold "
+                                 "in temp files at once (declared lengths are reserved up front); more: 503.")
+    max_active_scans_per_tenant: int = Field(100, gt=0, description="Queued + running scans one tenant may "
+                                             "have; a new POST /scans over it is answered 429.")
+    retry_after_s: int = Field(10, gt=0, description="The Retry-After of the 503 and 429 answers above.")
 
     log_level: str = "INFO"
     log_json: bool = True
@@ -58,10 +95,14 @@ class Settings(BaseSettings):
         + 120 s, store/queue.py) kills the task and acknowledges it, so nobody else will end it. 60 s of grace."""
         return self.scan_time_limit_s + 120 + 60
 
-    def data_limits(self) -> dict[str, int]:
-        """Keyword arguments for ``core.data.formats.DataLimits``."""
+    def data_limits(self) -> dict[str, int | float]:
+        """Keyword arguments for ``core.data.formats.DataLimits`` (which also carries the checkpoint's)."""
         return {"max_images": self.max_images, "max_pixels_per_image": self.max_image_pixels,
-                "max_zip_members": self.max_zip_members, "max_expanded_bytes": self.max_zip_expanded_bytes}
+                "max_zip_members": self.max_zip_members, "max_expanded_bytes": self.max_zip_expanded_bytes,
+                "max_compression_ratio": self.max_zip_ratio, "max_total_pixels": self.max_total_pixels,
+                "max_pickle_bytes": self.max_pickle_bytes, "max_pickle_globals": self.max_pickle_globals,
+                "max_pickle_memory_ratio": self.max_pickle_memory_ratio,
+                "pickle_memory_slack_bytes": self.pickle_memory_slack_bytes}
 
     @property
     def resolved_database_url(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import current_tenant, get_session
-from api.errors import ApiError
+from api.errors import ERROR_RESPONSES, ApiError, ErrorOut
 from api.schemas import ScanCreated, ScanOut, ScanPageOut
-from api.uploads import SPEC_MAX_BYTES, PartRule, ReceivedForm, receive_form
+from api.uploads import SPEC_MAX_BYTES, PartRule, ReceivedForm, check_form_headers, declared_length, receive_form
 from core.data.formats import DataLimits
 from core.inputs import InputError, ScanInputs, UploadedFile, load_inputs
 from core.pipeline import available_modes
@@ -28,26 +27,39 @@ from store.models import TERMINAL_STATUSES, Scan, ScanStatus, Tenant
 from store.objects import ObjectNotFound
 from store.queue import enqueue_scan
 
-router = APIRouter(tags=["scans"])
+router = APIRouter(tags=["scans"], responses={404: {"model": ErrorOut, "description": "no such scan for this tenant"}})
 log = logging.getLogger("antidote.api")
 FILE_PARTS = ("model", "clean_data", "test_data", "poisoned_data", "training_data")
 
 
-@router.post("/scans", status_code=202, response_model=ScanCreated,
-             responses={413: {"description": "an upload over its limit"}, 415: {"description": "unknown format"},
-                        422: {"description": "invalid spec or data; the answer names the field"}})
+@router.post("/scans", status_code=202, response_model=ScanCreated, responses={
+    **ERROR_RESPONSES,
+    408: {"model": ErrorOut, "description": "the upload stopped before its end"},
+    413: {"model": ErrorOut, "description": "an upload over its limit"},
+    415: {"model": ErrorOut, "description": "not multipart/form-data, or a file format not in the contract"},
+    422: {"model": ErrorOut, "description": "invalid spec or data; the answer names the field"},
+    429: {"model": ErrorOut, "description": "the tenant has ANTIDOTE_MAX_ACTIVE_SCANS_PER_TENANT scans queued "
+                                            "or running"},
+    503: {"model": ErrorOut, "description": "too many uploads at once, or the queue is down; see Retry-After"}},
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["model", "spec", "clean_data"],
+        "properties": {"spec": {"type": "string", "description": "the scan spec, JSON (docs/api.md)"},
+                       **{p: {"type": "string", "format": "binary"} for p in FILE_PARTS}}}}}}})
 async def create_scan(request: Request, response: Response, tenant: Tenant = Depends(current_tenant)) -> ScanCreated:
     """Upload a model, a clean data subset and a spec; the scan is queued once every part checks out.
 
     Parts: ``model``, ``spec`` (JSON), ``clean_data``, and optionally ``test_data``, ``poisoned_data``,
-    ``training_data`` (CONTRACT.md)."""
+    ``training_data`` (docs/api.md, the API reference). Every refusal that needs no body (401, 413 by
+    ``Content-Length``, 415, 429, 503) comes before a byte of it is read, so it costs no disk."""
     state = request.app.state
     settings = state.settings
+    check_form_headers(request, settings.max_upload_bytes)
+    await run_in_threadpool(_check_tenant_cap, request, tenant)
     rules = {"spec": PartRule(SPEC_MAX_BYTES, is_file=False), "model": PartRule(settings.max_model_bytes, True)}
     rules.update({p: PartRule(settings.max_data_bytes, True) for p in FILE_PARTS[1:]})
-    tmp = Path(tempfile.mkdtemp(prefix="antidote-upload-"))
-    try:
-        form = await receive_form(request, rules, settings.max_upload_bytes, tmp)
+    with (state.upload_budget.admit(declared_length(request)) as ticket,
+          tempfile.TemporaryDirectory(prefix="antidote-upload-", ignore_cleanup_errors=True) as tmp):
+        form = await receive_form(request, rules, settings.max_upload_bytes, Path(tmp), on_bytes=ticket.spool)
         state.metrics.upload_bytes.inc(form.total_bytes)
         spec = _parse_spec(form)
         inputs = _scan_inputs(form)
@@ -56,14 +68,25 @@ async def create_scan(request: Request, response: Response, tenant: Tenant = Dep
         except InputError as exc:
             raise ApiError(415 if exc.unsupported else 422, str(exc), field=exc.field) from exc
         scan_id = repository.new_id()
+        await run_in_threadpool(_check_tenant_cap, request, tenant)  # again: others may have queued meanwhile
         await run_in_threadpool(_store_scan, request, scan_id, tenant.id, spec, form)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     response.headers["Location"] = f"/scans/{scan_id}"
     token = scan_id_var.set(scan_id)
     log.info("scan queued", extra={"tenant": tenant.name, "bytes": form.total_bytes, "mode": spec.mode})
     scan_id_var.reset(token)
     return ScanCreated(id=scan_id, status=ScanStatus.queued.value)
+
+
+def _check_tenant_cap(request: Request, tenant: Tenant) -> None:
+    """429 when the tenant already has its cap of queued and running scans."""
+    settings = request.app.state.settings
+    cap = settings.max_active_scans_per_tenant
+    with request.app.state.sessions() as session:
+        active = repository.count_active_scans(session, tenant.id)
+    if active >= cap:
+        raise ApiError(429, f"tenant {tenant.name!r} has {active} scans queued or running, the cap is "
+                            f"ANTIDOTE_MAX_ACTIVE_SCANS_PER_TENANT={cap}; retry when some have finished",
+                       headers={"Retry-After": str(settings.retry_after_s)})
 
 
 def _parse_spec(form: ReceivedForm) -> ScanSpec:
@@ -113,7 +136,8 @@ def _store_scan(request: Request, scan_id: str, tenant_id: str, spec: ScanSpec, 
             if scan is not None:
                 repository.delete_scan(session, scan)
         state.store.delete_prefix(prefix)
-        raise ApiError(503, "the job queue is unavailable; nothing was stored, try again later") from exc
+        raise ApiError(503, "the job queue is unavailable; nothing was stored, try again later",
+                       headers={"Retry-After": str(state.settings.retry_after_s)}) from exc
 
 
 def _own_scan(session: Session, tenant: Tenant, scan_id: str) -> Scan:
@@ -141,7 +165,8 @@ def list_scans(status: ScanStatus | None = None, limit: int = Query(20, ge=1, le
     return ScanPageOut(items=[ScanOut.of(s) for s in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/scans/{scan_id}/report")
+@router.get("/scans/{scan_id}/report", responses={
+    409: {"model": ErrorOut, "description": "the scan has not succeeded (yet); the answer says why"}})
 def read_report(scan_id: str, tenant: Tenant = Depends(current_tenant),
                 session: Session = Depends(get_session)) -> dict[str, Any]:
     """The ACC/ASR report, once the scan has succeeded (409 before)."""

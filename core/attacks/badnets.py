@@ -15,7 +15,7 @@ from core.ranges import int_in
 class BadNets(Attack):
     """A ``patch_size``×``patch_size`` white square in the bottom-right corner.
 
-    Defaults from BackdoorBench (RESEARCH.md §2): 3×3, white (255), all-to-one target 0; the patch is not
+    Defaults from BackdoorBench (docs/methods.md): 3×3, white (255), all-to-one target 0; the patch is not
     scaled with the image size.
     """
 

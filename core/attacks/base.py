@@ -1,5 +1,5 @@
 """The attack interface and the two data operations every attack shares: poisoning a training set and
-building a backdoor test set (BackdoorBench conventions, RESEARCH.md §2)."""
+building a backdoor test set (BackdoorBench conventions, docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from core.ranges import float_in
 class Blended(Attack):
     """``x' = round((1 - alpha) x + alpha p)`` with ``p`` uniform noise in [0, 255] drawn from ``seed``.
 
-    BackdoorBench blends a "hello kitty" picture with alpha 0.2 (RESEARCH.md §2); any fixed full-size pattern
+    BackdoorBench blends a "hello kitty" picture with alpha 0.2 (docs/methods.md); any fixed full-size pattern
     is the same attack, and seeded noise needs no image file.
     """
 

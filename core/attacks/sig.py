@@ -16,7 +16,7 @@ class SIG(Attack):
     """``x'[i, j] = clip(x[i, j] + delta sin(2 pi j f / W))``: the signal varies along the width only.
 
     Clean-label: only target-class training images are poisoned and their labels kept, so there is no
-    all-to-all variant. Defaults from BackdoorBench (RESEARCH.md §2): delta 40 pixel levels, f 6.
+    all-to-all variant. Defaults from BackdoorBench (docs/methods.md): delta 40 pixel levels, f 6.
     """
 
     name: ClassVar[str] = "sig"

@@ -22,7 +22,7 @@ class WaNet(Attack):
 
     The field follows BackdoorBench: ``k×k`` uniform noise in [-1, 1], normalised to mean absolute value 1,
     upsampled bicubically to ``H×W``, scaled by ``s / H`` (``s / W`` along the width), added to the identity
-    grid, multiplied by ``grid_rescale`` and clamped to [-1, 1]. Defaults (RESEARCH.md §2): k 4, s 0.5,
+    grid, multiplied by ``grid_rescale`` and clamped to [-1, 1]. Defaults (BackdoorBench, docs/methods.md): k 4, s 0.5,
     grid_rescale 1, noise mode with cross_ratio 2.
 
     BackdoorBench trains WaNet with its own loop that warps each batch on the fly; here it is data poisoning:

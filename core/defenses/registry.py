@@ -22,7 +22,7 @@ from core.progress import Progress
 from core.ranges import Flag, Ratio, check_params, field_types
 
 # What a fixed-n TSBD uses when the caller gives no n: the reference's best value on BadNets / PreAct-ResNet18
-# (RESEARCH.md §1: n=0.3 -> ASR 3.6%, ACC -2.2), i.e. the strongest fixed choice the reference's sweep found.
+# (an early H200 run of its loop: n=0.3 -> ASR 3.6%, ACC -2.2), the strongest fixed choice its sweep found.
 TSBD_FIXED_DEFAULT_N = 0.3
 # The automatic TSBD decays stage 2's learning rate to 0 (cosine) where the reference keeps it constant: on the
 # H200 run of BENCHMARKS.md §2.1 (commit 67013e8) it kept 1.5 more ACC points for the same ASR (mean of five

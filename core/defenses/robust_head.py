@@ -1,6 +1,6 @@
 """``repair.params.robust_hparams``: refit the classifier head with regularisation chosen by the trilevel model.
 
-Issue 4 / RESEARCH.md §4 (Sato, Tanaka & Takeda, NeurIPS 2021): the clean subset a team uploads may not be
+Issue 4 / docs/methods.md (Sato, Tanaka & Takeda, NeurIPS 2021): the clean subset a team uploads may not be
 clean, so the regularisation of the last repair step is chosen for the worst case. After a repair method has
 run, the repaired model's penultimate features ``phi`` of the clean subset are split into a fitting part and a
 held-out part, and the head ``W`` (the last ``nn.Linear``, weights and bias) is refitted by a three-level problem

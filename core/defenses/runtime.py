@@ -1,6 +1,6 @@
 """Shared machinery of the repair methods: device placement, batching, augmentation, evaluation.
 
-Everything here follows DESIGN.md's speed rules: on CUDA the clean subset lives on the device as uint8, batches
+Everything here follows docs/methods.md's speed rules: on CUDA the clean subset lives on the device as uint8, batches
 are augmented on the device, the forward/backward runs under bf16 autocast in channels-last layout, and
 evaluation runs in large batches under ``torch.inference_mode()``. On the CPU the same code runs in fp32.
 """

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from core.models.checkpoint.tensors import tensor_problem
 from core.models.registry import create_model
 
 _LIST_LIMIT = 10
@@ -73,7 +74,8 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
         for k in expected
         if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
     ]
-    # integer tensors copy into float parameters fine, but complex or float into an integer buffer do not
+    # a float weight must come as floats (integers there mean a wrong or hostile file), and an integer or
+    # boolean buffer as the same kind
     bad_dtype = [
         f"{k} expected {expected[k].dtype}, got {state_dict[k].dtype}"
         for k in expected
@@ -90,6 +92,10 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
         if bad_dtype:
             parts.append(_listing(bad_dtype, "dtype mismatch", "dtype mismatches"))
         raise ArchitectureMismatchError(f"state dict does not match {described}: " + "; ".join(parts))
+    # meta, sparse, quantized or nested tensors match keys and shapes but break every read of their values
+    unusable = [f"{k} {p}" for k, v in state_dict.items() if (p := tensor_problem(v)) is not None]
+    if unusable:
+        raise WeightsError(f"state dict holds unusable tensors: {_listing(unusable, 'tensor', 'tensors')}")
     non_finite = [
         k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
     ]
@@ -100,11 +106,9 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
 
 
 def _dtype_compatible(expected: torch.dtype, got: torch.dtype) -> bool:
-    if got.is_complex or got == torch.bool:
+    if got.is_complex or got == torch.bool or expected == torch.bool:
         return expected == got
-    if expected.is_floating_point:
-        return True
-    return not got.is_floating_point
+    return expected.is_floating_point == got.is_floating_point
 
 
 def _listing(items: list[str], singular: str, plural: str) -> str:

@@ -246,3 +246,96 @@ def test_readyz_names_what_is_down(prod_settings: Settings) -> None:
         r = client.get("/readyz")
     assert r.status_code == 503
     assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["broker"].startswith("error")
+
+
+def test_a_tenant_over_its_cap_of_active_scans_is_429(prod_settings: Settings, files: dict[str, Path]) -> None:
+    from api.app import create_app
+
+    capped = prod_settings.model_copy(update={"max_active_scans_per_tenant": 2, "retry_after_s": 7})
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    other = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    with TestClient(create_app(capped)) as client:
+        for _ in range(2):
+            assert post(client, auth, spec_json(), **ok_parts(files)).status_code == 202
+        r = post(client, auth, spec_json(), **ok_parts(files))
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert "2 scans queued or running" in r.json()["detail"]
+        assert "ANTIDOTE_MAX_ACTIVE_SCANS_PER_TENANT=2" in r.json()["detail"]
+        assert post(client, other, spec_json(), **ok_parts(files)).status_code == 202  # tenants apart
+        scan_id = client.get("/scans", headers=auth).json()["items"][0]["id"]
+        assert client.delete(f"/scans/{scan_id}", headers=auth).status_code == 202  # asks to cancel
+        from store import repository
+        from store.models import ScanStatus
+
+        engine = make_engine(prod_settings.resolved_database_url)
+        with make_session_factory(engine)() as session:
+            repository.end_scan(session, scan_id, ScanStatus.canceled)
+        engine.dispose()
+        assert post(client, auth, spec_json(), **ok_parts(files)).status_code == 202  # a slot is free again
+    assert scans_of(prod_settings, auth) == 3
+
+
+def test_uploads_over_the_process_budget_are_503_and_store_nothing(prod_settings: Settings,
+                                                                   files: dict[str, Path]) -> None:
+    from api.app import create_app
+
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    tight = prod_settings.model_copy(update={"max_concurrent_uploads": 1, "max_spool_bytes": 50_000,
+                                             "retry_after_s": 3})
+    with TestClient(create_app(tight)) as client:
+        budget = client.app.state.upload_budget  # type: ignore[attr-defined]
+        held = budget.admit(10)  # another upload in flight
+        r = post(client, auth, spec_json(), **ok_parts(files))
+        assert r.status_code == 503 and r.headers["retry-after"] == "3"
+        assert "ANTIDOTE_MAX_CONCURRENT_UPLOADS=1" in r.json()["detail"]
+        held.release()
+        r = post(client, auth, spec_json(), **ok_parts(files))  # the model alone is over 50 kB
+        assert r.status_code == 503 and "ANTIDOTE_MAX_SPOOL_BYTES=50000" in r.json()["detail"]
+
+        built = client.build_request("POST", "/scans", data={"spec": spec_json()}, files=ok_parts(files))
+        body = built.read()
+
+        def chunked():  # no Content-Length: the budget is taken as the bytes arrive
+            for i in range(0, len(body), 8192):
+                yield body[i:i + 8192]
+
+        r = client.post("/scans", headers={**auth, "content-type": built.headers["content-type"]},
+                        content=chunked())
+        assert r.status_code == 503 and "ANTIDOTE_MAX_SPOOL_BYTES=50000" in r.json()["detail"]
+        assert (budget.uploads, budget.bytes) == (0, 0)  # every refusal gave its share back
+        ok = tight.model_copy(update={"max_spool_bytes": 10**9})
+    with TestClient(create_app(ok)) as client:
+        assert post(client, auth, spec_json(), **ok_parts(files)).status_code == 202
+        budget = client.app.state.upload_budget  # type: ignore[attr-defined]
+        assert (budget.uploads, budget.bytes) == (0, 0)
+    assert scans_of(prod_settings, auth) == 1
+
+
+def test_an_unexpected_error_is_a_json_500_with_a_request_id_in_the_log(
+        prod_settings: Settings, files: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    from api.app import create_app
+
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    app = create_app(prod_settings)
+
+    def broken_put(key: str, path: Path) -> None:
+        raise RuntimeError("disk on fire")
+
+    app.state.store.put_file = broken_put
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level("ERROR", "antidote.api"):
+        r = post(client, auth, spec_json(), **ok_parts(files))
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    request_id = r.json()["request_id"]
+    assert r.headers["x-request-id"] == request_id and "request id" in r.json()["detail"]
+    logged = [rec for rec in caplog.records if getattr(rec, "request_id", None) == request_id]
+    assert logged and "disk on fire" in (logged[0].exc_text or "") + str(logged[0].exc_info)
+    assert scans_of(prod_settings, auth) == 0
+
+
+def test_fastapi_own_errors_have_the_error_shape(prod_client: TestClient, auth: dict[str, str]) -> None:
+    r = prod_client.get("/scans", headers=auth, params={"limit": "many"})
+    assert r.status_code == 422 and r.json()["field"] == "limit" and isinstance(r.json()["detail"], str)
+    r = prod_client.get("/scans", headers=auth, params={"status": "lost"})
+    assert r.status_code == 422 and r.json()["field"] == "status"
+    assert prod_client.get("/nowhere").json() == {"detail": "Not Found"}
+    assert prod_client.patch("/scans").json() == {"detail": "Method Not Allowed"}

@@ -17,11 +17,14 @@ import torch
 from core.models import (
     CheckpointError,
     UnsupportedFormatError,
+    WeightsError,
     check_state_dict,
     create_model,
     load_checkpoint,
     save_safetensors,
 )
+from core.models.checkpoint import CheckpointLimits
+from tests import hostile_files as hf
 
 
 class _TouchCanary:
@@ -248,4 +251,107 @@ def test_compressed_records_refused(tmp_path: Path) -> None:
     result = {"model": {"w": _BadTensor(_StorageRef(4), (4,))}, "model_name": "x"}
     path = _torch_like_zip(tmp_path / "attack_result.pt", result, 4, zipfile.ZIP_DEFLATED)
     with pytest.raises(CheckpointError, match="is compressed"):
+        load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------- issue 8: hostile containers
+
+
+def _hand_built(tmp_path: Path, obj: object, name: str = "m.pt") -> Path:
+    return hf.backdoorbench_zip(tmp_path / name, hf.torch_pickle(obj))
+
+
+def test_ordered_dict_build_cannot_shadow_its_methods(tmp_path: Path) -> None:
+    # torch's weights_only unpickler lets BUILD set attributes on an OrderedDict: get/items/keys would then
+    # be ints, and any code calling them would crash; every path reads through the dict class instead
+    w = hf.RawTensor(hf.StorageRef(4), (4,))
+    cases = {
+        "torch": hf.ShadowedOrderedDict({"w": w}),
+        "torch_wrapped": {"state_dict": hf.ShadowedOrderedDict({"w": w})},
+        "backdoorbench": {"model": hf.ShadowedOrderedDict({"w": w}), "model_name": "x"},
+        "backdoorbench_top": hf.ShadowedOrderedDict({"model": {"w": w}, "num_classes": 2}),
+    }
+    for name, obj in cases.items():
+        loaded = load_checkpoint(_hand_built(tmp_path, obj, f"{name}.pt"))
+        assert loaded.format == name.split("_")[0], name
+        assert type(loaded.state_dict) is dict and list(loaded.state_dict) == ["w"], name
+        assert torch.equal(loaded.state_dict["w"], torch.zeros(4)), name
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_unusable_tensors_refused_naming_the_key(tmp_path: Path) -> None:
+    cases = {
+        "meta": (torch.empty(3, device="meta"), "tensor 'b' is on the 'meta' device"),
+        "sparse": (torch.eye(3).to_sparse(), "tensor 'b' has the sparse_coo layout"),
+        "csr": (torch.eye(3).to_sparse_csr(), "tensor 'b' has the sparse_csr layout"),
+        "complex": (torch.zeros(3, dtype=torch.complex64), "unsupported type torch.ComplexFloatStorage"),
+    }
+    for name, (tensor, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({"a": torch.zeros(2), "b": tensor}, path)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
+    path = tmp_path / "meta.safetensors"
+    save_safetensors({"a": torch.zeros(2, dtype=torch.float8_e4m3fn)}, path)
+    with pytest.raises(CheckpointError, match="tensor 'a' has the unsupported dtype float8_e4m3fn"):
+        load_checkpoint(path)
+
+
+def test_check_state_dict_refuses_meta_and_integer_weights(state_dict: dict[str, torch.Tensor]) -> None:
+    with torch.device("meta"):
+        meta = create_model("resnet20", 10).state_dict()
+    with pytest.raises(WeightsError, match=r"unusable tensors: \d+ tensors: conv1.weight is on the 'meta'"):
+        check_state_dict("resnet20", 10, 3, meta)
+    ints = dict(state_dict, **{"fc.weight": state_dict["fc.weight"].to(torch.int32)})
+    with pytest.raises(WeightsError, match="fc.weight expected torch.float32, got torch.int32"):
+        check_state_dict("resnet20", 10, 3, ints)
+
+
+def test_one_shared_placeholder_for_every_global(tmp_path: Path) -> None:
+    from core.models.checkpoint.backdoorbench import Inert, SafeUnpickler
+
+    path = hf.backdoorbench_zip(tmp_path / "g.pt", hf.many_globals_pickle(3))
+    with zipfile.ZipFile(path) as zf:
+        unpickler = SafeUnpickler(zf, "archive/", b"", read_storages=False, limits=CheckpointLimits())
+        assert unpickler.find_class("a", "B") is unpickler.find_class("c", "D") is Inert
+        assert unpickler.ignored == {"a.B", "c.D"}
+    loaded = load_checkpoint(path)
+    assert loaded.meta["ignored_globals"] == ["evil_module_0.Name0", "evil_module_1.Name1", "evil_module_2.Name2"]
+    assert loaded.findings() == {"ignored_globals": loaded.meta["ignored_globals"], "ignored_globals_count": 3}
+    assert load_checkpoint(hf.small_state_dict_zip(tmp_path / "plain.pt")).findings() == {}
+
+
+def test_hostile_pickle_errors_become_checkpoint_errors(tmp_path: Path) -> None:
+    w = hf.RawTensor(hf.StorageRef(4), (4,))
+    head = hf.torch_pickle({"model": {"w": w}, "model_name": "x"})[:-1]
+    bodies = {
+        "truncated": head[:-7],
+        "dict_build": head + b"}b.",  # BUILD with a dict state on the top-level dict
+        "bad_persistent": head + b"X\x01\x00\x00\x00kX\x01\x00\x00\x00zQs.",
+        "deep": b"\x80\x02" + b"]" * 100_000 + b".",
+    }
+    storage = hf.StorageRef(4)
+    for i, state in enumerate([(storage, 0, (10**6,), (0,)), (storage, 0, (100,), (1,)), {"a": 1, "b": 2, "c": 3},
+                               {"requires_grad": True}]):
+        bodies[f"tensor_build_{i}"] = hf.torch_pickle({"model": {"w": hf.StatefulTensor(storage, (4,), state)},
+                                                      "model_name": "x"})
+    for name, body in bodies.items():
+        with pytest.raises(CheckpointError):
+            load_checkpoint(hf.backdoorbench_zip(tmp_path / f"{name}.pt", body))
+
+
+def test_archive_declaring_more_than_the_file_holds(tmp_path: Path) -> None:
+    path = hf.small_state_dict_zip(tmp_path / "m.pt")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("archive/data/0")
+    # the central directory claims 1 GB for a 16-byte record (both sizes, so it still looks "stored")
+    pos = data.find(b"PK\x01\x02")
+    while pos >= 0:
+        n = struct.unpack_from("<H", data, pos + 28)[0]
+        if bytes(data[pos + 46 : pos + 46 + n]) == info.filename.encode():
+            struct.pack_into("<II", data, pos + 20, 2**30, 2**30)
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="declare|unreadable|not a readable"):
         load_checkpoint(path)

@@ -18,6 +18,7 @@ from core.data.formats import (
     load_image_set,
     load_image_set_with_classes,
 )
+from tests import hostile_files as hf
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -150,7 +151,7 @@ def test_zip_too_many_class_names(tmp_path: Path) -> None:
 
 def test_zip_label_out_of_range(tmp_path: Path) -> None:
     path = _zip(tmp_path / "d.zip", {"0/1.png": _png(), "7/1.png": _png()})
-    with pytest.raises(DataFormatError, match=r"1 of 2 labels lie outside \[0, 5\)"):
+    with pytest.raises(DataFormatError, match=r"class folder '7' names class index 7, not below num_classes=5"):
         load_image_set(path, num_classes=5)
 
 
@@ -212,3 +213,92 @@ def test_zip_bad_layout(tmp_path: Path) -> None:
     path = _zip(tmp_path / "d.zip", {"a.png": _png(), "0/b.png": _png()})
     with pytest.raises(DataFormatError, match="not laid out as <class>/<image>"):
         load_image_set(path)
+
+
+# ---------------------------------------------------------------------------- issue 8: bombs and budgets
+
+
+def test_npz_compressed_allowed_within_ratio(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, x=x, y=np.arange(6) % 2)
+    data = load_image_set(path)
+    assert np.array_equal(data.x, x) and data.y.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_npz_deflate_bomb_refused_by_ratio(tmp_path: Path) -> None:
+    path = hf.npz_bomb(tmp_path / "b.npz", 4 * 1024 * 1024)
+    with pytest.raises(DataFormatError, match=r"array 'x' expands \d+-fold .* over the limit of 200"):
+        load_image_set(path, limits=DataLimits(ratio_slack_bytes=0))
+    with pytest.raises(DataFormatError, match=r"array 'x' expands to \d+ bytes, over the limit of 1000000"):
+        load_image_set(path, limits=DataLimits(max_expanded_bytes=1_000_000))
+
+
+def test_npz_header_larger_than_member_refused(tmp_path: Path) -> None:
+    # the header promises a million images; the member holds a few bytes: nothing is allocated for it
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                                   "shape": (1_000_000, 8, 8, 3)})
+        zf.writestr("x.npy", buf.getvalue() + bytes(64))
+        ybuf = io.BytesIO()
+        np.save(ybuf, np.zeros(1_000_000, dtype=np.int64))
+        zf.writestr("y.npy", ybuf.getvalue())
+    with pytest.raises(DataFormatError, match="array 'x' of shape .* needs 192000000 bytes but the member holds"):
+        load_image_set(path, limits=DataLimits(max_images=10**7))
+
+
+def test_zip_total_pixel_budget(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {f"0/{i}.png": _png((16, 16)) for i in range(5)})
+    with pytest.raises(DataFormatError, match="5 images of 16x16 hold 1280 pixels together, over the limit of 1000"):
+        load_image_set(path, limits=DataLimits(max_total_pixels=1000))
+    assert len(load_image_set(path, limits=DataLimits(max_total_pixels=1280))) == 5
+
+
+def test_zip_decoded_ratio_budget(tmp_path: Path) -> None:
+    # one-colour PNGs stored in the zip: each member's own ratio is 1, but the pixels expand far more
+    path = _zip(tmp_path / "d.zip", {f"0/{i}.png": _png((256, 256)) for i in range(4)}, zipfile.ZIP_STORED)
+    with pytest.raises(DataFormatError, match=r"zip's images expands \d+-fold"):
+        load_image_set(path, limits=DataLimits(ratio_slack_bytes=0))
+    assert load_image_set(path).x.shape == (4, 256, 256, 3)
+
+
+def test_zip_decodes_into_one_array_mixed_modes(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "d.zip", {"0/a.png": _png(mode="L", value=9), "1/b.png": _png(value=5)})
+    data = load_image_set(path)
+    assert data.x.shape == (2, 6, 8, 3) and data.x.flags.c_contiguous
+    assert data.x[0, 0, 0].tolist() == [9, 9, 9] and data.x[1, 0, 0].tolist() == [5, 10, 15]
+
+
+@pytest.mark.parametrize(
+    ("folder", "num_classes", "message"),
+    [("99999999999999999999", None, "class folder '99999999999999999999' names class index"),
+     ("99999999999999999999", 10, "not below num_classes=10"),
+     ("9" * 5000, None, "class folder '9999"),
+     ("4294967296", None, "not below 2147483648"),
+     ("01", None, "class folders '01' and '1' name the same class index 1")],
+)
+def test_zip_class_index_folders_bounded(tmp_path: Path, folder: str, num_classes: int | None, message: str) -> None:
+    path = _zip(tmp_path / "d.zip", {"1/a.png": _png(), f"{folder}/b.png": _png()})
+    with pytest.raises(DataFormatError, match=message):
+        load_image_set(path, num_classes=num_classes)
+
+
+def test_zip_unknown_method_and_encryption(tmp_path: Path) -> None:
+    base = {"0/a.png": _png(), "0/b.png": _png()}
+    path = hf.patch_zip_member(_zip(tmp_path / "m.zip", base, zipfile.ZIP_STORED), "0/b.png", method=77)
+    with pytest.raises(DataFormatError, match="'0/b.png' uses the unknown zip compression method 77"):
+        load_image_set(path)
+    path = hf.patch_zip_member(_zip(tmp_path / "e.zip", base, zipfile.ZIP_STORED), "0/a.png", flag_bits=1)
+    with pytest.raises(DataFormatError, match="'0/a.png' is encrypted"):
+        load_image_set(path)
+
+
+def test_settings_feed_every_data_limit() -> None:
+    from store.settings import Settings
+
+    limits = DataLimits(**Settings(max_zip_ratio=50, max_total_pixels=123, max_pickle_globals=7).data_limits())
+    assert (limits.max_compression_ratio, limits.max_total_pixels) == (50, 123)
+    assert limits.checkpoint.max_pickle_globals == 7

@@ -71,7 +71,7 @@ def test_success_then_a_repeated_delivery_is_skipped(ctx: WorkerContext, tmp_pat
     scan = _scan(ctx.sessions, scan_id)
     assert scan.status == "succeeded" and scan.progress == 1.0 and scan.attempts == 1
     assert scan.report is not None and scan.report["before"]["asr"] > 0.9
-    assert scan.report["model"]["neutralised_globals"] == []
+    assert scan.report["model"]["neutralised_globals"] == [] and scan.report["model"]["neutralised_globals_count"] == 0
     assert set(scan.report["timings"]) == {"load", "evaluate_before", "report"}
     assert execute_scan(ctx, scan_id) == "skipped"
     assert _scan(ctx.sessions, scan_id).attempts == 1
@@ -189,6 +189,7 @@ def test_neutralised_globals_reach_the_report(ctx: WorkerContext, tmp_path: Path
     report = _scan(ctx.sessions, scan_id).report
     assert report is not None and report["model"]["format"] == "backdoorbench"
     assert "fractions.Fraction" in report["model"]["neutralised_globals"]
+    assert report["model"]["neutralised_globals_count"] >= len(report["model"]["neutralised_globals"]) >= 1
 
 
 def test_progress_reaches_the_database_at_most_twice_a_second(ctx: WorkerContext, tmp_path: Path,

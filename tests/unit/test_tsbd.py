@@ -1,4 +1,4 @@
-"""TSBD's stages on tiny hand-made models: each behaves as RESEARCH.md §1 describes."""
+"""TSBD's stages on tiny hand-made models: each behaves as docs/methods.md describes."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class TSBDConfig:
     # Automatic choice of n (not in the reference; see auto.py)
     auto_candidates: Candidates = REFERENCE_N_SWEEP  # the values the reference's user chooses from
     auto_collapse_fraction: Ratio = 0.1  # collapsed = zeroed model keeps <= 10% of its above-chance accuracy
-    # auto.py's evidence: resetting too little leaves 17-99% ASR (RESEARCH.md §1: n <= 0.1 left 30-34% on
+    # auto.py's evidence: resetting too little leaves 17-99% ASR (early H200 run: n <= 0.1 left 30-34% on
     # PreAct-ResNet18 BadNets; here MNIST Blended 40% at n=0.2, SIG 17%), resetting 0.5 instead of the best n
     # cost at most ~2 ACC points; the collapse point is early (0.05-0.15) and only ever raises n above 0.5
     auto_min_n: Ratio = 0.5

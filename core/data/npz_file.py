@@ -1,0 +1,117 @@
+"""``.npz`` uploads: uint8 ``x`` (N×H×W×C) and integer ``y``, read without pickles and without trusting the
+zip's or the arrays' own size declarations."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from core.data.imageset import ImageSet
+from core.data.limits import DataFormatError, DataLimits
+from core.data.zip_checks import (
+    ZIP_READ_ERRORS,
+    check_count_and_pixels,
+    check_labels,
+    check_ratio,
+    open_zip,
+)
+
+
+def load_npz(path: Path, limits: DataLimits, num_classes: int | None) -> ImageSet:
+    """The images of an ``.npz``; every member and array header is checked before an array is read."""
+    zf = open_zip(path, ".npz")
+    with zf:
+        names = zf.namelist()
+        if len(names) > limits.max_zip_members:
+            raise DataFormatError(f".npz has {len(names)} arrays, over the limit of {limits.max_zip_members}")
+        for key in ("x", "y"):
+            if f"{key}.npy" not in names:
+                found = ", ".join(repr(n.removesuffix(".npy"))[:80] for n in names[:10]) or "none"
+                raise DataFormatError(f".npz has no array {key!r} (it needs 'x' and 'y'; found {found})")
+        x_info, y_info = zf.getinfo("x.npy"), zf.getinfo("y.npy")
+        for info in (x_info, y_info):
+            _check_npz_member(info, limits)
+        x_shape, x_dtype = _npy_header(zf, x_info, limits)
+        y_shape, y_dtype = _npy_header(zf, y_info, limits)
+        # the headers are checked before any array is read, so nothing large is decompressed for a bad file
+        if x_dtype != np.uint8:
+            raise DataFormatError(
+                f"x must be uint8 pixels 0..255, got {x_dtype}; scale and convert it, e.g. "
+                "(x * 255).round().astype(np.uint8) for values in [0, 1]"
+            )
+        if len(x_shape) not in (3, 4) or (len(x_shape) == 4 and x_shape[3] not in (1, 3)):
+            raise DataFormatError(f"x must have shape N×H×W×C with C 1 or 3, or N×H×W; got {x_shape}")
+        n = x_shape[0]
+        check_count_and_pixels(n, x_shape[1], x_shape[2], limits)
+        if not np.issubdtype(y_dtype, np.integer):
+            raise DataFormatError(f"y must hold integer labels, got {y_dtype}")
+        if y_shape != (n,):
+            raise DataFormatError(f"y must have shape ({n},) to match x's {n} images, got {y_shape}")
+        x = _read_npy(zf, x_info)
+        y = _read_npy(zf, y_info)
+    if x.ndim == 3:
+        x = x[..., None]
+    y = y.astype(np.int64)
+    check_labels(y, num_classes)
+    return ImageSet(np.ascontiguousarray(x), y)
+
+
+def _check_npz_member(info: zipfile.ZipInfo, limits: DataLimits) -> None:
+    """Refuse an encrypted member, a method other than np.savez's, or a declared expansion past the limits."""
+    name = info.filename.removesuffix(".npy")
+    if info.flag_bits & 0x1:
+        raise DataFormatError(f".npz array {name!r} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataFormatError(
+            f".npz array {name!r} uses zip compression method {info.compress_type}; np.savez and "
+            "np.savez_compressed write stored or deflate members only"
+        )
+    check_ratio(f".npz array {name!r}", info.file_size, info.compress_size, limits)
+
+
+def _npy_header(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: DataLimits
+) -> tuple[tuple[int, ...], np.dtype]:
+    name = info.filename
+    try:
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise DataFormatError(f".npz array {name!r} uses the unsupported .npy version {version}")
+    except DataFormatError:
+        raise
+    except ZIP_READ_ERRORS as e:
+        raise DataFormatError(f".npz array {name!r} has an unreadable header: {str(e)[:200]}") from e
+    if dtype.hasobject:
+        raise DataFormatError(f".npz array {name[:-4]!r} holds Python objects, which are refused")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limits.max_expanded_bytes:
+        raise DataFormatError(
+            f".npz array {name[:-4]!r} of shape {shape} is {nbytes} bytes, over the limit of "
+            f"{limits.max_expanded_bytes}"
+        )
+    # the header's shape decides how much is allocated: it must fit the bytes the member holds, and the
+    # ratio is checked on it too, since the directory's declared size can lie
+    if nbytes > info.file_size:
+        raise DataFormatError(
+            f".npz array {name[:-4]!r} of shape {shape} needs {nbytes} bytes but the member holds "
+            f"{info.file_size}"
+        )
+    check_ratio(f".npz array {name[:-4]!r}", nbytes, info.compress_size, limits)
+    return tuple(int(d) for d in shape), dtype
+
+
+def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """The array of a checked member, read into one allocation of the header's size (never more)."""
+    try:
+        with zf.open(info) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except ZIP_READ_ERRORS as e:
+        raise DataFormatError(f".npz array {info.filename[:-4]!r} could not be read: {str(e)[:200]}") from e
