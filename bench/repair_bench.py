@@ -36,7 +36,7 @@ from core.attacks.registry import create_attack  # noqa: E402
 from core.data.imageset import ImageSet  # noqa: E402
 from core.data.transforms import Normalization  # noqa: E402
 from core.defenses.registry import repair  # noqa: E402
-from core.defenses.runtime import DeviceImages, StageTimer, prepare_model, runtime_for  # noqa: E402
+from core.defenses.runtime import DeviceImages, cuda_sync, prepare_model, runtime_for  # noqa: E402
 from core.defenses.tsbd import (  # noqa: E402
     REFERENCE_N_SWEEP,
     TSBDConfig,
@@ -48,6 +48,7 @@ from core.defenses.tsbd import (  # noqa: E402
 )
 from core.metrics import defense_effectiveness_rating, evaluate  # noqa: E402
 from core.models.registry import create_model  # noqa: E402
+from core.progress import Progress  # noqa: E402
 from core.training import train_classifier  # noqa: E402
 
 ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "lowfreq")
@@ -143,21 +144,21 @@ def reference_sweep(model: nn.Module, defender: ImageSet, norm: Normalization, c
     """The reference's loop: one unlearning, then zero re-initialisation + stage 2 for every n of its sweep.
     Times only the repair work (evaluation of each n is excluded) and returns each n's ACC/ASR/RA."""
     rt = runtime_for(device)
-    timer = StageTimer(rt)
+    timer = Progress(sync=cuda_sync(rt))
+    timer.stage("unlearn")
     data = DeviceImages(defender, norm, rt)
     original = prepare_model(model, rt)
     un = unlearn_clean(original, data, norm, cfg, device, num_classes)
     nwc = neuron_weight_change(original, un.model, covered_conv_layers(original, cfg.layer_exclude))
-    timer.lap("unlearn")
-    per_n, stage2 = [], 0.0
+    timer.close()
+    per_n = []
     for n in values:
-        t0 = StageTimer(rt)
+        timer.stage("stage2")
         repaired, _ = zero_reinitialize(original, nwc, n, cfg.weight_ratio)
         activeness_aware_finetune(repaired, data, norm, dataclasses.replace(cfg, neuron_ratio=n), device)
-        t0.lap("stage2")
-        stage2 += t0.timings["stage2"]
+        timer.close()  # the stage's seconds add up over the n values
         per_n.append({"n": n, **evaluate_n(repaired)})
-    t = timer.timings["unlearn"]
+    t, stage2 = timer.timings["unlearn"], timer.timings.get("stage2", 0.0)
     return {"unlearn_s": t, "stage2_total_s": stage2, "total_s": t + stage2,
             "unlearn_epochs": un.epochs, "per_n": per_n}
 

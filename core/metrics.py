@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -11,6 +12,21 @@ from torch import nn
 from core.attacks.base import BackdoorTestSet
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization, to_model_input
+from core.progress import Progress
+
+
+class TriggeredImages(Protocol):
+    """Triggered images with the attacker's labels and, when known, their true labels: a
+    ``BackdoorTestSet``, or an uploaded poisoned set (whose true labels are not known, so RA is not)."""
+
+    @property
+    def x(self) -> np.ndarray: ...
+
+    @property
+    def y_target(self) -> np.ndarray: ...
+
+    @property
+    def y_true(self) -> np.ndarray | None: ...
 
 
 def predict(
@@ -19,12 +35,13 @@ def predict(
     norm: Normalization,
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """Predicted labels (int64) for uint8 ``N×H×W×C`` images; the model must already be on ``device``.
 
     Runs in eval mode under ``torch.inference_mode()``; on CUDA with bf16 autocast and channels-last input
     (docs/methods.md). Every submodule's train/eval flag is restored afterwards, so a caller mid-training is
-    unaffected.
+    unaffected. ``progress``, when given, is polled and advanced batch by batch.
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
         raise ValueError("images must be a uint8 N×H×W×C array")
@@ -41,6 +58,9 @@ def predict(
         autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
         with torch.inference_mode(), autocast:
             for i in range(0, len(x), batch_size):
+                if progress is not None:
+                    progress.check()
+                    progress.update(i / len(x))
                 batch = to_model_input(x[i : i + batch_size], norm, device, channels_last=cuda)
                 preds.append(model(batch).argmax(dim=1).cpu())
     finally:
@@ -107,28 +127,38 @@ class Evaluation:
     n_clean: int
     n_backdoor: int
 
+    def scores(self) -> dict[str, float | None]:
+        """ACC, ASR and RA as the scan report's ``before`` and ``after`` blocks hold them."""
+        return {"acc": self.acc, "asr": self.asr, "ra": self.ra}
+
 
 def evaluate(
     model: nn.Module,
     clean: ImageSet,
-    backdoor: BackdoorTestSet | None,
+    backdoor: BackdoorTestSet | TriggeredImages | None,
     norm: Normalization,
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
+    progress: Progress | None = None,
 ) -> Evaluation:
-    """ACC on ``clean`` and, given a backdoor test set, ASR and RA on it."""
+    """ACC on ``clean`` and, given triggered images, ASR on them and RA where their true labels are known;
+    ``progress`` (optional) covers both passes, in proportion to their sizes."""
     if len(clean) == 0:
         raise ValueError("clean test set is empty")
-    acc = accuracy(predict(model, clean.x, norm, device, batch_size), clean.y)
+    n_bd = 0 if backdoor is None else len(backdoor.x)
+    split = len(clean) / (len(clean) + n_bd)
+    part = None if progress is None else progress.span(0.0, split)
+    acc = accuracy(predict(model, clean.x, norm, device, batch_size, part), clean.y)
     if backdoor is None:
         return Evaluation(acc=acc, asr=None, ra=None, n_clean=len(clean), n_backdoor=0)
-    if len(backdoor.x) == 0:
+    if n_bd == 0:
         raise ValueError("backdoor test set is empty")
-    pred = predict(model, backdoor.x, norm, device, batch_size)
+    part = None if progress is None else progress.span(split, 1.0)
+    pred = predict(model, backdoor.x, norm, device, batch_size, part)
     return Evaluation(
         acc=acc,
         asr=attack_success_rate(pred, backdoor.y_target),
-        ra=robust_accuracy(pred, backdoor.y_true),
+        ra=robust_accuracy(pred, backdoor.y_true) if backdoor.y_true is not None else None,
         n_clean=len(clean),
         n_backdoor=len(backdoor.x),
     )

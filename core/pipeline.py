@@ -1,15 +1,14 @@
 """spec -> stages -> report: load, evaluate before, (repair, evaluate after), report.
 
-The worker calls ``run_pipeline`` with files on local disk and a progress callback; nothing here knows
-about HTTP, queues or databases.
+The worker calls ``run_pipeline`` with files on local disk and a :class:`core.progress.Progress` whose sink
+it owns (progress to the database, the cancel flag, the deadline); nothing here knows about HTTP, queues or
+databases. Evaluation goes through :func:`core.metrics.evaluate`, as the benchmarks' does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import platform
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,17 +20,14 @@ import torch
 from core.data.formats import DataLimits
 from core.data.imageset import ImageSet
 from core.inputs import InputError, LoadedInputs, ScanInputs, load_inputs
-from core.metrics import accuracy, attack_success_rate, predict, robust_accuracy
+from core.metrics import evaluate
 from core.models.registry import create_model
 from core.models.weights import load_weights
+from core.progress import Progress
 from core.spec import ScanSpec
 
-ProgressFn = Callable[[str, float], None]
 HOLDOUT_FRACTION = 0.2
-# share of the repair span each method sub-stage takes (fine-tuning dominates the cost)
-_SUB_STAGE_SPANS = {"unlearn": (0.0, 0.3), "zero_reinit": (0.3, 0.35), "prune": (0.3, 0.35),
-                    "finetune": (0.35, 1.0)}
-# share of the whole scan that each stage takes, for the progress bar
+# share of the whole scan that each stage takes, for the progress bar (a repair method splits its own span)
 _STAGE_SPANS = {
     "scan": {"load": (0.0, 0.2), "evaluate_before": (0.2, 0.95), "report": (0.95, 1.0)},
     "repair": {"load": (0.0, 0.05), "evaluate_before": (0.05, 0.15), "repair": (0.15, 0.85),
@@ -61,42 +57,6 @@ class PipelineResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
 
 
-@dataclass
-class _Clock:
-    """Stage timings plus progress reports scaled to the whole scan."""
-
-    mode: str
-    on_progress: ProgressFn
-    timings: dict[str, float] = field(default_factory=dict)
-    _stage: str | None = None
-    _t0: float = 0.0
-    _sub_high: float = 0.0
-
-    def start(self, stage: str) -> None:
-        self.stop()
-        self._stage, self._t0 = stage, time.perf_counter()
-        self.progress(0.0)
-
-    def progress(self, fraction: float) -> None:
-        lo, hi = _STAGE_SPANS["repair" if self.mode != "scan" else "scan"][self._stage or "load"]
-        self.on_progress(self._stage or "load", lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
-
-    def sub_progress(self, sub_stage: str, fraction: float) -> None:
-        """Progress of a repair method's own stage (``unlearn``, ``finetune``, …), shown as ``repair:<name>``.
-
-        Methods report each sub-stage from 0 to 1; known ones get a share of the repair span, and the bar never
-        moves back."""
-        lo, hi = _SUB_STAGE_SPANS.get(sub_stage, (self._sub_high, self._sub_high))
-        self._sub_high = max(self._sub_high, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
-        lo_all, hi_all = _STAGE_SPANS["repair"]["repair"]
-        self.on_progress(f"repair:{sub_stage}", lo_all + (hi_all - lo_all) * self._sub_high)
-
-    def stop(self) -> None:
-        if self._stage is not None:
-            self.timings[self._stage] = round(time.perf_counter() - self._t0, 4)
-            self._stage = None
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,15 +64,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str = "auto",
-                 on_progress: ProgressFn | None = None, limits: DataLimits | None = None) -> PipelineResult:
-    """Run one scan; raises ``InputError`` for unusable inputs, anything else is a bug or an outside failure."""
+                 progress: Progress | None = None, limits: DataLimits | None = None) -> PipelineResult:
+    """Run one scan; raises ``InputError`` for unusable inputs, ``StopRequested`` when ``progress``'s sink
+    asks to stop; anything else is a bug or an outside failure."""
     if spec.mode not in available_modes():
         raise InputError("spec.mode", f"mode {spec.mode!r} is not available yet")
     dev = resolve_device(device)
-    clock = _Clock(spec.mode, on_progress or (lambda _s, _p: None))
+    progress = progress or Progress()
+    spans = _STAGE_SPANS["scan" if spec.mode == "scan" else "repair"]
     torch.manual_seed(spec.seed)
 
-    clock.start("load")
+    progress.stage("load", *spans["load"])
     loaded = load_inputs(spec, inputs, limits or DataLimits())
     model = create_model(spec.model.architecture, spec.model.num_classes, spec.model.in_channels)
     load_weights(model, loaded.checkpoint.state_dict)
@@ -121,8 +83,9 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     backdoor = _backdoor_set(spec, loaded, eval_set)
     norm = spec.model.normalization()
 
-    clock.start("evaluate_before")
-    before = _evaluate(model, eval_set, backdoor, norm, dev)
+    before = evaluate(model, eval_set, backdoor, norm, dev,
+                      progress=progress.stage("evaluate_before", *spans["evaluate_before"])).scores()
+    findings = loaded.checkpoint.findings()
     report: dict[str, Any] = {
         "mode": spec.mode,
         "model": {
@@ -132,6 +95,10 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
             "in_channels": spec.model.in_channels,
             "format": loaded.checkpoint.format,
             "parameters": int(sum(p.numel() for p in model.parameters())),
+            # BackdoorBench files: the names of the pickle's globals that were replaced by an inert
+            # placeholder instead of being imported (sorted, the list capped; empty for every other format)
+            "neutralised_globals": findings.get("ignored_globals", []),
+            "neutralised_globals_count": findings.get("ignored_globals_count", 0),
         },
         "data": {
             "clean_images": len(loaded.clean),
@@ -148,15 +115,15 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     artifacts: dict[str, Path] = {}
     if spec.mode == "repair":
         registry = _repair_registry()
-        clock.start("repair")
+        stage = progress.stage("repair", *spans["repair"])
         try:
             result = registry.repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
-                                     spec.model.num_classes, spec.seed, on_progress=clock.sub_progress)
+                                     spec.model.num_classes, spec.seed, progress=stage)
         except ValueError as exc:  # parameters the method's config refuses
             raise InputError("spec.repair.params", str(exc)) from exc
         repaired = result.model
-        clock.start("evaluate_after")
-        after = _evaluate(repaired, eval_set, backdoor, norm, dev)
+        after = evaluate(repaired, eval_set, backdoor, norm, dev,
+                         progress=progress.stage("evaluate_after", *spans["evaluate_after"])).scores()
         report["after"] = after
         report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
                             "details": result.details, "timings": result.timings}
@@ -168,11 +135,10 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         _save_like_upload(repaired, loaded.checkpoint.state_dict, path)
         artifacts["repaired_model"] = path
 
-    clock.start("report")
-    clock.stop()
-    report["timings"] = dict(clock.timings)
+    progress.stage("report", *spans["report"]).update(1.0)
+    progress.close()
+    report["timings"] = dict(progress.timings)
     report["versions"] = versions()
-    clock.on_progress("report", 1.0)
     return PipelineResult(report=report, artifacts=artifacts)
 
 
@@ -207,17 +173,6 @@ def _backdoor_set(spec: ScanSpec, loaded: LoadedInputs, eval_set: ImageSet) -> _
     except ValueError as exc:  # e.g. every evaluation image already has the target label
         raise InputError("spec.attack", str(exc)) from exc
     return _Backdoor(bd.x, bd.y_target, bd.y_true, f"attack:{spec.attack.type}")
-
-
-def _evaluate(model: torch.nn.Module, clean: ImageSet, backdoor: _Backdoor | None, norm: Any,
-              device: torch.device) -> dict[str, float | None]:
-    acc = accuracy(predict(model, clean.x, norm, device), clean.y)
-    asr = ra = None
-    if backdoor is not None:
-        pred = predict(model, backdoor.x, norm, device)
-        asr = attack_success_rate(pred, backdoor.y_target)
-        ra = robust_accuracy(pred, backdoor.y_true) if backdoor.y_true is not None else None
-    return {"acc": acc, "asr": asr, "ra": ra}
 
 
 def _save_like_upload(model: torch.nn.Module, uploaded: dict[str, torch.Tensor], path: Path) -> None:

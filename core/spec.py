@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from core.data.transforms import Normalization
+
+# mean and std are of x/255, so they lie in [0, 1]; a std below 1e-3 would blow inputs up past any weight's
+# range (1/255, which turns x/255 back into x, is still allowed). JSON's NaN/Infinity are refused.
+Mean = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Std = Annotated[float, Field(ge=1e-3, le=1.0, allow_inf_nan=False)]
 
 
 class ModelSpec(BaseModel):
@@ -15,8 +21,10 @@ class ModelSpec(BaseModel):
     architecture: str = Field(description="preactresnet18, resnet20, vgg19_bn or torchvision.<name>")
     num_classes: int = Field(ge=2, le=100_000)
     in_channels: Literal[1, 3] = 3
-    mean: list[float] | None = Field(None, description="per-channel mean of x/255; default: none")
-    std: list[float] | None = Field(None, description="per-channel std of x/255; default: none")
+    mean: list[Mean] | None = Field(None, min_length=1, max_length=3,
+                                    description="per-channel mean of x/255, each in [0, 1]; default: none")
+    std: list[Std] | None = Field(None, min_length=1, max_length=3,
+                                  description="per-channel std of x/255, each in [0.001, 1]; default: none")
 
     @field_validator("architecture")
     @classmethod
@@ -33,8 +41,6 @@ class ModelSpec(BaseModel):
             values = getattr(self, name)
             if values is not None and len(values) not in (1, self.in_channels):
                 raise ValueError(f"{name} must have 1 or in_channels={self.in_channels} values, got {len(values)}")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError("every std value must be positive")
         return self
 
     def normalization(self) -> Normalization:
@@ -47,8 +53,8 @@ class AttackSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: str
-    target: int = Field(0, ge=0)
-    params: dict[str, Any] = Field(default_factory=dict)
+    target: int = Field(0, ge=0, le=100_000)
+    params: dict[str, Any] = Field(default_factory=dict, description="the attack's own settings (docs/)")
 
     @field_validator("type")
     @classmethod
@@ -59,12 +65,50 @@ class AttackSpec(BaseModel):
             raise ValueError(f"unknown attack {v!r}; known: {', '.join(sorted(ATTACKS))}")
         return v
 
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Names, types and ranges of the attack's parameters (errors located at ``attack.params.<name>``)."""
+        from core.attacks.registry import check_attack_params
+
+        if "type" in info.data:  # an unknown type is already an error of its own
+            check_attack_params(info.data["type"], v)
+        return v
+
 
 class RepairSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = "tsbd"
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's settings (docs/)")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        methods = _repair_methods()
+        if methods is not None and v not in methods:
+            raise ValueError(f"repair.method {v!r} is unknown; known: {', '.join(methods)}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Names, types and ranges of the method's parameters (errors located at ``repair.params.<name>``)."""
+        if "method" in info.data and _repair_methods() is not None:
+            from core.defenses.registry import validate_params
+
+            validate_params(info.data["method"], v)
+        return v
+
+
+def _repair_methods() -> tuple[str, ...] | None:
+    """The repair methods of this build (``None`` without them: the API answers that the mode is not
+    available)."""
+    try:
+        from core.defenses.registry import REPAIR_METHODS
+    except ImportError:
+        return None
+    return tuple(REPAIR_METHODS)
 
 
 class ScanSpec(BaseModel):
@@ -77,24 +121,57 @@ class ScanSpec(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
-    def _repair_params(self) -> ScanSpec:
-        if self.mode != "repair":
-            return self
-        try:
-            from core.defenses.registry import REPAIR_METHODS, validate_params
-        except ImportError:
-            return self  # the API answers that the mode is not available
-        if self.repair.method not in REPAIR_METHODS:
-            raise ValueError(f"repair.method {self.repair.method!r} is unknown; known: {', '.join(REPAIR_METHODS)}")
-        try:
-            validate_params(self.repair.method, self.repair.params)
-        except ValueError as exc:
-            raise ValueError(f"repair.params: {exc}") from exc
-        return self
-
-    @model_validator(mode="after")
     def _target_in_range(self) -> ScanSpec:
         if self.attack is not None and self.attack.target >= self.model.num_classes:
             raise ValueError(f"attack.target {self.attack.target} is not a class of a "
                              f"{self.model.num_classes}-class model")
         return self
+
+
+def parameter_reference() -> str:
+    """docs/parameters.md: every attack and repair parameter with its default and range, from the code (a
+    test keeps the file equal to this)."""
+    import dataclasses
+
+    from core.attacks.registry import ATTACKS, attack_param_types
+    from core.defenses.registry import COMMON_PARAMS, REPAIR_METHODS
+    from core.defenses.robust_head import RobustHeadConfig
+    from core.ranges import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LEARNING_RATE, describe
+
+    def row(name: str, tp: Any, default: Any) -> str:
+        shown = list(default) if isinstance(default, tuple) else default
+        return f"| `{name}` | {describe(tp)} | `{json.dumps(shown)}` |"
+
+    lines = ["# Spec parameters: names, defaults and ranges", "",
+             "Generated from the code (`core.spec.parameter_reference()`; a test keeps this file equal to it). "
+             "Every value is checked when the scan is submitted: a bad one is answered 422 with `field` naming "
+             "it, e.g. `spec.repair.params.epochs`. Whole numbers must be JSON integers (`2.5` and `true` are "
+             "refused), numbers must be finite (`NaN`, `Infinity` are refused), switches JSON booleans.", "",
+             f"Common bounds: epochs 0-{MAX_EPOCHS}, batch sizes 1-{MAX_BATCH_SIZE}, learning rates in "
+             f"(0, {MAX_LEARNING_RATE:g}]; with at most `ANTIDOTE_MAX_IMAGES` images this bounds a repair's "
+             "work, and the scan time limit (`ANTIDOTE_SCAN_TIME_LIMIT_S`) still stops it between batches.", "",
+             "## `spec.model`", "", "| field | type and range | default |", "| --- | --- | --- |"]
+    for name, info in ModelSpec.model_fields.items():
+        if name in ("mean", "std"):
+            lines.append(f"| `{name}` | list of 1 or `in_channels` values, {info.description} | `null` |")
+    lines += ["", "## `spec.repair.params`", "", "Parameters every method takes:", "",
+              "| parameter | type and range | default |", "| --- | --- | --- |"]
+    head = RobustHeadConfig()
+    for name, tp in COMMON_PARAMS.items():
+        lines.append(row(name, tp, getattr(head, name, False)))
+    for method, entry in REPAIR_METHODS.items():
+        cfg = entry.configure({}, 0)
+        lines += ["", f"### `{method}`", "", entry.description + ".", "",
+                  "| parameter | type and range | default |", "| --- | --- | --- |"]
+        for name, tp in entry.param_types.items():
+            owner = cfg if name in {f.name for f in dataclasses.fields(cfg)} else cfg.finetune
+            lines.append(row(name, tp, getattr(owner, name)))
+    lines += ["", "## `spec.attack.params`", "",
+              "`spec.attack.target` is a class of the model; `spec.seed` seeds the random patterns. Limits that "
+              "depend on the image size (`patch_size`, `k` at most the image's side) are checked when the "
+              "scan runs.", ""]
+    for name, builder in ATTACKS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(builder)}  # type: ignore[arg-type]
+        lines += [f"### `{name}`", "", "| parameter | type and range | default |", "| --- | --- | --- |"]
+        lines += [row(p, tp, defaults[p]) for p, tp in attack_param_types(name).items()] + [""]
+    return "\n".join(lines)

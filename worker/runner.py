@@ -6,14 +6,17 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.data.formats import DataLimits
 from core.inputs import DATA_PARTS, InputError, ScanInputs, UploadedFile
 from core.pipeline import run_pipeline
+from core.progress import Progress, StopRequested
 from core.spec import ScanSpec
 from store import repository
 from store.logs import scan_id_var
@@ -23,14 +26,6 @@ from store.settings import Settings
 
 log = logging.getLogger("antidote.worker")
 MAX_ATTEMPTS = 3
-
-
-class ScanCanceled(Exception):
-    pass
-
-
-class ScanTimeLimit(Exception):
-    pass
 
 
 @dataclass
@@ -56,32 +51,54 @@ def execute_scan(ctx: WorkerContext, scan_id: str) -> str:
         scan_id_var.reset(token)
 
 
+class _ScanSink:
+    """Where a scan's progress goes: its database row (at most twice a second, and at every stage change);
+    it says to stop when the client asked to cancel (read with each write) or the time limit has passed."""
+
+    WRITE_INTERVAL_S = 0.5
+
+    def __init__(self, ctx: WorkerContext, scan_id: str, deadline: float) -> None:
+        self.ctx, self.scan_id, self.deadline = ctx, scan_id, deadline
+        self.stage, self.fraction = "starting", 0.0  # what claim_scan wrote
+        self.timings: dict[str, float] = {}
+        self.canceled = False
+        self._last_write = float("-inf")
+
+    def report(self, stage: str, fraction: float, timings: MutableMapping[str, float]) -> None:
+        changed = stage != self.stage
+        self.stage, self.fraction, self.timings = stage, fraction, dict(timings)
+        if changed or time.monotonic() - self._last_write >= self.WRITE_INTERVAL_S:
+            self._write()
+
+    def stop_reason(self) -> str | None:
+        if not self.canceled and time.monotonic() - self._last_write >= self.WRITE_INTERVAL_S:
+            self._write()  # also the heartbeat that tells the stale-scan sweep this scan is alive
+        if self.canceled:
+            return "canceled"
+        return "time_limit" if time.monotonic() > self.deadline else None
+
+    def _write(self) -> None:
+        self._last_write = time.monotonic()
+        try:
+            with self.ctx.sessions() as session:
+                if repository.record_progress(session, self.scan_id, self.stage, round(self.fraction, 4),
+                                              self.timings):
+                    self.canceled = True
+        except SQLAlchemyError as exc:  # a database restart must not end the scan; the next write retries
+            log.warning("could not record progress: %s", type(exc).__name__)
+
+
 def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -> str:
-    deadline = time.monotonic() + ctx.settings.scan_time_limit_s
-    timings: dict[str, float] = {}
-    state = {"stage": None, "t0": time.perf_counter(), "last_write": 0.0}
-
-    def on_progress(stage: str, progress: float) -> None:
-        now = time.perf_counter()
-        if stage != state["stage"]:
-            if state["stage"] is not None:
-                timings[state["stage"]] = round(now - state["t0"], 4)
-            state["stage"], state["t0"] = stage, now
-        elif now - state["last_write"] < 0.5:
-            return  # progress goes to the database at most twice a second
-        state["last_write"] = now
-        with ctx.sessions() as session:
-            if repository.record_progress(session, scan_id, stage, round(progress, 4), timings):
-                raise ScanCanceled()
-        if time.monotonic() > deadline:
-            raise ScanTimeLimit()
-
+    sink = _ScanSink(ctx, scan_id, time.monotonic() + ctx.settings.scan_time_limit_s)
+    progress = Progress(sink)
+    timings = progress.timings
     work = Path(tempfile.mkdtemp(prefix=f"antidote-{scan_id}-"))
     try:
         spec = ScanSpec.model_validate(spec_json)
         inputs = _fetch_inputs(ctx.store, inputs_meta, work)
         limits = DataLimits(**ctx.settings.data_limits())
-        result = run_pipeline(spec, inputs, work, ctx.settings.device, on_progress, limits)
+        progress.check()  # fetching the inputs may have used up the time, or the client canceled meanwhile
+        result = run_pipeline(spec, inputs, work, ctx.settings.device, progress, limits)
         artifacts: dict[str, dict] = {}
         for name, path in result.artifacts.items():
             key = f"scans/{scan_id}/artifacts/{name}.safetensors"
@@ -95,22 +112,25 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
                 return "canceled"
         log.info("scan succeeded", extra={"timings": result.report["timings"]})
         return ScanStatus.succeeded.value
-    except ScanCanceled:
-        _end(ctx, scan_id, ScanStatus.canceled, None, None, timings)
-        log.info("scan canceled by the client")
-        return ScanStatus.canceled.value
-    except ScanTimeLimit:
+    except StopRequested as stop:
+        progress.close()
+        if stop.reason == "canceled":
+            _end(ctx, scan_id, ScanStatus.canceled, None, None, timings)
+            log.info("scan canceled by the client")
+            return ScanStatus.canceled.value
         msg = (f"the scan ran past its time limit of {ctx.settings.scan_time_limit_s} s; use fewer images "
                "or a smaller model, or ask the operator to raise ANTIDOTE_SCAN_TIME_LIMIT_S")
         _end(ctx, scan_id, ScanStatus.failed, "time_limit", msg, timings)
         log.warning("scan hit its time limit")
         return ScanStatus.failed.value
     except InputError as exc:
+        progress.close()
         _end(ctx, scan_id, ScanStatus.failed, "invalid_input", str(exc), timings)
         log.info("scan failed on its input: %s", exc)
         return ScanStatus.failed.value
     except Exception as exc:
         log.exception("scan failed")
+        progress.close()
         msg = (f"internal error ({type(exc).__name__}) while running the scan; it was logged with the scan id, "
                "tell the operator")
         _end(ctx, scan_id, ScanStatus.failed, "internal_error", msg, timings)

@@ -8,6 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from core.attacks.base import Attack
+from core.ranges import int_in
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,16 +20,14 @@ class BadNets(Attack):
     """
 
     name: ClassVar[str] = "badnets"
-    patch_size: int = 3  # BackdoorBench: 3x3
-    value: int = 255  # BackdoorBench: white
+    patch_size: int_in(1, 4096) = 3  # BackdoorBench: 3x3 (at most the image's side, checked below)
+    value: int_in(0, 255) = 255  # BackdoorBench: white
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.patch_size <= min(self.image_shape[:2]):
             side = min(self.image_shape[:2])
             raise ValueError(f"patch_size must lie in [1, {side}], got {self.patch_size}")
-        if not 0 <= self.value <= 255:
-            raise ValueError(f"value must lie in [0, 255], got {self.value}")
 
     def _trigger(self, x: np.ndarray) -> np.ndarray:
         out = x.copy()

@@ -10,8 +10,10 @@ from typing import ClassVar
 import numpy as np
 
 from core.data.imageset import ImageSet
+from core.ranges import Flag, check_fields
 
 MIN_SIDE = 8  # smallest H and W an attack accepts; every trigger here is defined for it
+NOT_PARAMS = ("image_shape", "target", "seed")  # fields given by the spec's other fields, not by attack.params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,9 +29,11 @@ class Attack(ABC):
     clean_label: ClassVar[bool] = False  # True: poisons target-class training images, keeps their labels
     image_shape: tuple[int, int, int]
     target: int = 0
-    all_to_all: bool = False
+    all_to_all: Flag = False
 
     def __post_init__(self) -> None:
+        # the attack's own parameters against their declared ranges (core/ranges.py); the rest is checked here
+        check_fields(self, skip=NOT_PARAMS)
         shape = tuple(self.image_shape)
         if len(shape) != 3 or shape[2] not in (1, 3) or min(shape[:2]) < MIN_SIDE:
             raise ValueError(

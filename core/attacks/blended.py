@@ -8,6 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from core.attacks.base import Attack
+from core.ranges import float_in
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,14 +20,12 @@ class Blended(Attack):
     """
 
     name: ClassVar[str] = "blended"
-    alpha: float = 0.2  # BackdoorBench: blended_alpha 0.2 (train and test)
+    alpha: float_in(0.0, 1.0, open_low=True) = 0.2  # BackdoorBench: blended_alpha 0.2 (train and test)
     seed: int = 0
     pattern: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in (0, 1], got {self.alpha}")
         p = np.random.default_rng(self.seed).integers(0, 256, size=self.image_shape, dtype=np.uint8)
         p.setflags(write=False)
         object.__setattr__(self, "pattern", p)

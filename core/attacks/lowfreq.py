@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from core.attacks.base import Attack, add_clipped
+from core.ranges import float_in, int_in
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,17 +27,14 @@ class LowFrequency(Attack):
     """
 
     name: ClassVar[str] = "lowfreq"
-    amplitude: float = 0.1 * 255  # peak perturbation in pixel levels; ~0.1 of the range, a typical LF budget
-    max_frequency: int = 3  # cycles per image kept per axis; low enough to be smooth on 32x32
+    # peak perturbation in pixel levels; ~0.1 of the range, a typical LF budget
+    amplitude: float_in(0.0, 255.0, open_low=True) = 0.1 * 255
+    max_frequency: int_in(1, 4096) = 3  # cycles per image kept per axis; low enough to be smooth on 32x32
     seed: int = 0
     pattern: np.ndarray = field(init=False, repr=False, compare=False)  # float32 H×W×C
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.amplitude <= 255.0:
-            raise ValueError(f"amplitude must lie in (0, 255], got {self.amplitude}")
-        if self.max_frequency < 1:
-            raise ValueError(f"max_frequency must be at least 1, got {self.max_frequency}")
         object.__setattr__(self, "pattern", self._low_frequency_pattern())
 
     def _low_frequency_pattern(self) -> np.ndarray:

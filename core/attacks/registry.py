@@ -8,11 +8,12 @@ from types import MappingProxyType
 from typing import Any
 
 from core.attacks.badnets import BadNets
-from core.attacks.base import Attack
+from core.attacks.base import NOT_PARAMS, Attack
 from core.attacks.blended import Blended
 from core.attacks.lowfreq import LowFrequency
 from core.attacks.sig import SIG
 from core.attacks.wanet import WaNet
+from core.ranges import check_params, field_types
 
 ATTACKS: Mapping[str, Callable[..., Attack]] = MappingProxyType(
     {
@@ -26,30 +27,33 @@ ATTACKS: Mapping[str, Callable[..., Attack]] = MappingProxyType(
 )
 
 
+def attack_param_types(name: str) -> dict[str, Any]:
+    """The parameters ``attack.params`` may set for attack ``name``, with their ranged types."""
+    return field_types(ATTACKS[name.lower()], NOT_PARAMS)  # type: ignore[arg-type]
+
+
+def check_attack_params(name: str, params: Mapping[str, object]) -> dict[str, Any]:
+    """``params`` checked against attack ``name``'s parameter names and ranges, before any image is seen
+    (limits that depend on the image size, e.g. ``patch_size`` <= its side, are checked on creation); raises
+    a pydantic ``ValidationError`` located at the parameter."""
+    return check_params(f"attack {name!r}", attack_param_types(name), params)
+
+
 def create_attack(
     name: str, *, target: int = 0, image_shape: tuple[int, int, int], seed: int = 0, **params: Any
 ) -> Attack:
     """The attack ``name`` for images of ``image_shape`` = ``(H, W, C)``.
 
     ``params`` are the attack's own settings (e.g. ``alpha`` for blended, ``all_to_all=True`` for any
-    dirty-label attack); ``seed`` fixes random patterns and is ignored by attacks without one. An unknown
-    name, an unknown parameter or a bad value raises ``ValueError``.
+    dirty-label attack), checked by :func:`check_attack_params`; ``seed`` fixes random patterns and is ignored
+    by attacks without one. An unknown name, an unknown parameter or a bad value raises ``ValueError``.
     """
     try:
         builder = ATTACKS[name.lower()]
     except (KeyError, AttributeError):
         raise ValueError(f"unknown attack {name!r}; valid names: {', '.join(sorted(ATTACKS))}") from None
-    allowed = {f.name for f in dataclasses.fields(builder) if f.init} - {"image_shape", "target", "seed"}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {', '.join(unknown)} for attack {name!r}; "
-            f"valid: {', '.join(sorted(allowed))}"
-        )
-    kwargs: dict[str, Any] = {"image_shape": tuple(image_shape), "target": target, **params}
-    if "seed" in {f.name for f in dataclasses.fields(builder)}:
+    checked = check_attack_params(name, params)
+    kwargs: dict[str, Any] = {"image_shape": tuple(image_shape), "target": target, **checked}
+    if "seed" in {f.name for f in dataclasses.fields(builder)}:  # type: ignore[arg-type]
         kwargs["seed"] = seed
-    try:
-        return builder(**kwargs)
-    except TypeError as exc:  # e.g. a value of the wrong type reaching a comparison in validation
-        raise ValueError(f"bad parameters for attack {name!r}: {exc}") from exc
+    return builder(**kwargs)

@@ -8,6 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from core.attacks.base import Attack, add_clipped
+from core.ranges import float_in
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,15 +21,8 @@ class SIG(Attack):
 
     name: ClassVar[str] = "sig"
     clean_label: ClassVar[bool] = True
-    delta: float = 40.0  # BackdoorBench: sig_delta 40 (of 255)
-    frequency: float = 6.0  # BackdoorBench: sig_f 6
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.delta <= 255.0:
-            raise ValueError(f"delta must lie in (0, 255], got {self.delta}")
-        if self.frequency <= 0:
-            raise ValueError(f"frequency must be positive, got {self.frequency}")
+    delta: float_in(0.0, 255.0, open_low=True) = 40.0  # BackdoorBench: sig_delta 40 (of 255)
+    frequency: float_in(0.0, 4096.0, open_low=True) = 6.0  # BackdoorBench: sig_f 6
 
     def signal(self) -> np.ndarray:
         """The additive signal, shaped ``1×W×1`` to broadcast over ``N×H×W×C``."""

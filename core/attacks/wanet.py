@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from core.attacks.base import Attack
 from core.data.imageset import ImageSet
+from core.ranges import Flag, float_in, int_in
 
 _CHUNK = 2048  # images warped per grid_sample call, to bound the float32 copy
 
@@ -31,11 +32,11 @@ class WaNet(Attack):
     """
 
     name: ClassVar[str] = "wanet"
-    k: int = 4  # BackdoorBench: k 4
-    s: float = 0.5  # BackdoorBench: s 0.5
-    grid_rescale: float = 1.0  # BackdoorBench: grid_rescale 1
-    cross_ratio: float = 2.0  # BackdoorBench: cross_ratio 2
-    noise_mode: bool = True  # BackdoorBench: noise mode on
+    k: int_in(2, 4096) = 4  # BackdoorBench: k 4 (at most the image's side, checked below)
+    s: float_in(0.0, 100.0, open_low=True) = 0.5  # BackdoorBench: s 0.5
+    grid_rescale: float_in(0.0, 100.0, open_low=True) = 1.0  # BackdoorBench: grid_rescale 1
+    cross_ratio: float_in(0.0, 10.0) = 2.0  # BackdoorBench: cross_ratio 2
+    noise_mode: Flag = True  # BackdoorBench: noise mode on
     seed: int = 0
     grid: torch.Tensor = field(init=False, repr=False, compare=False)  # 1×H×W×2, grid_sample's (x, y) order
 
@@ -43,10 +44,6 @@ class WaNet(Attack):
         super().__post_init__()
         if not 2 <= self.k <= min(self.image_shape[:2]):
             raise ValueError(f"k must lie in [2, {min(self.image_shape[:2])}], got {self.k}")
-        if self.s <= 0 or self.grid_rescale <= 0:
-            raise ValueError(f"s and grid_rescale must be positive, got {self.s} and {self.grid_rescale}")
-        if self.cross_ratio < 0:
-            raise ValueError(f"cross_ratio must be non-negative, got {self.cross_ratio}")
         object.__setattr__(self, "grid", self._warping_grid())
 
     def _warping_grid(self) -> torch.Tensor:

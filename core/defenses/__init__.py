@@ -1,6 +1,6 @@
 """Backdoor repair methods: TSBD (automatic and fixed-n) and the baselines, behind one registry.
 
-``repair(method, model, clean, norm, params, device, num_classes, seed, on_progress)`` runs a method by name;
+``repair(method, model, clean, norm, params, device, num_classes, seed, progress)`` runs a method by name;
 ``REPAIR_METHODS`` lists them with their parameter names and types.
 """
 

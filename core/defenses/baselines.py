@@ -14,13 +14,26 @@ from core.data.transforms import Normalization
 from core.defenses.result import RepairResult
 from core.defenses.runtime import (
     DeviceImages,
-    ProgressFn,
-    StageTimer,
+    cuda_sync,
     forward_all,
     prepare_model,
     runtime_for,
     score,
     sgd_finetune,
+)
+from core.progress import Progress
+from core.ranges import (
+    BatchSize,
+    Epochs,
+    Flag,
+    LearningRate,
+    Momentum,
+    PositiveRatio,
+    Ratio,
+    WeightDecay,
+    check_fields,
+    float_in,
+    int_in,
 )
 
 
@@ -28,17 +41,16 @@ from core.defenses.runtime import (
 class FinetuneConfig:
     """Vanilla fine-tuning: TSBD's stage 2 without its gradient-norm penalty, so the comparison isolates it."""
 
-    epochs: int = 21  # = TSBDConfig.finetune_epochs (tsbd.py runs ft_epoch + 1 = 21)
-    lr: float = 0.01  # = TSBDConfig.lr_finetune (tsbd/config.yaml: lr_ft=0.01)
-    momentum: float = 0.9  # tsbd.py: SGD momentum 0.9
-    weight_decay: float = 0.0  # tsbd.py: no weight decay in stage 2
-    batch_size: int = 256  # tsbd/config.yaml: batch_size=256
-    augment: bool = True  # crop (padding 4) + flip, as the reference's clean data
-    seed: int = 0
+    epochs: Epochs = 21  # = TSBDConfig.finetune_epochs (tsbd.py runs ft_epoch + 1 = 21)
+    lr: LearningRate = 0.01  # = TSBDConfig.lr_finetune (tsbd/config.yaml: lr_ft=0.01)
+    momentum: Momentum = 0.9  # tsbd.py: SGD momentum 0.9
+    weight_decay: WeightDecay = 0.0  # tsbd.py: no weight decay in stage 2
+    batch_size: BatchSize = 256  # tsbd/config.yaml: batch_size=256
+    augment: Flag = True  # crop (padding 4) + flip, as the reference's clean data
+    seed: int_in(0, 2**31 - 1) = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
-            raise ValueError("need epochs >= 0, lr > 0 and batch_size >= 1")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -46,41 +58,35 @@ class FinePruningConfig:
     """Fine-pruning (Liu, Dolan-Gavitt, Garg; RAID 2018): prune the last conv layer's channels that are least
     active on clean data, as long as clean accuracy holds, then fine-tune."""
 
-    accuracy_drop_tolerance: float = 0.04  # Liu et al. 2018 stop pruning at a ~4% validation accuracy drop
-    max_prune_ratio: float = 0.95  # never prune the whole layer (BackdoorBench fp: ratio up to 0.95 or so)
-    prune_step_ratio: float = 0.02  # candidate pruning counts in steps of 2% of the channels (forward only)
+    accuracy_drop_tolerance: Ratio = 0.04  # Liu et al. 2018 stop pruning at a ~4% validation accuracy drop
+    max_prune_ratio: PositiveRatio = 0.95  # never prune the whole layer (BackdoorBench fp: ratio up to 0.95 or so)
+    # candidate pruning counts in steps of 2% of the channels (forward only; >= 1% bounds them to 100 passes)
+    prune_step_ratio: float_in(0.01, 1.0) = 0.02
     finetune: FinetuneConfig = FinetuneConfig()
 
     def __post_init__(self) -> None:
-        if not 0 <= self.accuracy_drop_tolerance <= 1 or not 0 < self.max_prune_ratio <= 1:
-            raise ValueError("accuracy_drop_tolerance must lie in [0, 1] and max_prune_ratio in (0, 1]")
-        if not 0 < self.prune_step_ratio <= 1:
-            raise ValueError("prune_step_ratio must lie in (0, 1]")
+        check_fields(self, skip=("finetune",))  # the nested config checked itself when it was built
 
 
 def vanilla_finetune(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FinetuneConfig,
-                     device: torch.device | str, on_progress: ProgressFn | None = None) -> RepairResult:
+                     device: torch.device | str, progress: Progress | None = None) -> RepairResult:
     """Plain SGD fine-tuning of a copy of ``model`` on the clean subset."""
     rt = runtime_for(device)
-    timer = StageTimer(rt)
+    progress = progress or Progress()
+    progress.sync = cuda_sync(rt)
+    progress.stage("setup", 0.0, 0.05)
     repaired = prepare_model(copy.deepcopy(model), rt)
     data = DeviceImages(clean, norm, rt)
-    timer.lap("setup")
-    _finetune(repaired, data, cfg, on_progress)
-    timer.lap("finetune")
+    _finetune(repaired, data, cfg, progress.stage("finetune", 0.05, 1.0))
     after = score(repaired, data)
     return RepairResult(model=repaired.eval(), method="finetune", params=dataclasses.asdict(cfg),
-                        timings=timer.finish(),
+                        timings=progress.finish(),
                         details={"clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})
 
 
-def _finetune(model: nn.Module, data: DeviceImages, cfg: FinetuneConfig, on_progress: ProgressFn | None) -> None:
-    def report(done: int, total: int) -> None:
-        if on_progress is not None:
-            on_progress("finetune", done / total)
-
+def _finetune(model: nn.Module, data: DeviceImages, cfg: FinetuneConfig, progress: Progress) -> None:
     sgd_finetune(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, augment=cfg.augment, seed=cfg.seed, on_epoch=report)
+                 weight_decay=cfg.weight_decay, augment=cfg.augment, seed=cfg.seed, progress=progress)
 
 
 def last_conv_layer(model: nn.Module) -> str:
@@ -117,19 +123,21 @@ def _zero_channels(conv: nn.Conv2d, channels: torch.Tensor) -> None:
 
 
 def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FinePruningConfig,
-                 device: torch.device | str, on_progress: ProgressFn | None = None) -> RepairResult:
+                 device: torch.device | str, progress: Progress | None = None) -> RepairResult:
     """Prune (zero, and keep at zero while fine-tuning) the last conv layer's channels in increasing order of
     mean activation on the clean subset, the most channels whose pruning keeps the subset's accuracy within
     ``accuracy_drop_tolerance`` of the unpruned model's; then fine-tune. Zeroing instead of removing keeps the
     repaired weights' keys and shapes those of the upload."""
     rt = runtime_for(device)
-    timer = StageTimer(rt)
+    progress = progress or Progress()
+    progress.sync = cuda_sync(rt)
+    progress.stage("setup", 0.0, 0.02)
     repaired = prepare_model(copy.deepcopy(model), rt)
     data = DeviceImages(clean, norm, rt)
     layer = last_conv_layer(repaired)
     conv = dict(repaired.named_modules())[layer]
     assert isinstance(conv, nn.Conv2d)
-    timer.lap("setup")
+    pruning = progress.stage("prune", 0.02, 0.3)
 
     order = torch.argsort(mean_channel_activation(repaired, layer, data), stable=True)
     base = score(repaired, data).accuracy
@@ -140,6 +148,8 @@ def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: Fi
     limit = max(0, min(channels - 1, int(cfg.max_prune_ratio * channels)))
     pruned, curve = 0, []
     for k in range(step, limit + 1, step):
+        pruning.check()
+        pruning.update(k / max(1, limit))
         _zero_channels(conv, order[:k])
         acc = score(repaired, data).accuracy
         curve.append((k, acc))
@@ -152,7 +162,6 @@ def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: Fi
             conv.bias.copy_(saved_b)
     pruned_idx = order[:pruned]
     _zero_channels(conv, pruned_idx)
-    timer.lap("prune")
 
     keep = torch.ones(channels, dtype=torch.bool, device=conv.weight.device)
     keep[pruned_idx] = False
@@ -160,17 +169,16 @@ def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: Fi
     if conv.bias is not None:
         hooks.append(conv.bias.register_hook(lambda g: g * keep.to(g.dtype)))
     try:  # masked gradients (and no weight decay by default) keep the pruned channels at zero
-        _finetune(repaired, data, cfg.finetune, on_progress)
+        _finetune(repaired, data, cfg.finetune, progress.stage("finetune", 0.3, 1.0))
     finally:
         for h in hooks:
             h.remove()
-    timer.lap("finetune")
     after = score(repaired, data)
     params = dataclasses.asdict(cfg)
     params["layer"] = layer
     return RepairResult(
         model=repaired.eval(), method="fine_pruning", params=params,
         chosen={"pruned_channels": pruned, "layer_channels": channels},
-        timings=timer.finish(),
+        timings=progress.finish(),
         details={"clean_accuracy_unpruned": base, "prune_curve": curve,
                  "clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})

@@ -24,13 +24,24 @@ from core.data.transforms import Normalization
 from core.defenses.result import RepairResult
 from core.defenses.runtime import (
     DeviceImages,
-    ProgressFn,
-    StageTimer,
     augment_generator,
+    cuda_sync,
     make_generator,
     prepare_model,
     runtime_for,
     score,
+)
+from core.progress import Progress
+from core.ranges import (
+    BatchSize,
+    Epochs,
+    Flag,
+    LearningRate,
+    Momentum,
+    WeightDecay,
+    check_fields,
+    float_in,
+    int_in,
 )
 
 _EPS = 1e-12
@@ -40,21 +51,18 @@ _EPS = 1e-12
 class FTSAMConfig:
     """FT-SAM's knobs (BackdoorBench ft-sam/cifar10.yaml unless stated)."""
 
-    epochs: int = 100  # epochs: 100
-    lr: float = 0.01  # lr: 0.01, lr_scheduler: CosineAnnealingLR
-    momentum: float = 0.9  # sgd_momentum: 0.9
-    weight_decay: float = 5e-4  # wd: 5.0e-4
-    batch_size: int = 256  # batch_size: 256
-    rho: float = 2.0  # rho_max = rho_min = 2.0
-    label_smoothing: float = 0.1  # label_smoothing: 0.1
-    augment: bool = True  # crop + flip, as for the other fine-tuning baselines
-    seed: int = 0
+    epochs: Epochs = 100  # epochs: 100
+    lr: LearningRate = 0.01  # lr: 0.01, lr_scheduler: CosineAnnealingLR
+    momentum: Momentum = 0.9  # sgd_momentum: 0.9
+    weight_decay: WeightDecay = 5e-4  # wd: 5.0e-4
+    batch_size: BatchSize = 256  # batch_size: 256
+    rho: float_in(0.0, 10.0) = 2.0  # rho_max = rho_min = 2.0
+    label_smoothing: float_in(0.0, 1.0, open_high=True) = 0.1  # label_smoothing: 0.1
+    augment: Flag = True  # crop + flip, as for the other fine-tuning baselines
+    seed: int_in(0, 2**31 - 1) = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.rho < 0:
-            raise ValueError("need epochs >= 0, lr > 0, batch_size >= 1 and rho >= 0")
-        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0:
-            raise ValueError("label_smoothing must lie in [0, 1) and weight_decay be >= 0")
+        check_fields(self)
 
 
 def adaptive_sam_perturbation(params: list[nn.Parameter], grads: list[torch.Tensor | None],
@@ -69,10 +77,12 @@ def adaptive_sam_perturbation(params: list[nn.Parameter], grads: list[torch.Tens
 
 
 def ft_sam(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FTSAMConfig, device: torch.device | str,
-           on_progress: ProgressFn | None = None) -> RepairResult:
+           progress: Progress | None = None) -> RepairResult:
     """FT-SAM on a copy of ``model`` with the clean subset (this module's docstring)."""
     rt = runtime_for(device)
-    timer = StageTimer(rt)
+    progress = progress or Progress()
+    progress.sync = cuda_sync(rt)
+    progress.stage("setup", 0.0, 0.02)
     repaired = prepare_model(copy.deepcopy(model), rt)
     data = DeviceImages(clean, norm, rt)
     params = [p for p in repaired.parameters() if p.requires_grad]
@@ -80,10 +90,11 @@ def ft_sam(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FTSAMCon
     total = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, total))))
     order_gen, aug_gen = make_generator(cfg.seed), augment_generator(rt, cfg.seed + 1)
-    timer.lap("setup")
+    tuning = progress.stage("finetune", 0.02, 1.0)
     repaired.train()
     for epoch in range(cfg.epochs):
         for idx in data.batches(cfg.batch_size, order_gen):
+            tuning.check()
             x, y = data.inputs(idx, augment=cfg.augment, generator=aug_gen), data.y[idx]
             with rt.autocast():
                 loss = F.cross_entropy(repaired(x).float(), y, label_smoothing=cfg.label_smoothing)
@@ -103,10 +114,8 @@ def ft_sam(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FTSAMCon
                         p.sub_(e)
             opt.step()
             sched.step()
-        if on_progress is not None:
-            on_progress("finetune", (epoch + 1) / max(1, cfg.epochs))
-    timer.lap("finetune")
+        tuning.update((epoch + 1) / max(1, cfg.epochs))
     after = score(repaired, data)
     return RepairResult(model=repaired.eval(), method="ft_sam", params=dataclasses.asdict(cfg),
-                        timings=timer.finish(),
+                        timings=progress.finish(),
                         details={"clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})

@@ -26,6 +26,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -36,12 +37,16 @@ from core.data.transforms import Normalization
 from core.defenses.runtime import DeviceImages, forward_all, make_generator, prepare_model, runtime_for
 from core.multilevel import Level, MultilevelProblem, box, solve
 
+# fields of RobustHeadConfig that are not repair parameters (only robust_model is; robust_hparams turns it on)
+ROBUST_HEAD_INTERNALS = ("holdout_fraction", "train_steps", "train_step", "adversary_steps", "adversary_lr",
+                         "budget", "iterations", "upper_lr", "log_weight_init", "log_weight_bounds")
+
 
 @dataclass(frozen=True)
 class RobustHeadConfig:
     """Sizes and steps of the head problem (chosen here, no source: features are standardised first)."""
 
-    robust_model: str = "trilevel"  # "trilevel" (with the adversary) or "bilevel"
+    robust_model: Literal["trilevel", "bilevel"] = "trilevel"  # with the adversary, or without
     holdout_fraction: float = 0.2  # share of the clean subset the upper level scores on
     train_steps: int = 20  # T of the head's gradient descent (lowest level)
     train_step: float = 1.0  # the head's step is train_step / L, L a bound on the lower objective's curvature

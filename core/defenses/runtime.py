@@ -8,7 +8,6 @@ evaluation runs in large batches under ``torch.inference_mode()``. On the CPU th
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,9 +17,7 @@ import torch.nn.functional as F
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization, random_crop_flip, to_model_input
-
-ProgressFn = Callable[[str, float], None]
-"""Progress callback: ``(stage name, fraction of that stage done in [0, 1])``."""
+from core.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -155,45 +152,30 @@ def infer_num_classes(model: nn.Module, data: DeviceImages) -> int:
 
 def sgd_finetune(model: nn.Module, data: DeviceImages, *, epochs: int, lr: float, batch_size: int,
                  momentum: float, weight_decay: float, augment: bool, seed: int,
-                 on_epoch: Callable[[int, int], None] | None = None) -> None:
-    """Plain supervised fine-tuning in place (constant lr, as the reference's stage 2 without its penalty)."""
+                 progress: Progress | None = None) -> None:
+    """Plain supervised fine-tuning in place (constant lr, as the reference's stage 2 without its penalty);
+    polls ``progress`` between batches and reports each epoch."""
+    progress = progress or Progress()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     order_gen = make_generator(seed)
     aug_gen = augment_generator(data.rt, seed + 1)
     for epoch in range(epochs):
         for idx in data.batches(batch_size, order_gen):
+            progress.check()
             x = data.inputs(idx, augment=augment, generator=aug_gen)
             with data.rt.autocast():
                 loss = F.cross_entropy(model(x), data.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if on_epoch is not None:
-            on_epoch(epoch + 1, epochs)
+        progress.update((epoch + 1) / epochs)
 
 
-class StageTimer:
-    """Wall-clock seconds per stage; synchronises CUDA at each boundary so that queued kernels are charged
-    to the stage that launched them."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.timings: dict[str, float] = {}
-        self._start = self._last = self._now()
-
-    def _now(self) -> float:
-        if self.rt.device.type == "cuda":
-            torch.cuda.synchronize(self.rt.device)
-        return time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        """Charge the time since the previous lap to ``stage``."""
-        now = self._now()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._last
-        self._last = now
-
-    def finish(self) -> dict[str, float]:
-        """The stage timings plus ``total``."""
-        self.timings["total"] = self._now() - self._start
-        return dict(self.timings)
+def cuda_sync(rt: Runtime) -> Callable[[], None] | None:
+    """A CUDA synchronise for :class:`core.progress.Progress` on a CUDA runtime (so that queued kernels are
+    charged to the stage that launched them), ``None`` elsewhere."""
+    if rt.device.type != "cuda":
+        return None
+    device = rt.device
+    return lambda: torch.cuda.synchronize(device)

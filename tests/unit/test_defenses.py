@@ -12,7 +12,9 @@ from core.data.transforms import Normalization
 from core.defenses.baselines import FinePruningConfig, FinetuneConfig, fine_pruning, last_conv_layer
 from core.defenses.registry import REPAIR_METHODS, repair, validate_params
 from core.metrics import predict
+from core.progress import Progress
 from core.training import train_classifier
+from tests.unit.test_progress import RecordingSink
 
 NORM = Normalization()
 
@@ -48,15 +50,16 @@ def test_registry_lists_every_method() -> None:
         ("nope", {}, "unknown repair method 'nope'"),
         ("tsbd", {"lr_unlaern": 0.1}, "unknown parameter 'lr_unlaern'"),
         ("tsbd", {"neuron_ratio": 0.3}, "unknown parameter 'neuron_ratio'"),  # automatic: n is not an input
-        ("tsbd_fixed", {"neuron_ratio": "0.3"}, "parameter 'neuron_ratio'"),
-        ("tsbd_fixed", {"finetune_epochs": 2.5}, "parameter 'finetune_epochs'"),
-        ("tsbd_fixed", {"augment": 1}, "parameter 'augment'"),
-        ("finetune", {"epochs": True}, "parameter 'epochs'"),
-        ("fine_pruning", {"accuracy_drop_tolerance": None}, "parameter 'accuracy_drop_tolerance'"),
-        ("tsbd", {"auto_candidates": [0.1, "x"]}, "parameter 'auto_candidates'"),
+        ("tsbd_fixed", {"neuron_ratio": "0.3"}, r"\nneuron_ratio\b"),
+        ("tsbd_fixed", {"finetune_epochs": 2.5}, r"\nfinetune_epochs\b"),
+        ("tsbd_fixed", {"augment": 1}, r"\naugment\b"),
+        ("finetune", {"epochs": True}, r"\nepochs\b"),
+        ("fine_pruning", {"accuracy_drop_tolerance": None}, r"\naccuracy_drop_tolerance\b"),
+        ("tsbd", {"auto_candidates": [0.1, "x"]}, r"\nauto_candidates\b"),
     ],
 )
 def test_bad_params_name_the_culprit(method: str, params: dict, message: str) -> None:
+    """Unknown names get a message listing the valid ones; bad values are located at the parameter's name."""
     with pytest.raises(ValueError, match=message):
         validate_params(method, params)
 
@@ -77,14 +80,15 @@ def test_out_of_range_values_are_rejected(model_and_clean) -> None:
 def test_every_method_repairs_a_copy(model_and_clean, method: str) -> None:
     model, clean = model_and_clean
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    seen: list[tuple[str, float]] = []
+    sink = RecordingSink()
     params = {"finetune_epochs": 1} if method.startswith("tsbd") else {"epochs": 1}
     if method.startswith("tsbd"):
         params |= {"lr_unlearn": 0.01, "unlearn_margin": 0.05, "batch_size": 64, "augment": False}
-    res = repair(method, model, clean, NORM, params, "cpu", num_classes=10, seed=1,
-                 on_progress=lambda s, f: seen.append((s, f)))
+    res = repair(method, model, clean, NORM, params, "cpu", num_classes=10, seed=1, progress=Progress(sink))
     assert res.method == method
-    assert res.timings["total"] > 0 and seen and all(0 <= f <= 1 for _, f in seen)
+    fractions = [f for _, f in sink.reports]
+    assert res.timings["total"] > 0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert {"setup", "finetune"} <= set(res.timings) and "finetune" in {s for s, _ in sink.reports}
     new = res.model.state_dict()
     assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in before.items()}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

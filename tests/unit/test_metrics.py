@@ -91,3 +91,28 @@ def test_evaluate_reports_acc_asr_ra_and_counts() -> None:
     assert (result.n_clean, result.n_backdoor) == (37, 10)
     only_clean = evaluate(model, clean, None, NORM)
     assert only_clean.asr is None and only_clean.ra is None and only_clean.n_backdoor == 0
+
+
+def test_evaluate_takes_an_uploaded_poisoned_set_and_reports_progress() -> None:
+    """The scan pipeline's path: triggered images without true labels give ASR but no RA; the progress bar
+    covers both passes and keeps the caller's stage label."""
+    from dataclasses import dataclass
+
+    from core.progress import Progress
+    from tests.unit.test_progress import RecordingSink
+
+    @dataclass(frozen=True)
+    class Uploaded:
+        x: np.ndarray
+        y_target: np.ndarray
+        y_true: np.ndarray | None = None
+
+    model, x = _model(), _images()
+    pred = predict(model, x, NORM)
+    sink = RecordingSink()
+    stage = Progress(sink).stage("evaluate_before", 0.0, 0.5)
+    result = evaluate(model, ImageSet(x, pred.copy()), Uploaded(x[:10], pred[:10].copy()), NORM, batch_size=4,
+                      progress=stage)
+    assert (result.acc, result.asr, result.ra) == (1.0, 1.0, None)
+    assert result.scores() == {"acc": 1.0, "asr": 1.0, "ra": None}
+    assert {s for s, _ in sink.reports} == {"evaluate_before"} and 0.4 < sink.reports[-1][1] <= 0.5

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fractions
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from store import repository
@@ -36,11 +39,12 @@ def ctx(embedded_settings: Settings) -> WorkerContext:
                          _HookedStore(embedded_settings.data_dir / "objects"))
 
 
-def _queue_scan(ctx: WorkerContext, tmp: Path, spec: dict | None = None) -> str:
+def _queue_scan(ctx: WorkerContext, tmp: Path, spec: dict | None = None, model_file: Path | None = None) -> str:
     state, clean, test = backdoored_digits()
     scan_id = repository.new_id()
     inputs = {}
-    for part, path in (("model", write_safetensors(tmp / "m.safetensors", state)),
+    model_file = model_file or write_safetensors(tmp / "m.safetensors", state)
+    for part, path in (("model", model_file),
                        ("clean_data", write_npz(tmp / "c.npz", clean)), ("test_data", write_npz(tmp / "t.npz", test))):
         key = f"scans/{scan_id}/inputs/{part}{path.suffix}"
         ctx.store.put_file(key, path)
@@ -67,6 +71,8 @@ def test_success_then_a_repeated_delivery_is_skipped(ctx: WorkerContext, tmp_pat
     scan = _scan(ctx.sessions, scan_id)
     assert scan.status == "succeeded" and scan.progress == 1.0 and scan.attempts == 1
     assert scan.report is not None and scan.report["before"]["asr"] > 0.9
+    assert scan.report["model"]["neutralised_globals"] == [] and scan.report["model"]["neutralised_globals_count"] == 0
+    assert set(scan.report["timings"]) == {"load", "evaluate_before", "report"}
     assert execute_scan(ctx, scan_id) == "skipped"
     assert _scan(ctx.sessions, scan_id).attempts == 1
 
@@ -123,3 +129,96 @@ def test_a_scan_that_keeps_killing_its_worker_fails(ctx: WorkerContext, tmp_path
         session.commit()
     assert execute_scan(ctx, scan_id) == "skipped"
     assert _scan(ctx.sessions, scan_id).error_code == "worker_lost"
+
+
+def _repair_spec(**params: object) -> dict:
+    return {"mode": "repair", "model": SPEC_MODEL, "attack": {"type": "badnets"},
+            "repair": {"method": "finetune", "params": params}}
+
+
+def test_time_limit_stops_a_repair_inside_its_training_loop(ctx: WorkerContext, tmp_path: Path) -> None:
+    """300 epochs would take minutes; core polls the reporter between batches, so the limit ends it."""
+    limit = 12
+    scan_id = _queue_scan(ctx, tmp_path, _repair_spec(epochs=300, batch_size=16))
+    ctx.settings = ctx.settings.model_copy(update={"scan_time_limit_s": limit})
+    started = time.monotonic()
+    assert execute_scan(ctx, scan_id) == "failed"
+    assert time.monotonic() - started < limit + 15
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.error_code == "time_limit" and scan.stage == "repair:finetune"
+    assert {"load", "evaluate_before", "repair"} <= set(scan.timings or {})
+
+
+def test_cancel_while_repairing_is_honoured_from_core(ctx: WorkerContext, tmp_path: Path) -> None:
+    scan_id = _queue_scan(ctx, tmp_path, _repair_spec(epochs=300, batch_size=16))
+    stop = threading.Event()
+
+    def client_cancels_once_repair_runs() -> None:
+        while not stop.wait(0.2):
+            with ctx.sessions() as session:
+                scan = session.get(Scan, scan_id)
+                if scan is not None and (scan.stage or "").startswith("repair:"):
+                    repository.request_cancel(session, scan)
+                    return
+
+    client = threading.Thread(target=client_cancels_once_repair_runs)
+    client.start()
+    try:
+        assert execute_scan(ctx, scan_id) == "canceled"
+    finally:
+        stop.set()
+        client.join()
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.status == "canceled" and "repair" in (scan.timings or {})
+
+
+class _Opaque:
+    """Pickles as a harmless stdlib global that the BackdoorBench loader must neutralise, not import."""
+
+    def __reduce__(self) -> tuple:
+        return (fractions.Fraction, (1, 3))
+
+
+def test_neutralised_globals_reach_the_report(ctx: WorkerContext, tmp_path: Path) -> None:
+    state, _, _ = backdoored_digits()
+    path = tmp_path / "attack_result.pt"
+    torch.save({"model_name": SPEC_MODEL["architecture"], "num_classes": SPEC_MODEL["num_classes"],
+                "model": state, "bd_test": _Opaque()}, path)
+    scan_id = _queue_scan(ctx, tmp_path, model_file=path)
+    assert execute_scan(ctx, scan_id) == "succeeded"
+    report = _scan(ctx.sessions, scan_id).report
+    assert report is not None and report["model"]["format"] == "backdoorbench"
+    assert "fractions.Fraction" in report["model"]["neutralised_globals"]
+    assert report["model"]["neutralised_globals_count"] >= len(report["model"]["neutralised_globals"]) >= 1
+
+
+def test_progress_reaches_the_database_at_most_twice_a_second(ctx: WorkerContext, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-batch reports are cheap: only stage changes and one write per half second reach the row."""
+    from worker import runner
+
+    scan_id = _queue_scan(ctx, tmp_path)
+    writes: list[str] = []
+    real = repository.record_progress
+
+    def counting(session: Session, sid: str, stage: str, progress: float, timings: dict[str, float]) -> bool:
+        writes.append(stage)
+        return real(session, sid, stage, progress, timings)
+
+    monkeypatch.setattr(runner.repository, "record_progress", counting)
+    sink = runner._ScanSink(ctx, scan_id, deadline=time.monotonic() + 60)
+    progress = runner.Progress(sink)
+    started = time.monotonic()
+    stage = progress.stage("evaluate_before", 0.0, 1.0)
+    for i in range(1000):
+        stage.update(i / 1000)
+        stage.check()
+    elapsed = time.monotonic() - started
+    # the stage change, then at most one write per half second (a few ms here, unless the machine stalls)
+    assert writes[0] == "starting"  # the first poll for the cancel flag, before any stage
+    assert set(writes[1:]) == {"evaluate_before"}
+    assert len(writes) - 1 <= 1 + elapsed / runner._ScanSink.WRITE_INTERVAL_S
+    progress.stage("report", 0.0, 1.0)
+    assert writes[-1] == "report"
+    sink.deadline = time.monotonic() - 1
+    assert progress.should_stop() == "time_limit"

@@ -52,6 +52,7 @@ from core.defenses.tsbd.config import TSBDConfig
 from core.defenses.tsbd.nwc import NWC
 from core.defenses.tsbd.reinit import apply_zero_masks, zero_masks
 from core.defenses.tsbd.unlearn import chance_accuracy
+from core.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,18 @@ class SweepPoint:
 
 
 def zeroing_sweep(model: nn.Module, nwc: NWC, data: DeviceImages, candidates: tuple[float, ...],
-                  m: float, batch_size: int = 1024) -> list[SweepPoint]:
+                  m: float, batch_size: int = 1024, progress: Progress | None = None) -> list[SweepPoint]:
     """For each candidate ``n``, zero the TSBD-selected weights of ``model`` and score it on ``data`` in eval
     mode. Works in place on ``model``'s covered conv weights and restores them afterwards (one copy of the
     covered conv weights, not of the model, per sweep)."""
     modules = dict(model.named_modules())
     saved = [modules[name].weight.detach().clone() for name in nwc.layer_names]
     points = []
+    progress = progress or Progress()
     try:
-        for n in candidates:
+        for i, n in enumerate(candidates):
+            progress.check()
+            progress.update(i / len(candidates))
             masks, summary = zero_masks(nwc, n, m)
             apply_zero_masks(model, nwc.layer_names, masks)
             s = score(model, data, batch_size)
@@ -144,13 +148,13 @@ def _retention_rule(candidates: tuple[float, ...], points: list[SweepPoint], bas
 
 
 def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSBDConfig,
-                        num_classes: int) -> AutoChoice:
+                        num_classes: int, progress: Progress | None = None) -> AutoChoice:
     """Choose ``n`` from the clean subset alone (the rules are described in this module's docstring)."""
     base = score(model, data).accuracy
     chance = chance_accuracy(data.y, num_classes)
     floor = chance + cfg.auto_collapse_fraction * max(0.0, base - chance)
     candidates = tuple(sorted(cfg.auto_candidates))
-    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio)
+    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio, progress=progress)
     collapse = next((p.n for p in points if p.accuracy <= floor), None)
     n_retention, text_retention = _retention_rule(candidates, points, base, chance, cfg)
     n_collapse, text_collapse = _collapse_rule(candidates, collapse, cfg)

@@ -18,13 +18,13 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.defenses.runtime import (
     DeviceImages,
-    ProgressFn,
     augment_generator,
     make_generator,
     prepare_model,
     runtime_for,
 )
 from core.defenses.tsbd.config import TSBDConfig
+from core.progress import Progress
 
 _NORM_EPS = 1e-12  # guards the per-tensor normalisation against an all-zero gradient
 
@@ -113,10 +113,11 @@ def activeness_aware_step(model: nn.Module, params: list[torch.nn.Parameter], x:
 
 def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization,
                               cfg: TSBDConfig, device: torch.device | str,
-                              on_progress: ProgressFn | None = None) -> FinetuneResult:
+                              progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``clean`` for ``cfg.finetune_epochs`` epochs, every parameter trained,
     SGD(lr_finetune, momentum, no weight decay), each step along the activeness-aware
-    gradient of :func:`activeness_aware_step`."""
+    gradient of :func:`activeness_aware_step`; polls ``progress`` between batches."""
+    progress = progress or Progress()
     rt = runtime_for(device)
     data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
     prepare_model(model, rt)
@@ -132,6 +133,7 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
     model.train()
     for epoch in range(epochs):
         for idx in data.batches(cfg.batch_size, order_gen):
+            progress.check()
             x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
             last = activeness_aware_step(model, params, x, data.y[idx], cfg.rho, cfg.alpha, rt.autocast,
                                          cfg.finetune_trim)
@@ -139,7 +141,6 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
             if sched is not None:
                 sched.step()
             steps += 1
-        if on_progress is not None:
-            on_progress("finetune", (epoch + 1) / epochs)
+        progress.update((epoch + 1) / epochs)
     model.eval()
     return FinetuneResult(epochs=epochs, steps=steps, last_loss=float(last))

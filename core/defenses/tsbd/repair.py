@@ -13,8 +13,7 @@ from core.data.transforms import Normalization
 from core.defenses.result import RepairResult
 from core.defenses.runtime import (
     DeviceImages,
-    ProgressFn,
-    StageTimer,
+    cuda_sync,
     infer_num_classes,
     prepare_model,
     runtime_for,
@@ -26,49 +25,47 @@ from core.defenses.tsbd.finetune import activeness_aware_finetune
 from core.defenses.tsbd.nwc import covered_conv_layers, neuron_weight_change
 from core.defenses.tsbd.reinit import zero_reinitialize
 from core.defenses.tsbd.unlearn import unlearn_clean
+from core.progress import Progress
 
 
 def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSBDConfig,
-                device: torch.device | str, on_progress: ProgressFn | None = None,
+                device: torch.device | str, progress: Progress | None = None,
                 num_classes: int | None = None) -> RepairResult:
     """Repair ``model`` with TSBD on the clean subset; ``cfg.neuron_ratio=None`` chooses ``n`` automatically
     from the clean subset (:func:`choose_neuron_ratio`). ``model`` is not modified; the result holds a new
     module on ``device`` in eval mode."""
     rt = runtime_for(device)
-    timer = StageTimer(rt)
+    progress = progress or Progress()
+    progress.sync = cuda_sync(rt)
+    progress.stage("setup", 0.0, 0.01)
     original = prepare_model(copy.deepcopy(model), rt).eval()
     data = DeviceImages(clean, norm, rt)
     layers = covered_conv_layers(original, cfg.layer_exclude)
     if not layers:
         raise ValueError("the model has no Conv2d layer TSBD can work on")
-    timer.lap("setup")
 
     k = num_classes if num_classes is not None else infer_num_classes(original, data)
-    unlearned = unlearn_clean(original, data, norm, cfg, device, k, on_progress)
-    timer.lap("unlearn")
+    # shares of the bar: unlearning and fine-tuning are the epochs; the rest are forward passes
+    unlearned = unlearn_clean(original, data, norm, cfg, device, k, progress.stage("unlearn", 0.01, 0.3))
+    progress.stage("nwc", 0.3, 0.31)
     nwc = neuron_weight_change(original, unlearned.model, layers)
     del unlearned.model  # only its weight changes are needed
-    timer.lap("nwc")
 
     chosen: dict[str, object] = {}
     details: dict[str, object] = {}
     n = cfg.neuron_ratio
     if n is None:
-        choice = choose_neuron_ratio(original, nwc, data, cfg, k)
+        choice = choose_neuron_ratio(original, nwc, data, cfg, k, progress.stage("choose_n", 0.31, 0.34))
         n = choice.n
         chosen = {"neuron_ratio": n, "rule": choice.rule}
         details["auto"] = choice.as_dict()
-        timer.lap("choose_n")
+    progress.stage("zero_reinit", 0.34, 0.35)
     repaired, zsum = zero_reinitialize(original, nwc, n, cfg.weight_ratio)
     del original
-    timer.lap("zero_reinit")
-    if on_progress is not None:
-        on_progress("zero_reinit", 1.0)
 
-    ft = activeness_aware_finetune(repaired, data, norm, cfg, device, on_progress)
-    timer.lap("finetune")
+    ft = activeness_aware_finetune(repaired, data, norm, cfg, device, progress.stage("finetune", 0.35, 0.99))
+    progress.stage("final_eval", 0.99, 1.0)
     after = score(repaired, data)
-    timer.lap("final_eval")
 
     details.update({
         "unlearn": {"epochs": unlearned.epochs, "threshold": unlearned.threshold,
@@ -84,4 +81,4 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     params["neuron_ratio"] = n
     params["layers"] = layers
     return RepairResult(model=repaired.eval(), method="tsbd" if cfg.neuron_ratio is None else "tsbd_fixed",
-                        params=params, chosen=chosen, timings=timer.finish(), details=details)
+                        params=params, chosen=chosen, timings=progress.finish(), details=details)

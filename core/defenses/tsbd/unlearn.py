@@ -17,7 +17,6 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.defenses.runtime import (
     DeviceImages,
-    ProgressFn,
     augment_generator,
     infer_num_classes,
     make_generator,
@@ -26,6 +25,7 @@ from core.defenses.runtime import (
     score,
 )
 from core.defenses.tsbd.config import TSBDConfig
+from core.progress import Progress
 
 
 @dataclass
@@ -57,11 +57,12 @@ def unlearn_threshold(num_classes: int, margin: float, labels: torch.Tensor | No
 
 def unlearn_clean(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization, cfg: TSBDConfig,
                   device: torch.device | str, num_classes: int | None = None,
-                  on_progress: ProgressFn | None = None, seed: int | None = None) -> UnlearnResult:
+                  progress: Progress | None = None, seed: int | None = None) -> UnlearnResult:
     """Gradient ascent on cross-entropy over ``clean`` on a copy of ``model`` (train mode, so BN statistics
     update as in the reference), SGD(lr_unlearn, momentum, no weight decay), epoch by epoch until the
     eval-mode accuracy on ``clean`` is <= chance (:func:`chance_accuracy`) + ``cfg.unlearn_margin``, or
     ``cfg.unlearn_max_epochs`` is hit. ``model`` itself is not modified."""
+    progress = progress or Progress()
     rt = runtime_for(device)
     data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
     unlearned = prepare_model(copy.deepcopy(model), rt)
@@ -81,6 +82,7 @@ def unlearn_clean(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normal
         while epochs < cfg.unlearn_max_epochs and acc > threshold:
             unlearned.train()
             for idx in data.batches(cfg.batch_size, order_gen):
+                progress.check()
                 x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
                 with rt.autocast():
                     loss = -F.cross_entropy(unlearned(x), data.y[idx])  # ascent: minimise the negative
@@ -89,8 +91,7 @@ def unlearn_clean(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normal
                 opt.step()
             epochs += 1
             acc = score(unlearned, data).accuracy
-            if on_progress is not None:
-                on_progress("unlearn", epochs / cfg.unlearn_max_epochs if acc > threshold else 1.0)
+            progress.update(epochs / cfg.unlearn_max_epochs if acc > threshold else 1.0)
     unlearned.eval()
     return UnlearnResult(model=unlearned, epochs=epochs, threshold=threshold, accuracy_before=before,
                          accuracy_after=acc, reached_threshold=acc <= threshold)
