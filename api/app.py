@@ -14,8 +14,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import KeyCache
-from api.errors import ApiError, api_error_handler
+from api.errors import DATABASE_DOWN_ERRORS, ApiError, api_error_handler, database_unavailable_handler
 from api.metrics import ApiMetrics
+from api.recovery import redeliver_lost_scans
 from api.routes import health, scans
 from store import repository
 from store.db import make_engine, make_session_factory
@@ -71,6 +72,10 @@ async def _sweep_forever(app: FastAPI, interval_s: float) -> None:
             await run_in_threadpool(sweep_stale_scans, app)
         except Exception:  # a database hiccup must not end the loop
             log.exception("stale-scan sweep failed")
+        try:
+            await run_in_threadpool(redeliver_lost_scans, app)
+        except Exception:  # nor a broker that is down
+            log.exception("lost-task recovery failed")
 
 
 @contextlib.asynccontextmanager
@@ -99,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ApiMetrics(app.state.sessions)
     app.state.key_cache = KeyCache(settings.key_cache_s)
     app.add_exception_handler(ApiError, api_error_handler)
+    for error in DATABASE_DOWN_ERRORS:
+        app.add_exception_handler(error, database_unavailable_handler)
     app.include_router(health.router)
     app.include_router(scans.router)
 

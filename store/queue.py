@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from celery import Celery
 
 from store.settings import Settings
@@ -42,3 +44,36 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue_scan(app: Celery, scan_id: str, queue: str) -> None:
     app.send_task(RUN_SCAN, args=[scan_id], queue=queue)
+
+
+_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# kombu's Redis transport: priority p > 0 goes to "<queue>\x06\x16<p>", unacknowledged deliveries to a hash
+_PRIORITY_SEP, _PRIORITY_STEPS, _UNACKED_KEY = "\x06\x16", (3, 6, 9), "unacked"
+
+
+def scan_ids_in_broker(settings: Settings) -> set[str] | None:
+    """Scan ids whose task waits in the Redis queue or is delivered but unacknowledged; None for a broker that
+    is not Redis (the embedded folder broker keeps its messages on disk).
+
+    A Redis without persistence forgets every task when it restarts, while the database still says
+    ``queued``: comparing the two finds the scans nobody will ever run (``api.recovery``). A task's scan id
+    is in its headers in clear (``argsrepr``), so a pattern match is enough and needs no kombu internals."""
+    url = settings.resolved_broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        queues = [settings.queue] + [f"{settings.queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS]
+        pipe = client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.lrange(queue, 0, -1)
+        pipe.hvals(_UNACKED_KEY)
+        found: set[str] = set()
+        for chunk in pipe.execute():
+            for raw in chunk:
+                found.update(m.decode() for m in _UUID.findall(raw))
+        return found
+    finally:
+        client.close()

@@ -40,6 +40,18 @@ class Settings(BaseSettings):
     max_zip_members: int = Field(250_000, gt=0)
     max_zip_expanded_bytes: int = Field(4 * 1024**3, gt=0)
 
+    dependency_retry_after_s: int = Field(
+        5, ge=1, description="Retry-After (seconds) of the 503 answered while the database or the broker is down."
+    )
+    db_retry_max_interval_s: float = Field(
+        5.0, gt=0, description="Worker: longest pause between retries of a database write during an outage "
+        "(the retries go on until the scan's time limit)."
+    )
+    broker_recovery_grace_s: float = Field(
+        30.0, ge=0, description="A queued scan older than this whose task is nowhere in the Redis broker (lost in a "
+        "restart without persistence) is sent again by the API's sweep."
+    )
+
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
 
     log_level: str = "INFO"

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.data.formats import DataLimits
@@ -17,9 +18,10 @@ from core.pipeline import run_pipeline
 from core.spec import ScanSpec
 from store import repository
 from store.logs import scan_id_var
-from store.models import ScanStatus
+from store.models import Scan, ScanStatus
 from store.objects import ObjectStore
 from store.settings import Settings
+from worker.db_retry import is_connection_error, with_db_retry
 
 log = logging.getLogger("antidote.worker")
 MAX_ATTEMPTS = 3
@@ -44,16 +46,53 @@ def execute_scan(ctx: WorkerContext, scan_id: str) -> str:
     """Claim, run and record one scan; returns the status it ended in (or ``skipped``)."""
     token = scan_id_var.set(scan_id)
     try:
-        with ctx.sessions() as session:
-            scan = repository.claim_scan(session, scan_id, MAX_ATTEMPTS)
-            if scan is None:
-                log.info("nothing to do for this delivery")
-                return "skipped"
-            spec, inputs_meta, attempt = scan.spec, scan.inputs, scan.attempts
+        claimed = _claim(ctx, scan_id)
+        if claimed is None:
+            log.info("nothing to do for this delivery")
+            return "skipped"
+        spec, inputs_meta, attempt = claimed
         log.info("scan started", extra={"attempt": attempt})
         return _run(ctx, scan_id, spec, inputs_meta)
     finally:
         scan_id_var.reset(token)
+
+
+def _claim(ctx: WorkerContext, scan_id: str) -> tuple[dict, dict, int] | None:
+    """The claimed scan's (spec, inputs, attempt), or None; waits out a database outage up to the time limit."""
+    def claim() -> tuple[dict, dict, int] | None:
+        with ctx.sessions() as session:
+            scan = repository.claim_scan(session, scan_id, MAX_ATTEMPTS)
+            return None if scan is None else (scan.spec, scan.inputs, scan.attempts)
+
+    return with_db_retry(claim, time.monotonic() + ctx.settings.scan_time_limit_s, "claim the scan",
+                         ctx.settings.db_retry_max_interval_s)
+
+
+def _write_progress(ctx: WorkerContext, scan_id: str, stage: str, progress: float,
+                    timings: dict[str, float]) -> bool:
+    """Progress is best effort: during a database outage the scan goes on without it (the end is retried).
+    Returns whether the client asked to cancel."""
+    try:
+        with ctx.sessions() as session:
+            return repository.record_progress(session, scan_id, stage, round(progress, 4), timings)
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        log.warning("progress not recorded: the database is unavailable")
+        return False
+
+
+def _finish(ctx: WorkerContext, scan_id: str, report: dict, artifacts: dict, timings: dict[str, float],
+            deadline: float) -> bool:
+    """Record success, retried through an outage; True also when an earlier try's commit went through but its
+    answer was lost with the connection (the scan is then already ``succeeded``)."""
+    def finish() -> bool:
+        with ctx.sessions() as session:
+            if repository.finish_scan(session, scan_id, report, artifacts, timings):
+                return True
+            return session.scalar(select(Scan.status).where(Scan.id == scan_id)) == ScanStatus.succeeded.value
+
+    return with_db_retry(finish, deadline, "record the result", ctx.settings.db_retry_max_interval_s)
 
 
 def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -> str:
@@ -70,9 +109,8 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
         elif now - state["last_write"] < 0.5:
             return  # progress goes to the database at most twice a second
         state["last_write"] = now
-        with ctx.sessions() as session:
-            if repository.record_progress(session, scan_id, stage, round(progress, 4), timings):
-                raise ScanCanceled()
+        if _write_progress(ctx, scan_id, stage, progress, timings):
+            raise ScanCanceled()
         if time.monotonic() > deadline:
             raise ScanTimeLimit()
 
@@ -82,17 +120,17 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
         inputs = _fetch_inputs(ctx.store, inputs_meta, work)
         limits = DataLimits(**ctx.settings.data_limits())
         result = run_pipeline(spec, inputs, work, ctx.settings.device, on_progress, limits)
+        log.info("pipeline finished")  # the chaos tests count these: more than one per scan is a duplicate run
         artifacts: dict[str, dict] = {}
         for name, path in result.artifacts.items():
             key = f"scans/{scan_id}/artifacts/{name}.safetensors"
             ctx.store.put_file(key, path)
             artifacts[name] = {"key": key, "size": path.stat().st_size,
                                "media_type": "application/octet-stream", "filename": f"{name}.safetensors"}
-        with ctx.sessions() as session:
-            if not repository.finish_scan(session, scan_id, result.report, artifacts, result.report["timings"]):
-                ctx.store.delete_prefix(f"scans/{scan_id}/artifacts")
-                log.info("scan was canceled while finishing")
-                return "canceled"
+        if not _finish(ctx, scan_id, result.report, artifacts, result.report["timings"], _end_deadline(ctx)):
+            ctx.store.delete_prefix(f"scans/{scan_id}/artifacts")
+            log.info("scan was canceled while finishing")
+            return "canceled"
         log.info("scan succeeded", extra={"timings": result.report["timings"]})
         return ScanStatus.succeeded.value
     except ScanCanceled:
@@ -121,8 +159,17 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
 
 def _end(ctx: WorkerContext, scan_id: str, status: ScanStatus, code: str | None, message: str | None,
          timings: dict[str, float]) -> None:
-    with ctx.sessions() as session:
-        repository.end_scan(session, scan_id, status, code, message, timings)
+    def end() -> None:
+        with ctx.sessions() as session:
+            repository.end_scan(session, scan_id, status, code, message, timings)
+
+    with_db_retry(end, _end_deadline(ctx), "record the end of the scan", ctx.settings.db_retry_max_interval_s)
+
+
+def _end_deadline(ctx: WorkerContext) -> float:
+    """How long a final write may wait for the database: a time limit's worth, but within Celery's hard limit
+    (time limit + 120 s, store/queue.py), which would kill the task with the write still pending."""
+    return time.monotonic() + min(ctx.settings.scan_time_limit_s, 90)
 
 
 def _fetch_inputs(store: ObjectStore, meta: dict, work: Path) -> ScanInputs:

@@ -113,7 +113,8 @@ def _store_scan(request: Request, scan_id: str, tenant_id: str, spec: ScanSpec, 
             if scan is not None:
                 repository.delete_scan(session, scan)
         state.store.delete_prefix(prefix)
-        raise ApiError(503, "the job queue is unavailable; nothing was stored, try again later") from exc
+        raise ApiError(503, "the job queue is unavailable; nothing was stored, try again later",
+                       headers={"Retry-After": str(state.settings.dependency_retry_after_s)}) from exc
 
 
 def _own_scan(session: Session, tenant: Tenant, scan_id: str) -> Scan:
