@@ -25,8 +25,16 @@ def make_celery(settings: Settings) -> Celery:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,  # our JSON log lines go to stderr as they are
         "broker_connection_retry_on_startup": True,
+        # a worker outlives a Redis restart or outage of any length: it reconnects (with backoff) for ever
+        # rather than exiting after 100 tries; the scan it is running carries on and records its result in the
+        # database, the source of truth (a task Redis forgot is sent again by api/recovery.py)
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_time_limit": settings.scan_time_limit_s + 120,  # the pipeline enforces the limit itself first
-        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
+        # bounded socket waits: a Redis that is unreachable (not just refusing) must not hang a POST /scans
+        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s,
+                                     "socket_timeout": 10, "socket_connect_timeout": 5},
     }
     if settings.embedded_broker:
         folder = settings.broker_folder
