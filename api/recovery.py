@@ -11,11 +11,12 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from store.models import Scan, ScanStatus, utcnow
-from store.queue import enqueue_scan, scan_ids_in_broker
+from store.queue import enqueue_scan, scan_ids_in_broker, take_broker_lock
 from store.settings import Settings
 
 log = logging.getLogger("antidote.api")
 RECHECK_PAUSE_S = 1.0  # a task between the queue and the unacked hash is in neither for a moment
+LOCK_TTL_S = 10
 
 
 def redeliver_lost_scans(app: FastAPI) -> list[str]:
@@ -27,6 +28,9 @@ def redeliver_lost_scans(app: FastAPI) -> list[str]:
         return []
     time.sleep(RECHECK_PAUSE_S)
     missing &= _missing(app, settings)
+    # API replicas sweep on their own clocks: one sends, the others see its tasks on their next sweep
+    if not missing or not take_broker_lock(settings, "redeliver", LOCK_TTL_S):
+        return []
     for scan_id in sorted(missing):
         enqueue_scan(app.state.celery, scan_id, settings.queue)
         log.warning("sent a scan again: its task was lost by the broker", extra={"scan_id": scan_id})

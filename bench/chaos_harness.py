@@ -305,7 +305,12 @@ class Poller:
         while not self._stop.is_set():
             scan_id = self.ids[i % len(self.ids)]
             i += 1
-            r = self.env.client.get(f"/scans/{scan_id}", headers=self.env.auth)
+            try:
+                r = self.env.client.get(f"/scans/{scan_id}", headers=self.env.auth)
+            except Exception as exc:  # noqa: BLE001 - a broken answer is a finding, recorded as status 0
+                self.polls.append(Poll(time.monotonic(), 0, {"_error": repr(exc)[:300]}, None))
+                self._stop.wait(self.pause_s)
+                continue
             try:
                 body = r.json()
             except ValueError:
@@ -380,7 +385,12 @@ class Submitter:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            r = self.env.client.post("/scans", headers=self.env.auth, files=self.parts, data={"spec": SPEC})
+            try:
+                r = self.env.client.post("/scans", headers=self.env.auth, files=self.parts, data={"spec": SPEC})
+            except Exception as exc:  # noqa: BLE001 - as in Poller
+                self.refused.append(Poll(time.monotonic(), 0, {"_error": repr(exc)[:300]}, None))
+                self._stop.wait(self.pause_s)
+                continue
             if r.status_code == 202:
                 self.ids.append(r.json()["id"])
             else:
@@ -448,8 +458,9 @@ def redis_restarts(env: ChaosEnv, n: int = 20, restarts: int = 1, down_s: float 
 
 def worker_kills(env: ChaosEnv, n: int = 20, kills: int = 5, timeout_s: float = 240) -> Outcome:
     """SIGKILL the worker ``kills`` times, each time in the middle of a scan's evaluation, never twice for the same
-    scan (three deaths fail a scan with ``worker_lost`` by design); the supervisor starts a new worker."""
-    from sqlalchemy import create_engine, select
+    scan (three deaths fail a scan with ``worker_lost`` by design); the supervisor starts a new worker. More
+    scans are submitted while the kills are not all done and none is waiting."""
+    from sqlalchemy import create_engine, func, select
     from sqlalchemy.pool import NullPool
 
     from store.models import Scan
@@ -466,6 +477,10 @@ def worker_kills(env: ChaosEnv, n: int = 20, kills: int = 5, timeout_s: float = 
             with engine.connect() as conn:
                 victim = conn.scalar(select(Scan.id).where(Scan.id.in_(ids), Scan.status == "running",
                                                            Scan.stage == "evaluate_before", Scan.attempts == 1))
+                waiting = conn.scalar(select(func.count()).select_from(Scan).where(
+                    Scan.id.in_(ids), Scan.status == "queued"))
+            if not waiting:  # keep scans coming that have never been killed, until every kill is done
+                ids += env.submit(3, parts)
             if victim is None or victim in killed:
                 time.sleep(0.02)
                 continue

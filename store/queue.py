@@ -85,3 +85,19 @@ def scan_ids_in_broker(settings: Settings) -> set[str] | None:
         return found
     finally:
         client.close()
+
+
+def take_broker_lock(settings: Settings, name: str, ttl_s: int) -> bool:
+    """True for the one caller (across API replicas) that sets ``name`` in the Redis broker first; the key
+    expires after ``ttl_s``, so a crashed holder blocks nobody for longer. Other brokers: always True (one
+    process, the embedded server)."""
+    url = settings.resolved_broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return True
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        return bool(client.set(f"antidote:lock:{name}", "1", nx=True, ex=ttl_s))
+    finally:
+        client.close()

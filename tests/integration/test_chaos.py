@@ -102,3 +102,19 @@ def test_worker_sigkilled_repeatedly_every_scan_succeeds_once(chaos: ChaosEnv) -
     _all_succeeded_once(out, chaos)
     assert out.figures.claimed_again >= 5  # each killed scan was delivered again and claimed a second time
 
+
+
+def test_the_broker_is_searched_for_tasks_and_the_recovery_lock_is_taken_once(chaos: ChaosEnv) -> None:
+    import uuid
+
+    from store.queue import enqueue_scan, make_celery, scan_ids_in_broker, take_broker_lock
+
+    probe = chaos.settings.model_copy(update={"queue": f"probe-{uuid.uuid4().hex[:6]}"})  # no worker reads it
+    scan_id = str(uuid.uuid4())
+    assert scan_id not in (scan_ids_in_broker(probe) or set())
+    enqueue_scan(make_celery(probe), scan_id, probe.queue)
+    assert scan_id in (scan_ids_in_broker(probe) or set())
+    lock = f"test-{uuid.uuid4().hex[:6]}"
+    assert take_broker_lock(probe, lock, 5) and not take_broker_lock(probe, lock, 5)
+    embedded = probe.model_copy(update={"broker_url": None})
+    assert scan_ids_in_broker(embedded) is None and take_broker_lock(embedded, lock, 5)
