@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="Antidote", version="0.1.0", lifespan=_lifespan,
                   description="Scans and repairs backdoored image classifiers. See CONTRACT.md.")
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, settings.db_connect_timeout_s)
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_session_factory(engine)

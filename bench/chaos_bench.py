@@ -66,6 +66,7 @@ def main() -> None:
     args = ap.parse_args()
 
     outcomes: list[Outcome] = []
+    code_version = commit()  # before the results are written, which would make the tree look dirty
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="antidote-chaos-") as tmp, ChaosEnv(Path(tmp)) as env:
         if args.pg_restarts:
@@ -79,11 +80,11 @@ def main() -> None:
             print(outcomes[-1].figures, flush=True)
     total = time.monotonic() - t0
 
-    command = "python bench/chaos_bench.py " + shlex.join(sys.argv[1:])
+    command = " ".join(["python bench/chaos_bench.py", *map(shlex.quote, sys.argv[1:])])
     lines = [
         "# Chaos: PostgreSQL and Redis restarts, SIGKILLed workers",
         "",
-        f"Machine: {machine()}. Commit {commit()}. Command: `{command}` ({total:.0f} s in all).",
+        f"Machine: {machine()}. Commit {code_version}. Command: `{command}` ({total:.0f} s in all).",
         "",
         "A private PostgreSQL 15 and Redis (no persistence) on loopback, the API in the bench process with two "
         "threads polling `GET /scans/{id}` and a client submitting a scan every 0.5 s during each restart, one "
@@ -99,11 +100,12 @@ def main() -> None:
         "once for one scan (its `pipeline finished` log line counted over every worker); *claimed again*: a worker "
         "died under the scan and its redelivered task ran it anew; *tasks sent again*: queued scans whose task "
         "Redis forgot, sent again by the API's sweep (`api/recovery.py`). The submitted count includes the "
-        "scans accepted (202) during the restarts.",
+        "scans accepted (202) during the restarts. For Redis the seconds of 503 are those of the refused "
+        "submissions (reading a scan needs no broker, so every GET answered 200).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
-    payload = {"machine": machine(), "commit": commit(), "command": command, "total_s": round(total, 1),
+    payload = {"machine": machine(), "commit": code_version, "command": command, "total_s": round(total, 1),
                "scenarios": [{**o.figures.as_dict(), "seconds_of_503_per_restart": o.outage_503_s,
                               "submissions_refused_503": sum(1 for p in o.refused if p.status == 503)}
                              for o in outcomes]}

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     dependency_retry_after_s: int = Field(
         5, ge=1, description="Retry-After (seconds) of the 503 answered while the database or the broker is down."
     )
+    db_connect_timeout_s: int = Field(
+        5, ge=1, description="PostgreSQL: seconds one connection attempt may take before the database counts as down."
+    )
     db_retry_max_interval_s: float = Field(
         5.0, gt=0, description="Worker: longest pause between retries of a database write during an outage "
         "(the retries go on until the scan's time limit)."
