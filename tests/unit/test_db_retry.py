@@ -66,3 +66,20 @@ def test_a_real_refused_connection_counts_as_the_database_being_down() -> None:
         conn.execute(text("SELECT 1"))
     assert is_connection_error(caught.value)
     assert not is_connection_error(ValueError("not a database error"))
+
+
+def test_a_server_that_never_answers_counts_as_down_within_the_connect_timeout() -> None:
+    import socket
+
+    from store.db import make_engine
+
+    with socket.socket() as server:  # accepts TCP (the kernel does) but never says a word: a hung database
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{server.getsockname()[1]}/x",
+                             connect_timeout_s=1)
+        t0 = time.monotonic()
+        with pytest.raises(OperationalError) as caught, engine.connect():
+            pass
+        assert time.monotonic() - t0 < 10 and is_connection_error(caught.value)
+        engine.dispose()
