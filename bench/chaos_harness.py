@@ -183,6 +183,7 @@ class ChaosEnv:
             storage_url=(self.root / "objects").resolve().as_uri(), queue="chaos",
             broker_visibility_timeout_s=self.visibility_timeout_s, stale_sweep_interval_s=self.sweep_interval_s,
             broker_recovery_grace_s=self.recovery_grace_s, db_retry_max_interval_s=1.0, key_cache_s=3600,
+            worker_heartbeat_s=1.0,
             log_json=False)
         self.resent = _Resent()
         logging.getLogger("antidote.api").addHandler(self.resent)
@@ -208,6 +209,7 @@ class ChaosEnv:
                     "ANTIDOTE_QUEUE": s.queue,
                     "ANTIDOTE_BROKER_VISIBILITY_TIMEOUT_S": str(s.broker_visibility_timeout_s),
                     "ANTIDOTE_DB_RETRY_MAX_INTERVAL_S": str(s.db_retry_max_interval_s), "ANTIDOTE_DEVICE": "cpu",
+                    "ANTIDOTE_WORKER_HEARTBEAT_S": str(s.worker_heartbeat_s),
                     "ANTIDOTE_LOG_JSON": "true", "OMP_NUM_THREADS": "1"})
         return env
 
@@ -493,3 +495,43 @@ def worker_kills(env: ChaosEnv, n: int = 20, kills: int = 5, timeout_s: float = 
     statuses = env.wait_terminal(ids, timeout_s)
     fig = figures(env, "worker SIGKILL", ids, statuses, None, len(faults), t0)
     return Outcome(fig, [], [], [])
+
+
+def _victim(engine: Any, ids: list[str]) -> str | None:
+    """A scan being evaluated that no worker died under yet."""
+    from sqlalchemy import select
+
+    from store.models import Scan
+
+    with engine.connect() as conn:
+        return conn.scalar(select(Scan.id).where(Scan.id.in_(ids), Scan.status == "running",
+                                                 Scan.stage == "evaluate_before", Scan.attempts == 1))
+
+
+def kill_with_redis_restart(env: ChaosEnv, n: int = 4, rounds: int = 1, timeout_s: float = 180) -> Outcome:
+    """The worker SIGKILLed mid-scan and Redis restarted empty at the same moment: the running scan's task is gone
+    with Redis and its worker with the kill, so no redelivery will ever come; the API's recovery finds it
+    silent (no heartbeat) and absent from the broker, puts it back in the queue and sends it again."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    parts = scan_parts(test_images=1500)
+    t0 = time.monotonic()
+    ids = env.submit(n, parts)
+    engine = create_engine(env.pg.url, poolclass=NullPool)
+    faults: list[Fault] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(faults) < rounds and time.monotonic() < deadline:
+            if _victim(engine, ids) is None:
+                time.sleep(0.02)
+                continue
+            started = time.monotonic()
+            env.redis.stop()
+            env.supervisor.kill()
+            env.redis.start()
+            faults.append(Fault("worker SIGKILL + redis restart", started, time.monotonic()))
+    finally:
+        engine.dispose()
+    statuses = env.wait_terminal(ids, timeout_s)
+    return Outcome(figures(env, "worker SIGKILL + redis restart", ids, statuses, None, len(faults), t0), [], [], [])

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Worker: longest pause between retries of a database write during an outage "
         "(the retries go on until the scan's time limit)."
     )
+    worker_heartbeat_s: float = Field(
+        10.0, ge=0, description="Worker: how often a running scan's row is touched as a sign of life (0: never); "
+        "a running scan silent for 3x this long, whose task the broker lost, is sent again."
+    )
     broker_recovery_grace_s: float = Field(
         30.0, ge=0, description="A queued scan older than this whose task is nowhere in the Redis broker (lost in a "
         "restart without persistence) is sent again by the API's sweep."

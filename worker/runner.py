@@ -22,6 +22,7 @@ from store.models import Scan, ScanStatus
 from store.objects import ObjectStore
 from store.settings import Settings
 from worker.db_retry import is_connection_error, with_db_retry
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("antidote.worker")
 MAX_ATTEMPTS = 3
@@ -52,7 +53,8 @@ def execute_scan(ctx: WorkerContext, scan_id: str) -> str:
             return "skipped"
         spec, inputs_meta, attempt = claimed
         log.info("scan started", extra={"attempt": attempt})
-        return _run(ctx, scan_id, spec, inputs_meta)
+        with Heartbeat(ctx.sessions, scan_id, ctx.settings.worker_heartbeat_s):
+            return _run(ctx, scan_id, spec, inputs_meta)
     finally:
         scan_id_var.reset(token)
 

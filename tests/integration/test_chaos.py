@@ -9,7 +9,16 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import func, select
 
-from bench.chaos_harness import SPEC, ChaosEnv, Outcome, postgres_restarts, redis_restarts, scan_parts, worker_kills
+from bench.chaos_harness import (
+    SPEC,
+    ChaosEnv,
+    Outcome,
+    kill_with_redis_restart,
+    postgres_restarts,
+    redis_restarts,
+    scan_parts,
+    worker_kills,
+)
 from store.models import Scan
 
 pytestmark = pytest.mark.integration
@@ -101,6 +110,15 @@ def test_worker_sigkilled_repeatedly_every_scan_succeeds_once(chaos: ChaosEnv) -
     assert out.figures.faults == 5
     _all_succeeded_once(out, chaos)
     assert out.figures.claimed_again >= 5  # each killed scan was delivered again and claimed a second time
+    assert out.figures.resent == 0  # Redis still held each killed scan's task: redelivery, not recovery
+
+
+@pytest.mark.timeout(240)
+def test_running_scan_whose_worker_and_task_both_vanished_is_sent_again(chaos: ChaosEnv) -> None:
+    out = kill_with_redis_restart(chaos, n=4)
+    assert out.figures.faults == 1
+    _all_succeeded_once(out, chaos)
+    assert out.figures.claimed_again >= 1 and out.figures.resent >= 1
 
 
 
