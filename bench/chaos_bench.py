@@ -2,7 +2,7 @@
 over a run of tiny scans with clients polling; prints and writes scans submitted / succeeded / lost /
 duplicated and the seconds of 503 around each restart.
 
-    python bench/chaos_bench.py [--scans 20] [--pg-restarts 3] [--redis-restarts 3] [--kills 20]
+    python bench/chaos_bench.py [--scans 20] [--pg-restarts 3] [--redis-restarts 3] [--kills 20] [--vanish 3]
                                 [--out bench/results/chaos.md]
 
 Everything runs on loopback: a private PostgreSQL 15 and Redis (never the shared ones), the API in this process,
@@ -25,7 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.chaos_harness import ChaosEnv, Outcome, postgres_restarts, redis_restarts, worker_kills  # noqa: E402
+from bench.chaos_harness import (  # noqa: E402
+    ChaosEnv,
+    Outcome,
+    kill_with_redis_restart,
+    postgres_restarts,
+    redis_restarts,
+    worker_kills,
+)
 
 
 def machine() -> str:
@@ -61,6 +68,8 @@ def main() -> None:
     ap.add_argument("--pg-restarts", type=int, default=3)
     ap.add_argument("--redis-restarts", type=int, default=3)
     ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--vanish", type=int, default=3,
+                    help="rounds of a worker SIGKILL together with a Redis restart (the running task is lost)")
     ap.add_argument("--down-s", type=float, default=3.0, help="seconds each service stays down")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/chaos.md")
     args = ap.parse_args()
@@ -77,6 +86,9 @@ def main() -> None:
             print(outcomes[-1].figures, flush=True)
         if args.kills:
             outcomes.append(worker_kills(env, max(args.scans, args.kills + 5), args.kills, timeout_s=1200))
+            print(outcomes[-1].figures, flush=True)
+        if args.vanish:
+            outcomes.append(kill_with_redis_restart(env, args.vanish + 3, args.vanish, timeout_s=600))
             print(outcomes[-1].figures, flush=True)
     total = time.monotonic() - t0
 

@@ -524,6 +524,8 @@ def kill_with_redis_restart(env: ChaosEnv, n: int = 4, rounds: int = 1, timeout_
         deadline = time.monotonic() + timeout_s
         while len(faults) < rounds and time.monotonic() < deadline:
             if _victim(engine, ids) is None:
+                if set(env.statuses(ids).values()) <= TERMINAL:  # nothing left to kill under: more scans
+                    ids += env.submit(2, parts)
                 time.sleep(0.02)
                 continue
             started = time.monotonic()
