@@ -476,14 +476,13 @@ def worker_kills(env: ChaosEnv, n: int = 20, kills: int = 5, timeout_s: float = 
     try:
         deadline = time.monotonic() + timeout_s
         while len(faults) < kills and time.monotonic() < deadline:
+            victim = _victim(engine, ids, killed)
             with engine.connect() as conn:
-                victim = conn.scalar(select(Scan.id).where(Scan.id.in_(ids), Scan.status == "running",
-                                                           Scan.stage == "evaluate_before", Scan.attempts == 1))
                 waiting = conn.scalar(select(func.count()).select_from(Scan).where(
                     Scan.id.in_(ids), Scan.status == "queued"))
             if not waiting:  # keep scans coming that have never been killed, until every kill is done
                 ids += env.submit(3, parts)
-            if victim is None or victim in killed:
+            if victim is None:
                 time.sleep(0.02)
                 continue
             started = time.monotonic()
@@ -497,15 +496,16 @@ def worker_kills(env: ChaosEnv, n: int = 20, kills: int = 5, timeout_s: float = 
     return Outcome(fig, [], [], [])
 
 
-def _victim(engine: Any, ids: list[str]) -> str | None:
-    """A scan being evaluated that no worker died under yet."""
+def _victim(engine: Any, ids: list[str], killed: set[str]) -> str | None:
+    """A scan being evaluated that no worker died under yet (a killed one keeps its row until redelivered)."""
     from sqlalchemy import select
 
     from store.models import Scan
 
     with engine.connect() as conn:
-        return conn.scalar(select(Scan.id).where(Scan.id.in_(ids), Scan.status == "running",
-                                                 Scan.stage == "evaluate_before", Scan.attempts == 1))
+        return conn.scalar(select(Scan.id).where(Scan.id.in_(ids), Scan.id.not_in(killed or {""}),
+                                                 Scan.status == "running", Scan.stage == "evaluate_before",
+                                                 Scan.attempts == 1))
 
 
 def kill_with_redis_restart(env: ChaosEnv, n: int = 4, rounds: int = 1, timeout_s: float = 180) -> Outcome:
@@ -520,10 +520,12 @@ def kill_with_redis_restart(env: ChaosEnv, n: int = 4, rounds: int = 1, timeout_
     ids = env.submit(n, parts)
     engine = create_engine(env.pg.url, poolclass=NullPool)
     faults: list[Fault] = []
+    killed: set[str] = set()
     try:
         deadline = time.monotonic() + timeout_s
         while len(faults) < rounds and time.monotonic() < deadline:
-            if _victim(engine, ids) is None:
+            victim = _victim(engine, ids, killed)
+            if victim is None:
                 if set(env.statuses(ids).values()) <= TERMINAL:  # nothing left to kill under: more scans
                     ids += env.submit(2, parts)
                 time.sleep(0.02)
@@ -532,6 +534,7 @@ def kill_with_redis_restart(env: ChaosEnv, n: int = 4, rounds: int = 1, timeout_
             env.redis.stop()
             env.supervisor.kill()
             env.redis.start()
+            killed.add(victim)
             faults.append(Fault("worker SIGKILL + redis restart", started, time.monotonic()))
     finally:
         engine.dispose()

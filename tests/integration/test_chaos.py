@@ -109,15 +109,18 @@ def test_worker_sigkilled_repeatedly_every_scan_succeeds_once(chaos: ChaosEnv) -
     out = worker_kills(chaos, n=20, kills=5)
     assert out.figures.faults == 5
     _all_succeeded_once(out, chaos)
-    assert out.figures.claimed_again >= 5  # each killed scan was delivered again and claimed a second time
+    # each killed scan was delivered again and claimed a second time (one may have finished in the milliseconds
+    # between the check that it is evaluating and the kill)
+    assert out.figures.claimed_again >= 4
     assert out.figures.resent == 0  # Redis still held each killed scan's task: redelivery, not recovery
 
 
 @pytest.mark.timeout(240)
 def test_running_scan_whose_worker_and_task_both_vanished_is_sent_again(chaos: ChaosEnv) -> None:
-    out = kill_with_redis_restart(chaos, n=4)
-    assert out.figures.faults == 1
+    out = kill_with_redis_restart(chaos, n=4, rounds=2)
+    assert out.figures.faults == 2
     _all_succeeded_once(out, chaos)
+    # each victim was recovered and run anew (unless it finished in the milliseconds between check and kill)
     assert out.figures.claimed_again >= 1 and out.figures.resent >= 1
 
 
