@@ -110,8 +110,9 @@ def main() -> None:
         "",
         "*lost*: not in a final state at the end; *duplicated*: the worker's pipeline ran to completion more than "
         "once for one scan (its `pipeline finished` log line counted over every worker); *claimed again*: a worker "
-        "died under the scan and its redelivered task ran it anew; *tasks sent again*: queued scans whose task "
-        "Redis forgot, sent again by the API's sweep (`api/recovery.py`). The submitted count includes the "
+        "died under the scan and its redelivered task ran it anew; *tasks sent again*: scans whose task Redis "
+        "forgot (queued ones, and running ones whose worker died too), sent again by the API's sweep "
+        "(`api/recovery.py`). The submitted count includes the "
         "scans accepted (202) during the restarts. For Redis the seconds of 503 are those of the refused "
         "submissions (reading a scan needs no broker, so every GET answered 200).",
     ]
