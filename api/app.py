@@ -20,14 +20,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.body_guard import BodyGuard
 from api.deps import KeyCache
 from api.errors import (
+    DATABASE_DOWN_ERRORS,
     ERROR_RESPONSES,
     ApiError,
     ErrorShield,
     api_error_handler,
+    database_unavailable_handler,
     http_error_handler,
     validation_error_handler,
 )
 from api.metrics import ApiMetrics
+from api.recovery import redeliver_lost_scans
 from api.routes import health, scans
 from api.upload_budget import UploadBudget
 from store import repository
@@ -95,6 +98,10 @@ async def _sweep_forever(app: FastAPI, interval_s: float) -> None:
             await run_in_threadpool(sweep_stale_scans, app)
         except Exception:  # a database hiccup must not end the loop
             log.exception("stale-scan sweep failed")
+        try:
+            await run_in_threadpool(redeliver_lost_scans, app)
+        except Exception:  # nor a broker that is down
+            log.exception("lost-task recovery failed")
 
 
 @contextlib.asynccontextmanager
@@ -128,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="Antidote", version="0.1.0", lifespan=_lifespan, responses=ERROR_RESPONSES,
                   description="Scans and repairs backdoored image classifiers. See docs/api.md.")
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, settings.db_connect_timeout_s)
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_session_factory(engine)
@@ -143,6 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    for error in DATABASE_DOWN_ERRORS:
+        app.add_exception_handler(error, database_unavailable_handler)
     # routes match in order: the polled GET /scans/{id} first, past as few patterns as possible
     app.include_router(scans.router)
     app.include_router(health.router)

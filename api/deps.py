@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import DATABASE_DOWN_ERRORS, ApiError
 from store import repository
 from store.models import Tenant
 
+log = logging.getLogger("antidote.api")
+
 
 def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
+    """A session for one request; closing it never fails the request (see ``close_quietly``)."""
+    session = request.app.state.sessions()
+    try:
         yield session
+    finally:
+        close_quietly(session)
+
+
+def close_quietly(session: Session) -> None:
+    """Close a session whose connection the database may have cut meanwhile (a restart or failover right after
+    the answer was sent): the closing rollback then fails, SQLAlchemy has already dropped the dead connection
+    from its pool, and raising now would only break an answer that has already started."""
+    try:
+        session.close()
+    except DATABASE_DOWN_ERRORS:
+        log.warning("database connection lost while closing a session")
 
 
 async def current_tenant(request: Request) -> Tenant:

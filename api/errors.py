@@ -8,10 +8,13 @@ import re
 import uuid
 from typing import Any
 
+import psycopg
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SqlPoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -132,3 +135,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "a parameter is invalid; the answer names the field"},
     500: {"model": ErrorOut, "description": "an unexpected error; the answer carries the request id"},
 }
+
+
+# --- a dependency that does not answer: 503 + Retry-After, never a 500 --------------------------------------
+
+DATABASE_DOWN_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, SqlPoolTimeout,
+                                                     psycopg.OperationalError, psycopg.InterfaceError)
+
+
+async def database_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The database refused, dropped or timed out the connection (down, restarting, failing over, pool
+    exhausted): the request may succeed later, so say so instead of a 500; the pool's pre-ping reconnects by
+    itself once it is back."""
+    log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                extra={"path": request.url.path})
+    retry_after = str(request.app.state.settings.dependency_retry_after_s)
+    return JSONResponse({"detail": "the database is unavailable; try again in a few seconds"},
+                        status_code=503, headers={"Retry-After": retry_after})

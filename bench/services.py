@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -70,3 +71,120 @@ def drop_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL 15 server of our own (never the shared one), so that chaos tests may stop and restart it.
+
+    The binaries refuse to run as root, so every command runs as the ``postgres`` user via ``runuser``; the data
+    directory and the unix socket live in a fresh folder under /tmp (pytest's own temp folders are closed to
+    other users), and the server listens on 127.0.0.1 only. ``remove()`` deletes it all."""
+
+    BIN = Path(os.environ.get("ANTIDOTE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+    def __init__(self, port: int | None = None) -> None:
+        import tempfile
+
+        self.folder, self.port = Path(tempfile.mkdtemp(prefix="antidote-pg-")), port or free_port()
+        self.folder.chmod(0o755)
+        self.data, self.log = self.folder / "pgdata", self.folder / "postgres.log"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/antidote"
+
+    def _as_postgres(self, *cmd: str, timeout: float = 120) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        done = subprocess.run([*prefix, *cmd], timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
+
+    def init(self) -> PrivatePostgres:
+        """initdb, start, and create the ``antidote`` database."""
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                          "-E", "UTF8", "--no-sync")
+        self.start()
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE antidote")
+        return self
+
+    def start(self) -> None:
+        # fsync off: a test server, and every restart is a clean fast shutdown anyway
+        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off "
+                "-c max_connections=200 -c shared_buffers=32MB")
+        self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
+                          "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` ends every session at once (what a restart or failover looks like to clients)."""
+        self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def remove(self) -> None:
+        """Stop the server if it runs and delete its folder."""
+        with contextlib.suppress(RuntimeError):
+            self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A Redis of our own without persistence (a restart empties it, as a cache-configured Redis would)."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder, self.port = folder, port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--dir", str(self.folder)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_up()
+        return self
+
+    def _wait_up(self, timeout: float = 30) -> None:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis on port {self.port} did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # no persistence: SIGKILL and SIGTERM lose the same (everything)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()

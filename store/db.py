@@ -8,8 +8,12 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with the settings each backend needs for a busy API and a worker side by side."""
+def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:
+    """An engine with the settings each backend needs for a busy API and a worker side by side.
+
+    PostgreSQL: ``pool_pre_ping`` replaces the connections a restart or failover cut, so the API and the
+    worker recover by themselves; ``connect_timeout_s`` bounds each attempt to reach a server that does not
+    answer at all (without it, a request waits for the kernel's TCP timeout, minutes)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -26,7 +30,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         connect_args={"connect_timeout": connect_timeout_s})
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -57,6 +57,25 @@ class Settings(BaseSettings):
     )
     pickle_memory_slack_bytes: int = Field(64 * 1024**2, ge=0, description="See max_pickle_memory_ratio.")
 
+    dependency_retry_after_s: int = Field(
+        5, ge=1, description="Retry-After (seconds) of the 503 answered while the database or the broker is down."
+    )
+    db_connect_timeout_s: int = Field(
+        5, ge=1, description="PostgreSQL: seconds one connection attempt may take before the database counts as down."
+    )
+    db_retry_max_interval_s: float = Field(
+        5.0, gt=0, description="Worker: longest pause between retries of a database write during an outage "
+        "(the retries go on until the scan's time limit)."
+    )
+    worker_heartbeat_s: float = Field(
+        10.0, ge=0, description="Worker: how often a running scan's row is touched as a sign of life (0: never); "
+        "a running scan silent for 3x this long, whose task the broker lost, is sent again."
+    )
+    broker_recovery_grace_s: float = Field(
+        30.0, ge=0, description="A queued scan older than this whose task is nowhere in the Redis broker (lost in a "
+        "restart without persistence) is sent again by the API's sweep."
+    )
+
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
     read_pool_size: int = Field(10, ge=1, description="PostgreSQL: connections of each API process's async pool "
                                 "for the GET paths (store/reads.py).")

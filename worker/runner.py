@@ -10,7 +10,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.data.formats import DataLimits
@@ -20,9 +20,11 @@ from core.progress import Progress, StopRequested
 from core.spec import ScanSpec
 from store import repository
 from store.logs import scan_id_var
-from store.models import ScanStatus
+from store.models import Scan, ScanStatus
 from store.objects import ObjectStore
 from store.settings import Settings
+from worker.db_retry import is_connection_error, with_db_retry
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("antidote.worker")
 MAX_ATTEMPTS = 3
@@ -39,16 +41,54 @@ def execute_scan(ctx: WorkerContext, scan_id: str) -> str:
     """Claim, run and record one scan; returns the status it ended in (or ``skipped``)."""
     token = scan_id_var.set(scan_id)
     try:
-        with ctx.sessions() as session:
-            scan = repository.claim_scan(session, scan_id, MAX_ATTEMPTS)
-            if scan is None:
-                log.info("nothing to do for this delivery")
-                return "skipped"
-            spec, inputs_meta, attempt = scan.spec, scan.inputs, scan.attempts
+        claimed = _claim(ctx, scan_id)
+        if claimed is None:
+            log.info("nothing to do for this delivery")
+            return "skipped"
+        spec, inputs_meta, attempt = claimed
         log.info("scan started", extra={"attempt": attempt})
-        return _run(ctx, scan_id, spec, inputs_meta)
+        with Heartbeat(ctx.sessions, scan_id, ctx.settings.worker_heartbeat_s):
+            return _run(ctx, scan_id, spec, inputs_meta)
     finally:
         scan_id_var.reset(token)
+
+
+def _claim(ctx: WorkerContext, scan_id: str) -> tuple[dict, dict, int] | None:
+    """The claimed scan's (spec, inputs, attempt), or None; waits out a database outage up to the time limit."""
+    def claim() -> tuple[dict, dict, int] | None:
+        with ctx.sessions() as session:
+            scan = repository.claim_scan(session, scan_id, MAX_ATTEMPTS)
+            return None if scan is None else (scan.spec, scan.inputs, scan.attempts)
+
+    return with_db_retry(claim, time.monotonic() + ctx.settings.scan_time_limit_s, "claim the scan",
+                         ctx.settings.db_retry_max_interval_s)
+
+
+def _write_progress(ctx: WorkerContext, scan_id: str, stage: str, progress: float,
+                    timings: dict[str, float]) -> bool:
+    """Progress is best effort: during a database outage the scan goes on without it (the end is retried).
+    Returns whether the client asked to cancel."""
+    try:
+        with ctx.sessions() as session:
+            return repository.record_progress(session, scan_id, stage, round(progress, 4), timings)
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        log.warning("progress not recorded: the database is unavailable")
+        return False
+
+
+def _finish(ctx: WorkerContext, scan_id: str, report: dict, artifacts: dict, timings: dict[str, float],
+            deadline: float) -> bool:
+    """Record success, retried through an outage; True also when an earlier try's commit went through but its
+    answer was lost with the connection (the scan is then already ``succeeded``)."""
+    def finish() -> bool:
+        with ctx.sessions() as session:
+            if repository.finish_scan(session, scan_id, report, artifacts, timings):
+                return True
+            return session.scalar(select(Scan.status).where(Scan.id == scan_id)) == ScanStatus.succeeded.value
+
+    return with_db_retry(finish, deadline, "record the result", ctx.settings.db_retry_max_interval_s)
 
 
 class _ScanSink:
@@ -79,13 +119,8 @@ class _ScanSink:
 
     def _write(self) -> None:
         self._last_write = time.monotonic()
-        try:
-            with self.ctx.sessions() as session:
-                if repository.record_progress(session, self.scan_id, self.stage, round(self.fraction, 4),
-                                              self.timings):
-                    self.canceled = True
-        except SQLAlchemyError as exc:  # a database restart must not end the scan; the next write retries
-            log.warning("could not record progress: %s", type(exc).__name__)
+        if _write_progress(self.ctx, self.scan_id, self.stage, self.fraction, self.timings):
+            self.canceled = True
 
 
 def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -> str:
@@ -99,17 +134,17 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
         limits = DataLimits(**ctx.settings.data_limits())
         progress.check()  # fetching the inputs may have used up the time, or the client canceled meanwhile
         result = run_pipeline(spec, inputs, work, ctx.settings.device, progress, limits)
+        log.info("pipeline finished")  # the chaos tests count these: more than one per scan is a duplicate run
         artifacts: dict[str, dict] = {}
         for name, path in result.artifacts.items():
             key = f"scans/{scan_id}/artifacts/{name}.safetensors"
             ctx.store.put_file(key, path)
             artifacts[name] = {"key": key, "size": path.stat().st_size,
                                "media_type": "application/octet-stream", "filename": f"{name}.safetensors"}
-        with ctx.sessions() as session:
-            if not repository.finish_scan(session, scan_id, result.report, artifacts, result.report["timings"]):
-                ctx.store.delete_prefix(f"scans/{scan_id}/artifacts")
-                log.info("scan was canceled while finishing")
-                return "canceled"
+        if not _finish(ctx, scan_id, result.report, artifacts, result.report["timings"], _end_deadline(ctx)):
+            ctx.store.delete_prefix(f"scans/{scan_id}/artifacts")
+            log.info("scan was canceled while finishing")
+            return "canceled"
         log.info("scan succeeded", extra={"timings": result.report["timings"]})
         return ScanStatus.succeeded.value
     except StopRequested as stop:
@@ -141,8 +176,17 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
 
 def _end(ctx: WorkerContext, scan_id: str, status: ScanStatus, code: str | None, message: str | None,
          timings: dict[str, float]) -> None:
-    with ctx.sessions() as session:
-        repository.end_scan(session, scan_id, status, code, message, timings)
+    def end() -> None:
+        with ctx.sessions() as session:
+            repository.end_scan(session, scan_id, status, code, message, timings)
+
+    with_db_retry(end, _end_deadline(ctx), "record the end of the scan", ctx.settings.db_retry_max_interval_s)
+
+
+def _end_deadline(ctx: WorkerContext) -> float:
+    """How long a final write may wait for the database: a time limit's worth, but within Celery's hard limit
+    (time limit + 120 s, store/queue.py), which would kill the task with the write still pending."""
+    return time.monotonic() + min(ctx.settings.scan_time_limit_s, 90)
 
 
 def _fetch_inputs(store: ObjectStore, meta: dict, work: Path) -> ScanInputs:

@@ -14,7 +14,7 @@ from worker.runner import WorkerContext, execute_scan
 @lru_cache
 def _context() -> WorkerContext:
     # built lazily in the pool process: engines and S3 clients must not cross a fork
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, settings.db_connect_timeout_s)
     store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url, settings.s3_region)
     return WorkerContext(settings=settings, sessions=make_session_factory(engine), store=store)
 

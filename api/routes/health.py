@@ -37,5 +37,6 @@ async def readyz(request: Request) -> JSONResponse:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
     ready = all(v == "ok" for v in checks.values())
+    headers = None if ready else {"Retry-After": str(state.settings.dependency_retry_after_s)}
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                        status_code=200 if ready else 503)
+                        status_code=200 if ready else 503, headers=headers)

@@ -137,7 +137,7 @@ def _store_scan(request: Request, scan_id: str, tenant_id: str, spec: ScanSpec, 
                 repository.delete_scan(session, scan)
         state.store.delete_prefix(prefix)
         raise ApiError(503, "the job queue is unavailable; nothing was stored, try again later",
-                       headers={"Retry-After": str(state.settings.retry_after_s)}) from exc
+                       headers={"Retry-After": str(state.settings.dependency_retry_after_s)}) from exc
 
 
 def _own_scan(session: Session, tenant: Tenant, scan_id: str) -> Scan:
