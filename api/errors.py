@@ -40,15 +40,26 @@ class ApiError(Exception):
 
 
 def error_response(status: int, detail: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, request_id: str | None = None) -> JSONResponse:
     body: dict[str, object] = {"detail": detail}
     if field is not None:
         body["field"] = field
+    if request_id is not None:
+        body["request_id"] = request_id
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+def request_id_of(request: Request) -> str | None:
+    """The id ``ErrorShield`` gave this request (None for an app used without it)."""
+    return getattr(request.state, "request_id", None)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
+    if exc.status >= 500:  # a 5xx carries the request id, and the log line says why under the same id
+        rid = request_id_of(request)
+        log.warning("answered %d: %s (request_id=%s)", exc.status, exc.detail, rid, extra={"request_id": rid})
+        return error_response(exc.status, exc.detail, exc.field, exc.headers, request_id=rid)
     return error_response(exc.status, exc.detail, exc.field, exc.headers)
 
 
@@ -134,6 +145,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "missing, invalid or revoked API key"},
     422: {"model": ErrorOut, "description": "a parameter is invalid; the answer names the field"},
     500: {"model": ErrorOut, "description": "an unexpected error; the answer carries the request id"},
+    503: {"model": ErrorOut, "description": "a dependency is down or the service is saturated; see Retry-After"},
 }
 
 
@@ -147,8 +159,9 @@ async def database_unavailable_handler(request: Request, exc: Exception) -> JSON
     """The database refused, dropped or timed out the connection (down, restarting, failing over, pool
     exhausted): the request may succeed later, so say so instead of a 500; the pool's pre-ping reconnects by
     itself once it is back."""
-    log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
-                extra={"path": request.url.path})
+    rid = request_id_of(request)
+    log.warning("database unavailable: %s: %s (request_id=%s)", type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "", rid, extra={"path": request.url.path, "request_id": rid})
     retry_after = str(request.app.state.settings.dependency_retry_after_s)
-    return JSONResponse({"detail": "the database is unavailable; try again in a few seconds"},
-                        status_code=503, headers={"Retry-After": retry_after})
+    return error_response(503, "the database is unavailable; try again in a few seconds",
+                          headers={"Retry-After": retry_after}, request_id=rid)

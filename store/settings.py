@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
     read_pool_size: int = Field(10, ge=1, description="PostgreSQL: connections of each API process's async pool "
                                 "for the GET paths (store/reads.py).")
-    read_pool_timeout_s: float = Field(5.0, gt=0, description="PostgreSQL: how long a GET waits for a pooled "
-                                       "connection before it fails (the database is down or the pool is busy).")
+    read_pool_timeout_s: float = Field(2.0, gt=0, description="PostgreSQL: how long a GET waits for a pooled "
+                                       "connection before it answers 503 (the database is down or the pool is busy).")
 
     # server limits (api/http_protocol.py, api/body_guard.py, api/upload_budget.py, create_scan)
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="Bytes of a request head (line + headers); "

@@ -61,6 +61,7 @@ def test_database_down_is_a_503_naming_it_and_the_api_recovers(chaos: ChaosEnv) 
         got = chaos.client.get(f"/scans/{scan_id}", headers=chaos.auth)
         assert got.status_code == 503 and got.headers["retry-after"] == "5"
         assert "database is unavailable" in got.json()["detail"]
+        assert got.json()["request_id"] == got.headers["x-request-id"]  # a 5xx names its request id
         listed = chaos.client.get("/scans", headers=chaos.auth)
         assert listed.status_code == 503 and listed.headers["content-type"] == "application/json"
     finally:
@@ -106,12 +107,13 @@ def test_redis_restart_loses_queued_tasks_and_the_api_sends_them_again(chaos: Ch
 
 @pytest.mark.timeout(300)
 def test_worker_sigkilled_repeatedly_every_scan_succeeds_once(chaos: ChaosEnv) -> None:
-    out = worker_kills(chaos, n=20, kills=5)
-    assert out.figures.faults == 5
+    # 3 kills keep this under a minute on 2 cores; the 20-kill soak is bench/chaos_bench.py
+    out = worker_kills(chaos, n=12, kills=3)
+    assert out.figures.faults == 3
     _all_succeeded_once(out, chaos)
     # each killed scan was delivered again and claimed a second time (one may have finished in the milliseconds
     # between the check that it is evaluating and the kill)
-    assert out.figures.claimed_again >= 4
+    assert out.figures.claimed_again >= 2
     assert out.figures.resent == 0  # Redis still held each killed scan's task: redelivery, not recovery
 
 
