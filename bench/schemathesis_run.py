@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 import torch
 
+from bench.provenance import commit, machine
 from core.data.imageset import ImageSet
 from core.models.registry import create_model
 
@@ -184,6 +185,7 @@ def main() -> None:
             server.stop()
     print(outcome.output[-4000:])
     summary = (f"# schemathesis against `antidote serve`\n\n"
+               f"- machine: {machine()}; commit {commit()}\n"
                f"- cases generated: {outcome.cases}\n- unique failures: {outcome.failures}\n"
                f"- server errors reported: {server_errors}; unhandled exceptions in the server log: {unhandled}\n"
                f"- exit code: {outcome.returncode}\n- wall time: {seconds:.0f} s\n"
