@@ -84,8 +84,10 @@ class Profile:
 
 PROFILES = {
     # MNIST, a 6-layer CNN (bench/repair_bench.py), no augmentation (flips corrupt digits)
-    "cpu": Profile("small_cnn", "mnist", 5_000, 500, 2_000, 5, 0.05, 128, False, 3,
-                   {"nc_steps": 200, "mm_steps": 100, "mm_starts": 6}),
+    # ~25 min on 2 shared cores; the scan settings are cut to fit (docs/detect.md gives the defaults' cost)
+    "cpu": Profile("small_cnn", "mnist", 4_000, 300, 1_000, 4, 0.05, 64, False, 2,
+                   {"nc_steps": 120, "nc_batch_size": 4, "mm_steps": 80, "mm_starts": 4, "mm_lr": 0.1,
+                    "unlearn_max_epochs": 10}),
     # CIFAR-10, PreAct-ResNet18 as the repair benchmark (40 epochs are enough for a backdoor to take)
     "gpu": Profile("preactresnet18", "cifar10", 17_500, 2_500, 10_000, 40, 0.01, 256, True, 10,
                    {"nc_batch_size": 32}),
