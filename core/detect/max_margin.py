@@ -38,6 +38,7 @@ def max_margin(ctx: DetectContext) -> DetectorResult:
         ctx.step(step / cfg.mm_steps)
     with torch.no_grad():
         best = torch.maximum(best, _margin(ctx.logits(torch.sigmoid(z)), onehot))
+        clean_margin = _clean_margins(ctx)
     per_class = best.view(k, r).max(1).values.double().cpu().tolist()
     top = max(range(k), key=lambda cls: per_class[cls])
     others = [v for cls, v in enumerate(per_class) if cls != top]
@@ -49,7 +50,21 @@ def max_margin(ctx: DetectContext) -> DetectorResult:
         name="max_margin", score=score, flagged=flagged, statistic=p, statistic_name="p_value",
         threshold=cfg.p_value, per_class=per_class, suspected_targets=[top] if flagged else [],
         details={"largest_margin_class": top, "starts": r, "steps": cfg.mm_steps,
-                 "margin_ratio_to_median_of_others": per_class[top] / max(1e-12, _median(others))})
+                 "margin_ratio_to_median_of_others": per_class[top] / max(1e-12, _median(others)),
+                 "clean_median_margin_per_class": clean_margin})
+
+
+def _clean_margins(ctx: DetectContext) -> list[float]:
+    """Per class the median margin its own clean images get (0 for a class without images): how far the
+    model's ordinary inputs already go, a reference for the searched maximum."""
+    out = []
+    for i in range(0, len(ctx.pixels), 512):
+        logits = ctx.logits(ctx.pixels[i:i + 512])
+        onehot = torch.nn.functional.one_hot(ctx.labels[i:i + 512], logits.shape[1]).bool()
+        out.append(_margin(logits, onehot))
+    margins = torch.cat(out)
+    return [float(margins[ctx.labels == cls].median()) if bool((ctx.labels == cls).any()) else 0.0
+            for cls in range(ctx.num_classes)]
 
 
 def _margin(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

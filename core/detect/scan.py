@@ -66,7 +66,7 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
             torch.cuda.synchronize(dev)
         res.seconds = time.perf_counter() - t0
         results[name] = res
-    verdict, score, targets = combine(list(results.values()), cfg.strong_factor)
+    verdict, score, targets = combine(list(results.values()), cfg.strong_factor, cfg.strong_detectors)
     triggers: dict[int, np.ndarray] = {}
     for res in results.values():
         for cls, img in res.trigger_images.items():
@@ -76,7 +76,8 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
     evidence = {"verdict": verdict, "score": score, "suspected_targets": targets,
                 "num_classes": num_classes, "clean_images": len(clean),
                 "detectors": {name: r.evidence() for name, r in results.items()},
-                "rule": (f"backdoored: two detectors flag or one scores >= {cfg.strong_factor}; suspicious: one "
-                         "flags; a score is the detector's statistic over its threshold")}
+                "rule": (f"backdoored: two detectors flag, or one of {list(cfg.strong_detectors)} scores >= "
+                         f"{cfg.strong_factor}; suspicious: one flags; a score is the detector's statistic over "
+                         "its threshold")}
     return DetectionResult(verdict=verdict, score=score, suspected_targets=targets, evidence=evidence,
                            trigger_images=triggers, detectors=results)

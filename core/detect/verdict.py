@@ -7,15 +7,17 @@ from core.detect.base import DetectorResult
 VERDICTS = ("clean", "suspicious", "backdoored")
 
 
-def combine(results: list[DetectorResult], strong_factor: float) -> tuple[str, float, list[int]]:
-    """(verdict, combined score, suspected targets). Only detectors that can flag vote; the combined score
-    is the largest threshold-relative score (> 1 means at least one detector flagged)."""
+def combine(results: list[DetectorResult], strong_factor: float, strong_detectors: tuple[str, ...]
+            ) -> tuple[str, float, list[int]]:
+    """(verdict, combined score, suspected targets): ``backdoored`` when two detectors flag or one of
+    ``strong_detectors`` scores >= ``strong_factor``, ``suspicious`` when one flags. Only detectors that can
+    flag vote; the combined score is the largest threshold-relative score (> 1: at least one flagged)."""
     voting = [r for r in results if not r.details.get("informational")]
     if not voting:
         return "clean", 0.0, []
     flagged = [r for r in voting if r.flagged]
     combined = max(r.score for r in voting)
-    if len(flagged) >= 2 or any(r.score >= strong_factor for r in flagged):
+    if len(flagged) >= 2 or any(r.score >= strong_factor and r.name in strong_detectors for r in flagged):
         verdict = "backdoored"
     elif flagged:
         verdict = "suspicious"

@@ -143,8 +143,11 @@ def test_registry_names_and_a_registered_detector_runs() -> None:
         return DetectorResult("constant_for_test", 3.0, True, 6.0, "x", 2.0, [0.0] * ctx.num_classes, [4])
 
     try:
-        res = scan_model(_model(None), _clean(), NORM, DetectConfig(detectors=("constant_for_test",)), "cpu", 10)
-        assert res.verdict == "backdoored" and res.suspected_targets == [4]  # score 3 >= strong factor 1.5
+        cfg = DetectConfig(detectors=("constant_for_test",))
+        res = scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10)
+        assert res.verdict == "suspicious" and res.suspected_targets == [4]  # one flag, not a strong detector
+        cfg = DetectConfig(detectors=("constant_for_test",), strong_detectors=("constant_for_test",))
+        assert scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10).verdict == "backdoored"  # 3 >= 1.5
     finally:
         del DETECTORS["constant_for_test"]
 
