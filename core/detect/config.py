@@ -34,8 +34,11 @@ class DetectConfig:
     # verdict: "backdoored" when a detector's score (statistic over its threshold; NC: index / 2, MM-BD:
     # log p / log p_value) reaches this, or two detectors flag; "suspicious" when one flags (docs/detect.md)
     strong_factor: float = 1.5
-    # the detectors whose strong score alone says "backdoored": MM-BD is left out because on MNIST it gives
-    # clean models p-values down to 1e-7 for the naturally wide class 8 (bench/results/detect_cpu.md)
+    # the detectors whose flags make the verdict; the others are run and reported as evidence only. MM-BD
+    # does not vote: on the CPU benchmark it flagged 4 of 5 clean models (MNIST's naturally wide class 8,
+    # p down to 1e-7) and caught no backdoor that Neural Cleanse missed (docs/detect.md#measured)
+    voting_detectors: tuple[str, ...] = ("neural_cleanse",)
+    # the voting detectors whose strong score alone says "backdoored"
     strong_detectors: tuple[str, ...] = ("neural_cleanse",)
     # TSBD's cheap signal (not run by default: it adds no information on the benchmark, docs/detect.md)
     unlearn_lr: float = 1e-3
@@ -46,7 +49,9 @@ class DetectConfig:
 
         object.__setattr__(self, "detectors", tuple(self.detectors))
         object.__setattr__(self, "strong_detectors", tuple(self.strong_detectors))
-        unknown = [d for d in (*self.detectors, *self.strong_detectors) if d not in DETECTORS]
+        object.__setattr__(self, "voting_detectors", tuple(self.voting_detectors))
+        unknown = [d for d in (*self.detectors, *self.strong_detectors, *self.voting_detectors)
+                   if d not in DETECTORS]
         if unknown:
             raise ConfigError("detectors", f"unknown detector(s) {unknown}; valid: {sorted(DETECTORS)}")
         for name, (lo, hi) in _RANGES.items():

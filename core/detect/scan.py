@@ -66,18 +66,20 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
             torch.cuda.synchronize(dev)
         res.seconds = time.perf_counter() - t0
         results[name] = res
-    verdict, score, targets = combine(list(results.values()), cfg.strong_factor, cfg.strong_detectors)
+    verdict, score, targets = combine(list(results.values()), cfg.strong_factor, cfg.strong_detectors,
+                                     cfg.voting_detectors)
     triggers: dict[int, np.ndarray] = {}
     for res in results.values():
-        for cls, img in res.trigger_images.items():
+        for cls, img in res.trigger_images.items() if res.name in cfg.voting_detectors else ():
             triggers.setdefault(cls, img)
     if progress is not None:
         progress(1.0)
     evidence = {"verdict": verdict, "score": score, "suspected_targets": targets,
                 "num_classes": num_classes, "clean_images": len(clean),
-                "detectors": {name: r.evidence() for name, r in results.items()},
-                "rule": (f"backdoored: two detectors flag, or one of {list(cfg.strong_detectors)} scores >= "
-                         f"{cfg.strong_factor}; suspicious: one flags; a score is the detector's statistic over "
-                         "its threshold")}
+                "detectors": {name: {**r.evidence(), "votes": name in cfg.voting_detectors}
+                              for name, r in results.items()},
+                "rule": (f"voting detectors {list(cfg.voting_detectors)}; backdoored: two flag, or one of "
+                         f"{list(cfg.strong_detectors)} scores >= {cfg.strong_factor}; suspicious: one flags; a "
+                         "score is the detector's statistic over its threshold")}
     return DetectionResult(verdict=verdict, score=score, suspected_targets=targets, evidence=evidence,
                            trigger_images=triggers, detectors=results)

@@ -7,12 +7,12 @@ from core.detect.base import DetectorResult
 VERDICTS = ("clean", "suspicious", "backdoored")
 
 
-def combine(results: list[DetectorResult], strong_factor: float, strong_detectors: tuple[str, ...]
-            ) -> tuple[str, float, list[int]]:
-    """(verdict, combined score, suspected targets): ``backdoored`` when two detectors flag or one of
-    ``strong_detectors`` scores >= ``strong_factor``, ``suspicious`` when one flags. Only detectors that can
-    flag vote; the combined score is the largest threshold-relative score (> 1: at least one flagged)."""
-    voting = [r for r in results if not r.details.get("informational")]
+def combine(results: list[DetectorResult], strong_factor: float, strong_detectors: tuple[str, ...],
+            voting_detectors: tuple[str, ...]) -> tuple[str, float, list[int]]:
+    """(verdict, combined score, suspected targets) from the ``voting_detectors``: ``backdoored`` when two
+    flag or one of ``strong_detectors`` scores >= ``strong_factor``, ``suspicious`` when one flags. The
+    combined score is the largest voting threshold-relative score (> 1: at least one flagged)."""
+    voting = [r for r in results if r.name in voting_detectors and not r.details.get("informational")]
     if not voting:
         return "clean", 0.0, []
     flagged = [r for r in voting if r.flagged]

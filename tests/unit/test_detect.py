@@ -112,11 +112,14 @@ def test_a_clean_model_is_judged_clean() -> None:
 
 
 def test_max_margin_flags_a_blended_trigger() -> None:
-    res = scan_model(_model("blended"), _clean(), NORM, DetectConfig(detectors=("max_margin",), **FAST),
-                     "cpu", 10)
+    cfg = DetectConfig(detectors=("max_margin",), voting_detectors=("max_margin",), **FAST)
+    res = scan_model(_model("blended"), _clean(), NORM, cfg, "cpu", 10)
     mm = res.detectors["max_margin"]
     assert mm.flagged and mm.suspected_targets == [0], mm.evidence()
-    assert res.verdict != "clean"
+    assert res.verdict == "suspicious"  # MM-BD alone never convicts (not a strong detector)
+    # by default MM-BD is evidence only: the same flag leaves the verdict to Neural Cleanse
+    assert scan_model(_model("blended"), _clean(), NORM, DetectConfig(detectors=("max_margin",), **FAST),
+                      "cpu", 10).verdict == "clean"
 
 
 def test_scan_reports_progress_and_stops_on_request() -> None:
@@ -143,10 +146,11 @@ def test_registry_names_and_a_registered_detector_runs() -> None:
         return DetectorResult("constant_for_test", 3.0, True, 6.0, "x", 2.0, [0.0] * ctx.num_classes, [4])
 
     try:
-        cfg = DetectConfig(detectors=("constant_for_test",))
+        cfg = DetectConfig(detectors=("constant_for_test",), voting_detectors=("constant_for_test",))
         res = scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10)
         assert res.verdict == "suspicious" and res.suspected_targets == [4]  # one flag, not a strong detector
-        cfg = DetectConfig(detectors=("constant_for_test",), strong_detectors=("constant_for_test",))
+        cfg = DetectConfig(detectors=("constant_for_test",), voting_detectors=("constant_for_test",),
+                           strong_detectors=("constant_for_test",))
         assert scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10).verdict == "backdoored"  # 3 >= 1.5
     finally:
         del DETECTORS["constant_for_test"]
