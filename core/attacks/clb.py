@@ -25,9 +25,10 @@ class CLB(Attack):
     perturbs the chosen target-class images with ℓ∞ PGD against a surrogate model so that their content
     no longer explains their label and the model must learn the corners instead.
 
-    Defaults: PGD ε 8/255 (Turner et al. report ε 8 and 16; BackdoorBench ships ε 8 adversarial sets),
-    10 steps of ε/4, amplitude 255 (the fully visible trigger), all-to-one target 0; clean-label, so no
-    all-to-all variant.
+    Defaults: ℓ∞ PGD ε 8/255 (Turner et al. study ε 8 and 16 of 255; the value BackdoorBench's shipped
+    adversarial sets use was not checked here), 10 steps of ε/4, amplitude 255 (the fully visible trigger),
+    all-to-one target 0; clean-label, so no all-to-all variant. BackdoorBench perturbs with an adversarially
+    trained surrogate; the benchmark uses a normally trained clean model of the same architecture.
     """
 
     name: ClassVar[str] = "clb"
