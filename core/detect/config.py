@@ -54,6 +54,11 @@ class DetectConfig:
                    if d not in DETECTORS]
         if unknown:
             raise ConfigError("detectors", f"unknown detector(s) {unknown}; valid: {sorted(DETECTORS)}")
+        if not self.detectors:
+            raise ConfigError("detectors", "name at least one detector (switch detection off in the spec instead)")
+        if not set(self.voting_detectors) & set(self.detectors):
+            raise ConfigError("voting_detectors", f"none of {list(self.voting_detectors)} is in detectors "
+                                                  f"{list(self.detectors)}: nothing would make the verdict")
         for name, (lo, hi) in _RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:

@@ -115,11 +115,16 @@ def test_max_margin_flags_a_blended_trigger() -> None:
     cfg = DetectConfig(detectors=("max_margin",), voting_detectors=("max_margin",), **FAST)
     res = scan_model(_model("blended"), _clean(), NORM, cfg, "cpu", 10)
     mm = res.detectors["max_margin"]
+    assert res.evidence["detectors"]["max_margin"]["votes"] is True
     assert mm.flagged and mm.suspected_targets == [0], mm.evidence()
     assert res.verdict == "suspicious"  # MM-BD alone never convicts (not a strong detector)
     # by default MM-BD is evidence only: the same flag leaves the verdict to Neural Cleanse
-    assert scan_model(_model("blended"), _clean(), NORM, DetectConfig(detectors=("max_margin",), **FAST),
-                      "cpu", 10).verdict == "clean"
+    cfg = DetectConfig(detectors=("neural_cleanse", "max_margin"), **{**FAST, "nc_steps": 1})
+    res = scan_model(_model("blended"), _clean(), NORM, cfg, "cpu", 10)
+    assert res.detectors["max_margin"].flagged and res.evidence["detectors"]["max_margin"]["votes"] is False
+    nc = res.detectors["neural_cleanse"]
+    assert res.verdict == ("clean" if not nc.flagged else "backdoored" if nc.score >= 1.5 else "suspicious")
+    assert res.suspected_targets == nc.suspected_targets
 
 
 def test_scan_reports_progress_and_stops_on_request() -> None:
@@ -159,7 +164,8 @@ def test_registry_names_and_a_registered_detector_runs() -> None:
 @pytest.mark.parametrize(("params", "field"), [
     ({"nc_steps": 0}, "nc_steps"), ({"p_value": 0.9}, "p_value"), ({"anomaly_threshold": -1}, "anomaly_threshold"),
     ({"mm_starts": 2.5e9}, "mm_starts"), ({"nc_lr": True}, "nc_lr"), ({"detectors": ("nope",)}, "detectors"),
-    ({"max_images": 5}, "max_images"),
+    ({"max_images": 5}, "max_images"), ({"detectors": ()}, "detectors"),
+    ({"detectors": ("max_margin",)}, "voting_detectors"),
 ])
 def test_config_ranges_are_refused_naming_the_field(params: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
