@@ -14,21 +14,61 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 PASS, GATE_FAILED, ERROR = 0, 1, 2
+VERDICT_ORDER = ("clean", "suspicious", "backdoored")  # --fail-on X fails on X and anything worse
 
 
 class ClientError(Exception):
     """Anything that is not the gate's verdict: bad arguments, HTTP errors, a failed scan."""
 
 
+def shipped_verdict(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The detector's verdict on the model the client will ship: the repaired one's (``after.verdict``) in a
+    repair report, else ``verdict``; a bare string is read as the label. None when the report has none."""
+    after = report.get("after")
+    raw = after.get("verdict") if isinstance(after, dict) and after.get("verdict") is not None \
+        else report.get("verdict")
+    if isinstance(raw, str):
+        return {"verdict": raw}
+    return raw if isinstance(raw, dict) else None
+
+
+def verdict_label(verdict: dict[str, Any]) -> str | None:
+    """``clean``/``suspicious``/``backdoored`` from a verdict object (``verdict`` or ``label`` key)."""
+    label = verdict.get("verdict", verdict.get("label"))
+    return label if label in VERDICT_ORDER else None
+
+
+def suspected_targets(verdict: dict[str, Any]) -> list[int]:
+    """The suspected target classes of a verdict object (top level, or in its evidence)."""
+    found = verdict.get("suspected_targets", (verdict.get("evidence") or {}).get("suspected_targets"))
+    return list(found) if isinstance(found, list) else []
+
+
+def max_anomaly_index(verdict: dict[str, Any]) -> float | None:
+    """Neural Cleanse's largest small-side anomaly index in the verdict's evidence, if it ran."""
+    evidence = verdict.get("evidence") or {}
+    nc = (evidence.get("detectors") or {}).get("neural_cleanse") or {}
+    value = nc.get("anomaly_index")
+    return float(value) if isinstance(value, int | float) else None
+
+
 @dataclass
 class Gate:
     max_asr: float | None = None
     min_acc: float | None = None
+    fail_on: str | None = None  # "suspicious" or "backdoored"
+    max_anomaly_index: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.fail_on is not None and self.fail_on not in VERDICT_ORDER[1:]:
+            raise ClientError(f"--fail-on must be suspicious or backdoored, got {self.fail_on!r}")
+        if self.max_anomaly_index is not None and not self.max_anomaly_index >= 0:
+            raise ClientError(f"--max-anomaly-index must be a non-negative number, got {self.max_anomaly_index}")
 
     def check(self, report: dict[str, Any]) -> list[str]:
         """The reasons the gate fails (empty when it passes), judged on the model the client will ship."""
         result = report.get("after") or report["before"]
-        failures = []
+        failures = self._check_verdict(report)
         if self.max_asr is not None:
             asr = result.get("asr")
             if asr is None:
@@ -37,6 +77,29 @@ class Gate:
                 failures.append(f"ASR {asr:.4f} > --max-asr {self.max_asr}")
         if self.min_acc is not None and result["acc"] < self.min_acc:
             failures.append(f"ACC {result['acc']:.4f} < --min-acc {self.min_acc}")
+        return failures
+
+    def _check_verdict(self, report: dict[str, Any]) -> list[str]:
+        if self.fail_on is None and self.max_anomaly_index is None:
+            return []
+        verdict = shipped_verdict(report)
+        label = verdict_label(verdict) if verdict else None
+        if verdict is None or label is None:
+            why = (verdict or {}).get("reason") or "the report has no detector verdict"
+            flags = " and ".join(f for f, v in (("--fail-on", self.fail_on),
+                                                ("--max-anomaly-index", self.max_anomaly_index)) if v is not None)
+            return [f"no verdict to gate on ({why}) but {flags} was set"]
+        failures = []
+        targets = suspected_targets(verdict)
+        if self.fail_on is not None and VERDICT_ORDER.index(label) >= VERDICT_ORDER.index(self.fail_on):
+            failures.append(f"verdict {label} (suspected targets {targets}) with --fail-on {self.fail_on}")
+        if self.max_anomaly_index is not None:
+            index = max_anomaly_index(verdict)
+            if index is None:
+                failures.append("the Neural Cleanse anomaly index is not in the verdict but --max-anomaly-index "
+                                "was set")
+            elif index > self.max_anomaly_index:
+                failures.append(f"anomaly index {index:.2f} > --max-anomaly-index {self.max_anomaly_index}")
         return failures
 
 
@@ -99,6 +162,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if when in report:
             r = report[when]
             lines.append(f"{when:>6}: ACC {pct(r['acc'])}  ASR {pct(r['asr'])}  RA {pct(r['ra'])}")
+    for key, verdict in (("verdict", report.get("verdict")),
+                         ("after verdict", (report.get("after") or {}).get("verdict"))):
+        if isinstance(verdict, dict) and verdict_label(verdict):
+            lines.append(f"{key}: {verdict_label(verdict)}  suspected targets {suspected_targets(verdict)}")
     if "repair" in report:
         lines.append(f"repair: {report['repair']['method']} {json.dumps(report['repair'].get('params', {}))[:200]}")
     lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.get("timings", {}).items()))

@@ -127,6 +127,22 @@ def _build_spec(mode: str, architecture: str | None, num_classes: int | None, in
     return spec
 
 
+FailOn = Annotated[str | None, typer.Option(
+    help="fail the gate when the detector's verdict is this or worse: suspicious or backdoored")]
+MaxIndex = Annotated[float | None, typer.Option(
+    help="fail the gate when Neural Cleanse's anomaly index exceeds this (its own flag is 2)")]
+
+
+def _gate(max_asr: float | None, min_acc: float | None, fail_on: str | None,
+          max_anomaly_index: float | None) -> client.Gate:
+    """The gate, or exit 2 on a bad gate option (an argument error, never a verdict)."""
+    try:
+        return client.Gate(max_asr, min_acc, fail_on, max_anomaly_index)
+    except client.ClientError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(client.ERROR) from exc
+
+
 Url = Annotated[str, typer.Option(envvar="ANTIDOTE_URL", help="the Antidote API")]
 Key = Annotated[str | None, typer.Option(envvar="ANTIDOTE_API_KEY", help="API key")]
 
@@ -141,11 +157,13 @@ def scan(
     target: int = 0, spec: Annotated[Path | None, typer.Option(help="a spec JSON file")] = None,
     url: Url = "http://127.0.0.1:8000", api_key: Key = None,
     report: Annotated[Path | None, typer.Option(help="write the report JSON here")] = None,
-    max_asr: float | None = None, min_acc: float | None = None, timeout: float = 3600,
+    max_asr: float | None = None, min_acc: float | None = None, fail_on: FailOn = None,
+    max_anomaly_index: MaxIndex = None, timeout: float = 3600,
 ) -> None:
     """Scan a model; exit 0 if the gate passes, 1 if it fails, 2 on error."""
     _client_run("scan", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
-                attack, target, spec, None, url, api_key, report, None, client.Gate(max_asr, min_acc), timeout)
+                attack, target, spec, None, url, api_key, report, None,
+                _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout)
 
 
 @app.command()
@@ -157,11 +175,13 @@ def repair(
     attack: str | None = None, target: int = 0, spec: Path | None = None, method: str | None = None,
     url: Url = "http://127.0.0.1:8000", api_key: Key = None, report: Path | None = None,
     out: Annotated[Path | None, typer.Option(help="write the repaired .safetensors here")] = None,
-    max_asr: float | None = None, min_acc: float | None = None, timeout: float = 3600,
+    max_asr: float | None = None, min_acc: float | None = None, fail_on: FailOn = None,
+    max_anomaly_index: MaxIndex = None, timeout: float = 3600,
 ) -> None:
     """Repair a model and gate the repaired one; exit 0 pass, 1 gate failed, 2 error."""
     _client_run("repair", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
-                attack, target, spec, method, url, api_key, report, out, client.Gate(max_asr, min_acc), timeout)
+                attack, target, spec, method, url, api_key, report, out,
+                _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout)
 
 
 @app.command()

@@ -10,6 +10,8 @@ from typing import Any
 from core.attacks.badnets import BadNets
 from core.attacks.base import NOT_PARAMS, Attack
 from core.attacks.blended import Blended
+from core.attacks.clb import CLB
+from core.attacks.iab import IAB, train_iab
 from core.attacks.lowfreq import LowFrequency
 from core.attacks.sig import SIG
 from core.attacks.wanet import WaNet
@@ -23,7 +25,15 @@ ATTACKS: Mapping[str, Callable[..., Attack]] = MappingProxyType(
         "wanet": WaNet,
         "lowfreq": LowFrequency,
         "lf": LowFrequency,  # BackdoorBench's name for it
+        "clb": CLB,  # test trigger only; poison with core.attacks.clb.clb_poison_training_set
+        "lc": CLB,  # BackdoorBench's name for it (label-consistent)
     }
+)
+
+# Attacks whose trigger is trained with the classifier: not data poisoning, so not a built-in trigger a spec
+# can name (an untrained IAB has no trigger); the benchmark builds them with their training function.
+TRAINED_ATTACKS: Mapping[str, Callable[..., tuple[object, IAB]]] = MappingProxyType(
+    {"iab": train_iab, "inputaware": train_iab}  # "inputaware": BackdoorBench's name
 )
 
 

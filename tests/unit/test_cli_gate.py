@@ -1,0 +1,63 @@
+"""The CI client's detector gate: --fail-on and --max-anomaly-index on report verdicts, and its messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import client
+from cli.main import app
+
+
+def _report(label: str | None, index: float | None = 1.0, after: str | None = None) -> dict[str, Any]:
+    verdict = None if label is None else {
+        "verdict": label, "suspected_targets": [0] if label != "clean" else [],
+        "evidence": {"detectors": {"neural_cleanse": {"anomaly_index": index}}}}
+    report: dict[str, Any] = {"before": {"acc": 0.9, "asr": None, "ra": None}, "verdict": verdict}
+    if after is not None:
+        report["after"] = {"acc": 0.88, "asr": None, "ra": None, "verdict": {"verdict": after}}
+    return report
+
+
+@pytest.mark.parametrize(("label", "fail_on", "fails"), [
+    ("clean", "suspicious", False), ("suspicious", "suspicious", True), ("backdoored", "suspicious", True),
+    ("clean", "backdoored", False), ("suspicious", "backdoored", False), ("backdoored", "backdoored", True),
+])
+def test_fail_on_fails_at_that_verdict_or_worse(label: str, fail_on: str, fails: bool) -> None:
+    failures = client.Gate(fail_on=fail_on).check(_report(label))
+    assert bool(failures) is fails
+    if fails:
+        assert label in failures[0] and "[0]" in failures[0]
+
+
+def test_max_anomaly_index_reads_neural_cleanse_evidence() -> None:
+    assert client.Gate(max_anomaly_index=3.0).check(_report("suspicious", index=2.5)) == []
+    (failure,) = client.Gate(max_anomaly_index=2.0).check(_report("suspicious", index=2.5))
+    assert "2.50 > --max-anomaly-index 2.0" in failure
+    (failure,) = client.Gate(max_anomaly_index=2.0).check(_report("clean", index=None))
+    assert "not in the verdict" in failure
+
+
+def test_a_report_without_a_verdict_fails_only_when_the_flags_are_given() -> None:
+    assert client.Gate().check(_report(None)) == []
+    (failure,) = client.Gate(fail_on="backdoored").check(_report(None))
+    assert "no verdict" in failure and "--fail-on" in failure
+    skipped = {"before": {"acc": 0.9}, "verdict": {"skipped": True, "reason": "detect.enabled is false"}}
+    (failure,) = client.Gate(fail_on="backdoored", max_anomaly_index=2).check(skipped)
+    assert "detect.enabled is false" in failure and "--max-anomaly-index" in failure
+
+
+def test_repair_gates_on_the_repaired_models_verdict() -> None:
+    assert client.Gate(fail_on="suspicious").check(_report("backdoored", after="clean")) == []
+    assert client.Gate(fail_on="suspicious").check(_report("clean", after="suspicious"))
+
+
+def test_bad_gate_options_are_errors_with_exit_code_2() -> None:
+    with pytest.raises(client.ClientError):
+        client.Gate(fail_on="clean")
+    result = CliRunner().invoke(app, ["scan", "--model", "m.pt", "--clean-data", "c.npz", "--fail-on", "maybe",
+                                      "--api-key", "k"])
+    assert result.exit_code == client.ERROR
+    assert "--fail-on must be suspicious or backdoored" in result.output

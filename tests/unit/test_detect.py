@@ -1,0 +1,181 @@
+"""The trigger-free detectors on tiny models of real digits: the batched inversion finds a planted patch, the
+statistics equal their formulas, a clean model is judged clean, MM-BD flags a blended trigger."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy import stats as sps
+
+from core.attacks import create_attack, poison_training_set
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.detect import (
+    DETECTORS,
+    ConfigError,
+    DetectConfig,
+    DetectionStopped,
+    anomaly_index,
+    gamma_max_p_value,
+    register,
+    scan_model,
+)
+from core.detect.stats import small_side_anomalies
+from core.training import train_classifier
+
+NORM = Normalization((0.5,), (0.5,))
+FAST = {"nc_steps": 150, "nc_batch_size": 8, "mm_steps": 60, "mm_starts": 4}
+
+
+@functools.cache
+def _digits16() -> tuple[ImageSet, ImageSet]:
+    """scikit-learn's 8x8 digits upscaled to 16x16 (a 3x3 patch is then 3.5% of the image), split in two."""
+    from cli.demo import load_digits
+
+    d = load_digits()
+    x = np.kron(d.x, np.ones((1, 2, 2, 1), dtype=np.uint8))
+    order = np.random.default_rng(0).permutation(len(d))
+    data = ImageSet(x, d.y)
+    return data.subset(np.sort(order[:1400])), data.subset(np.sort(order[1400:]))
+
+
+def _tiny_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 16, 10))
+
+
+@functools.cache
+def _model(attack: str | None, seed: int = 0) -> nn.Module:
+    train, _ = _digits16()
+    if attack is not None:
+        train = poison_training_set(create_attack(attack, image_shape=train.image_shape, target=0), train, 0.1,
+                                    10, seed).data
+    model = _tiny_cnn(seed)
+    return train_classifier(model, train, NORM, epochs=12, lr=0.05, batch_size=64, device="cpu", augment=False,
+                            seed=seed)
+
+
+def _clean() -> ImageSet:
+    return _digits16()[1].subset(np.arange(200))
+
+
+def test_anomaly_index_equals_the_mad_formula() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 100.0]
+    # median 3, |v - 3| = 2, 1, 0, 1, 97, their median 1, consistency constant 1.4826
+    assert anomaly_index(values) == pytest.approx([2 / 1.4826, 1 / 1.4826, 0.0, 1 / 1.4826, 97 / 1.4826])
+    small, flagged = small_side_anomalies([10.0, 10.5, 9.5, 10.2, 9.8, 1.0], threshold=2.0)
+    assert flagged == [5] and small[0] == 0.0  # only the abnormally small one; large ones never flag
+    assert anomaly_index([5.0, 5.0, 5.0]) == [0.0, 0.0, 0.0]
+
+
+def test_gamma_p_value_is_the_order_statistic_of_the_fitted_gamma() -> None:
+    null = [3.1, 2.7, 3.5, 2.9, 3.3, 3.0, 2.8, 3.6, 3.2]
+    mean, var = np.mean(null), np.var(null, ddof=1)
+    shape, scale = mean ** 2 / var, var / mean
+    for stat in (3.4, 4.0, 9.0):
+        expected = 1 - sps.gamma.cdf(stat, shape, scale=scale) ** len(null)
+        assert gamma_max_p_value(stat, null) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert gamma_max_p_value(9.0, null) < 1e-6 < gamma_max_p_value(3.4, null)
+
+
+def test_batched_inversion_finds_the_planted_patch_in_one_pass_per_step() -> None:
+    model = _model("badnets")
+    batch_sizes: list[int] = []
+    hook = model[0].register_forward_hook(lambda _m, inp, _o: batch_sizes.append(inp[0].shape[0]))
+    try:
+        res = scan_model(model, _clean(), NORM, DetectConfig(detectors=("neural_cleanse",), **FAST), "cpu", 10)
+    finally:
+        hook.remove()
+    nc = res.detectors["neural_cleanse"]
+    # every class in the same forward pass: K copies of the batch, never one class at a time
+    assert set(batch_sizes) == {10 * FAST["nc_batch_size"]}
+    norms = nc.per_class
+    assert int(np.argmin(norms)) == 0 and norms[0] < min(norms[1:])
+    assert nc.flagged and nc.suspected_targets[0] == 0
+    assert res.trigger_images[0].shape == (16, 16, 1) and res.trigger_images[0].dtype == np.uint8
+    assert res.verdict in ("suspicious", "backdoored") and 0 in res.suspected_targets
+
+
+def test_a_clean_model_is_judged_clean() -> None:
+    res = scan_model(_model(None), _clean(), NORM, DetectConfig(**FAST), "cpu", 10)
+    assert res.verdict == "clean", res.evidence
+    assert res.trigger_images == {} and res.suspected_targets == []
+    assert set(res.evidence["detectors"]) == {"neural_cleanse", "max_margin"}
+
+
+def test_max_margin_flags_a_blended_trigger() -> None:
+    cfg = DetectConfig(detectors=("max_margin",), voting_detectors=("max_margin",), **FAST)
+    res = scan_model(_model("blended"), _clean(), NORM, cfg, "cpu", 10)
+    mm = res.detectors["max_margin"]
+    assert res.evidence["detectors"]["max_margin"]["votes"] is True
+    assert mm.flagged and mm.suspected_targets == [0], mm.evidence()
+    assert res.verdict == "suspicious"  # MM-BD alone never convicts (not a strong detector)
+    # by default MM-BD is evidence only: the same flag leaves the verdict to Neural Cleanse
+    cfg = DetectConfig(detectors=("neural_cleanse", "max_margin"), **{**FAST, "nc_steps": 1})
+    res = scan_model(_model("blended"), _clean(), NORM, cfg, "cpu", 10)
+    assert res.detectors["max_margin"].flagged and res.evidence["detectors"]["max_margin"]["votes"] is False
+    nc = res.detectors["neural_cleanse"]
+    assert res.verdict == ("clean" if not nc.flagged else "backdoored" if nc.score >= 1.5 else "suspicious")
+    assert res.suspected_targets == nc.suspected_targets
+
+
+def test_scan_reports_progress_and_stops_on_request() -> None:
+    model = _model(None)
+    seen: list[float] = []
+    scan_model(model, _clean(), NORM, DetectConfig(nc_steps=5, mm_steps=5, mm_starts=1), "cpu", 10,
+               progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    calls = iter(range(100))
+    with pytest.raises(DetectionStopped):
+        scan_model(model, _clean(), NORM, DetectConfig(nc_steps=50), "cpu", 10,
+                   should_stop=lambda: next(calls) >= 3)
+    assert all(p.requires_grad for p in model.parameters()) and not model.training  # restored
+
+
+def test_registry_names_and_a_registered_detector_runs() -> None:
+    assert {"neural_cleanse", "max_margin", "unlearning"} <= set(DETECTORS)
+    with pytest.raises(ValueError, match="already registered"):
+        register("max_margin")(lambda ctx: None)  # type: ignore[arg-type,return-value]
+    from core.detect.base import DetectorResult
+
+    @register("constant_for_test")
+    def constant(ctx):  # noqa: ANN001, ANN202 - a throwaway detector
+        return DetectorResult("constant_for_test", 3.0, True, 6.0, "x", 2.0, [0.0] * ctx.num_classes, [4])
+
+    try:
+        cfg = DetectConfig(detectors=("constant_for_test",), voting_detectors=("constant_for_test",))
+        res = scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10)
+        assert res.verdict == "suspicious" and res.suspected_targets == [4]  # one flag, not a strong detector
+        cfg = DetectConfig(detectors=("constant_for_test",), voting_detectors=("constant_for_test",),
+                           strong_detectors=("constant_for_test",))
+        assert scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10).verdict == "backdoored"  # 3 >= 1.5
+    finally:
+        del DETECTORS["constant_for_test"]
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"nc_steps": 0}, "nc_steps"), ({"p_value": 0.9}, "p_value"), ({"anomaly_threshold": -1}, "anomaly_threshold"),
+    ({"mm_starts": 2.5e9}, "mm_starts"), ({"nc_lr": True}, "nc_lr"), ({"detectors": ("nope",)}, "detectors"),
+    ({"max_images": 5}, "max_images"), ({"detectors": ()}, "detectors"),
+    ({"detectors": ("max_margin",)}, "voting_detectors"),
+])
+def test_config_ranges_are_refused_naming_the_field(params: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        DetectConfig(**params)
+    assert err.value.field == field and field in str(err.value)
+
+
+def test_config_from_dict_refuses_unknown_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        DetectConfig.from_dict({"nc_step": 3})
+    assert err.value.field == "nc_step"
+    assert DetectConfig.from_dict({"nc_steps": 3}).nc_steps == 3
+    assert math.isclose(DetectConfig().p_value, 0.05)
