@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from core.attacks.base import Attack, PoisonedTrainingSet, poison_training_set
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
+from core.ranges import float_in, int_in
 
 _CHECKER = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=bool)  # Turner et al.'s 3x3 corner pattern
 
@@ -33,17 +34,10 @@ class CLB(Attack):
 
     name: ClassVar[str] = "clb"
     clean_label: ClassVar[bool] = True
-    amplitude: int = 255
-    eps: float = 8 / 255
-    pgd_steps: int = 10
-    pgd_step_size: float = 2 / 255
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 1 <= self.amplitude <= 255:
-            raise ValueError(f"amplitude must lie in [1, 255], got {self.amplitude}")
-        if not 0.0 <= self.eps <= 1.0 or self.pgd_steps < 0 or self.pgd_step_size <= 0:
-            raise ValueError("need eps in [0, 1], pgd_steps >= 0 and pgd_step_size > 0")
+    amplitude: int_in(1, 255) = 255
+    eps: float_in(0.0, 1.0) = 8 / 255
+    pgd_steps: int_in(0, 1000) = 10
+    pgd_step_size: float_in(0.0, 1.0, open_low=True) = 2 / 255
 
     def _trigger(self, x: np.ndarray) -> np.ndarray:
         out = x.copy()
