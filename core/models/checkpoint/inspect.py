@@ -22,11 +22,25 @@ from core.models.checkpoint.torch_zip import TORCH_EXTENSIONS
 
 Severity = Literal["high", "medium", "low", "info"]
 
-# globals a torch state dict names; what our loaders rebuild themselves (see backdoorbench.SafeUnpickler)
+
+
+def _torch_allowed_globals() -> set[str]:
+    """What ``torch.load(weights_only=True)`` itself may call (tensor rebuilders, dtypes, ``torch.Size``):
+    calling those runs no code of the file's choosing; empty if this torch keeps the list elsewhere."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return {str(k) for k in _get_allowed_globals()}
+    except (ImportError, AttributeError, TypeError):  # a private API: fall back to our own list alone
+        return set()
+
+
+# globals a torch state dict names: what our loaders rebuild themselves (see backdoorbench.SafeUnpickler)
+# and what torch's weights_only unpickler allows
 _ALLOWED = {
     "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor",
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-}  # fmt: skip
+} | _torch_allowed_globals()  # fmt: skip
 # callables that run code, a shell, or import anything on their own: refused wherever they appear
 _CODE_MODULES = {
     "os", "posix", "nt", "subprocess", "pty", "runpy", "timeit", "importlib", "code", "codeop", "shutil",
