@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -163,7 +164,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        drain_timeout_s=settings.drain_timeout_s, read_timeout_s=settings.body_read_timeout_s)
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        if settings.metrics_token is not None and not bearer_matches(request, settings.metrics_token):
+            raise ApiError(401, "metrics need 'Authorization: Bearer <ANTIDOTE_METRICS_TOKEN>'",
+                           field="Authorization", headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def bearer_matches(request: Request, token: str) -> bool:
+    """True when the request's ``Authorization: Bearer`` carries ``token``; constant-time, so a scraper's
+    guesses learn nothing from the answer's timing."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())

@@ -30,13 +30,16 @@ class ErrorOut(BaseModel):
     detail: str
     field: str | None = None
     request_id: str | None = None
+    # a refused code-carrying checkpoint: the static inspection's high findings
+    findings: list[dict[str, Any]] | None = None
 
 
 class ApiError(Exception):
     def __init__(self, status: int, detail: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, findings: list[dict[str, Any]] | None = None) -> None:
         super().__init__(detail)
         self.status, self.detail, self.field, self.headers = status, detail, field, headers
+        self.findings = findings
 
 
 def error_response(status: int, detail: str, field: str | None = None,
@@ -60,7 +63,11 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id_of(request)
         log.warning("answered %d: %s (request_id=%s)", exc.status, exc.detail, rid, extra={"request_id": rid})
         return error_response(exc.status, exc.detail, exc.field, exc.headers, request_id=rid)
-    return error_response(exc.status, exc.detail, exc.field, exc.headers)
+    response = error_response(exc.status, exc.detail, exc.field, exc.headers)
+    if exc.findings is not None:
+        response = JSONResponse({"detail": exc.detail, "field": exc.field, "findings": exc.findings},
+                                status_code=exc.status, headers=exc.headers)
+    return response
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,12 @@ VERDICT_ORDER = ("clean", "suspicious", "backdoored")  # --fail-on X fails on X 
 
 
 class ClientError(Exception):
-    """Anything that is not the gate's verdict: bad arguments, HTTP errors, a failed scan."""
+    """Anything that is not the gate's verdict: bad arguments, HTTP errors, a failed scan; ``findings`` are a
+    refused checkpoint's (the 422 body's), for --sarif."""
+
+    def __init__(self, message: str, findings: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.findings = findings
 
 
 def shipped_verdict(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -110,7 +115,7 @@ def submit(url: str, api_key: str, spec: dict[str, Any], files: dict[str, Path],
                  for name, path in files.items()}
         response = http.post("/scans", headers=_auth(api_key), data={"spec": json.dumps(spec)}, files=parts)
     if response.status_code != 202:
-        raise ClientError(f"upload refused ({response.status_code}): {_detail(response)}")
+        raise ClientError(f"upload refused ({response.status_code}): {_detail(response)}", _findings(response))
     return str(response.json()["id"])
 
 
@@ -174,6 +179,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def _findings(response: httpx.Response) -> list[dict[str, Any]] | None:
+    try:
+        found = response.json().get("findings")
+    except Exception:  # noqa: BLE001 - not JSON
+        return None
+    return found if isinstance(found, list) else None
 
 
 def _detail(response: httpx.Response) -> str:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from cli import client
+from cli.sarif import build_sarif, write_sarif
 from store.logs import configure_logging
 from store.settings import get_settings
 
@@ -69,7 +70,8 @@ def keys_create(tenant: Annotated[str, typer.Option(help="tenant name; created i
 def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | None, num_classes: int | None,
                 in_channels: int, test_data: Path | None, poisoned_data: Path | None, attack: str | None,
                 target: int, spec_file: Path | None, method: str | None, url: str, api_key: str | None,
-                report_path: Path | None, out: Path | None, gate: client.Gate, timeout: float) -> None:
+                report_path: Path | None, out: Path | None, gate: client.Gate, timeout: float,
+                sarif: Path | None = None) -> None:
     console = Console(stderr=True)
     try:
         if not api_key:
@@ -97,10 +99,14 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
         failures = gate.check(report)
     except client.ClientError as exc:
         console.print(f"[red]error:[/red] {exc}")
+        if sarif is not None and exc.findings is not None:  # a refused checkpoint: what it would have run
+            write_sarif(sarif, build_sarif(model, None, [], exc.findings))
         raise typer.Exit(client.ERROR) from exc
     except Exception as exc:  # network errors and the like: still an error, never a gate verdict
         console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(client.ERROR) from exc
+    if sarif is not None:
+        write_sarif(sarif, build_sarif(model, report, failures))
     for failure in failures:
         console.print(f"[red]gate failed:[/red] {failure}")
     if not failures:
@@ -145,6 +151,7 @@ def _gate(max_asr: float | None, min_acc: float | None, fail_on: str | None,
 
 Url = Annotated[str, typer.Option(envvar="ANTIDOTE_URL", help="the Antidote API")]
 Key = Annotated[str | None, typer.Option(envvar="ANTIDOTE_API_KEY", help="API key")]
+Sarif = Annotated[Path | None, typer.Option(help="write the findings as SARIF 2.1.0 here (code scanning)")]
 
 
 @app.command()
@@ -158,12 +165,12 @@ def scan(
     url: Url = "http://127.0.0.1:8000", api_key: Key = None,
     report: Annotated[Path | None, typer.Option(help="write the report JSON here")] = None,
     max_asr: float | None = None, min_acc: float | None = None, fail_on: FailOn = None,
-    max_anomaly_index: MaxIndex = None, timeout: float = 3600,
+    max_anomaly_index: MaxIndex = None, timeout: float = 3600, sarif: Sarif = None,
 ) -> None:
     """Scan a model; exit 0 if the gate passes, 1 if it fails, 2 on error."""
     _client_run("scan", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
                 attack, target, spec, None, url, api_key, report, None,
-                _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout)
+                _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout, sarif=sarif)
 
 
 @app.command()
@@ -176,12 +183,12 @@ def repair(
     url: Url = "http://127.0.0.1:8000", api_key: Key = None, report: Path | None = None,
     out: Annotated[Path | None, typer.Option(help="write the repaired .safetensors here")] = None,
     max_asr: float | None = None, min_acc: float | None = None, fail_on: FailOn = None,
-    max_anomaly_index: MaxIndex = None, timeout: float = 3600,
+    max_anomaly_index: MaxIndex = None, timeout: float = 3600, sarif: Sarif = None,
 ) -> None:
     """Repair a model and gate the repaired one; exit 0 pass, 1 gate failed, 2 error."""
     _client_run("repair", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
                 attack, target, spec, method, url, api_key, report, out,
-                _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout)
+                _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout, sarif=sarif)
 
 
 @app.command()

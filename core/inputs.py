@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.data.formats import DataFormatError, DataLimits, UnsupportedDataFormatError, load_image_set
 from core.data.imageset import ImageSet
 from core.models.checkpoint import CheckpointError, LoadedCheckpoint, UnsupportedFormatError, load_checkpoint
+from core.models.checkpoint.inspect import high_findings, inspect_checkpoint
 from core.models.weights import WeightsError, check_state_dict
 from core.spec import ScanSpec
 
@@ -17,9 +19,11 @@ DATA_PARTS = ("clean_data", "test_data", "poisoned_data", "training_data")
 class InputError(ValueError):
     """An upload that cannot be used, with the part or field it concerns; ``unsupported`` means wrong format."""
 
-    def __init__(self, field: str, message: str, unsupported: bool = False) -> None:
+    def __init__(self, field: str, message: str, unsupported: bool = False,
+                 findings: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"{field}: {message}")
         self.field, self.message, self.unsupported = field, message, unsupported
+        self.findings = findings  # a refused code-carrying checkpoint: what it would have run
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class LoadedInputs:
     test: ImageSet | None
     poisoned: ImageSet | None
     training: ImageSet | None
+    file_findings: tuple[dict[str, Any], ...] = ()
 
 
 def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> LoadedInputs:
@@ -55,6 +60,11 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
     if spec.mode == "repair_data" and inputs.training_data is None:
         raise InputError("training_data", "is required by mode repair_data")
     try:
+        # static inspection first: a file that would run code is refused before any loader opens it
+        findings = inspect_checkpoint(inputs.model.path, inputs.model.filename, limits=limits.checkpoint)
+        if high := high_findings(findings):
+            raise InputError("model", "checkpoint carries code and is refused, never loaded: "
+                             + "; ".join(f.message for f in high[:5]), findings=[f.as_dict() for f in high])
         checkpoint = load_checkpoint(inputs.model.path, inputs.model.filename, limits=limits.checkpoint)
     except UnsupportedFormatError as exc:
         raise InputError("model", str(exc), unsupported=True) from exc
@@ -87,7 +97,8 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
                           seed=spec.seed, **spec.attack.params)
         except (ValueError, TypeError) as exc:
             raise InputError("spec.attack", str(exc)) from exc
-    return LoadedInputs(checkpoint, clean, sets["test_data"], sets["poisoned_data"], sets["training_data"])
+    return LoadedInputs(checkpoint, clean, sets["test_data"], sets["poisoned_data"], sets["training_data"],
+                        tuple(f.as_dict() for f in findings))
 
 
 def _load_data(part: str, uploaded: UploadedFile, spec: ScanSpec, limits: DataLimits) -> ImageSet:

@@ -100,6 +100,8 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
             "neutralised_globals": findings.get("ignored_globals", []),
             "neutralised_globals_count": findings.get("ignored_globals_count", 0),
         },
+        # static inspection of the model file before it was loaded (rule, severity, member and offset)
+        "file_findings": list(loaded.file_findings),
         "data": {
             "clean_images": len(loaded.clean),
             "acc_source": acc_source,

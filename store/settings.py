@@ -76,6 +76,10 @@ class Settings(BaseSettings):
         "restart without persistence) is sent again by the API's sweep."
     )
 
+    metrics_token: str | None = Field(
+        None, description="When set, /metrics answers only requests with 'Authorization: Bearer <token>' (401 "
+        "otherwise); unset, /metrics is open, as before."
+    )
     key_cache_s: float = Field(30.0, ge=0, description="How long the API remembers a valid key (0: never).")
     read_pool_size: int = Field(10, ge=1, description="PostgreSQL: connections of each API process's async pool "
                                 "for the GET paths (store/reads.py).")

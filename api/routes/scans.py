@@ -66,7 +66,8 @@ async def create_scan(request: Request, response: Response, tenant: Tenant = Dep
         try:
             await run_in_threadpool(load_inputs, spec, inputs, DataLimits(**settings.data_limits()))
         except InputError as exc:
-            raise ApiError(415 if exc.unsupported else 422, str(exc), field=exc.field) from exc
+            raise ApiError(415 if exc.unsupported else 422, str(exc), field=exc.field,
+                           findings=exc.findings) from exc
         scan_id = repository.new_id()
         await run_in_threadpool(_check_tenant_cap, request, tenant)  # again: others may have queued meanwhile
         await run_in_threadpool(_store_scan, request, scan_id, tenant.id, spec, form)
