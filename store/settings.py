@@ -116,6 +116,9 @@ class Settings(BaseSettings):
                                      "request.")
     webhook_max_redirects: int = Field(3, ge=0, le=10, description="Redirects a webhook follows, each target "
                                        "checked again like the first.")
+    webhook_queue: str = Field("", description="Celery queue of the webhook tasks; empty: the scan queue. A "
+                               "queue of their own, served by a small CPU worker, keeps deliveries from "
+                               "waiting behind long scans.")
     webhook_max_response_bytes: int = Field(64 * 1024, ge=0, description="Bytes of a receiver's answer read "
                                             "at most (the rest is dropped).")
 
@@ -133,6 +136,10 @@ class Settings(BaseSettings):
     def webhook_host_patterns(self) -> list[str]:
         """ANTIDOTE_WEBHOOK_ALLOWED_HOSTS split, lower-cased, blanks dropped."""
         return [h.strip().lower().rstrip(".") for h in self.webhook_allowed_hosts.split(",") if h.strip()]
+
+    @property
+    def resolved_webhook_queue(self) -> str:
+        return self.webhook_queue or self.queue
 
     @property
     def stale_after_s(self) -> float:

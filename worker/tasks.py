@@ -24,5 +24,5 @@ def _context() -> WorkerContext:
 def run_scan(scan_id: str) -> str:
     status = execute_scan(_context(), scan_id)
     if status != "skipped":  # a repeated delivery of an ended scan must not notify twice
-        enqueue_if_wanted(app, _context().sessions, scan_id, settings.queue)
+        enqueue_if_wanted(app, _context().sessions, scan_id, settings.resolved_webhook_queue)
     return status

@@ -36,5 +36,5 @@ def deliver_webhook(self, scan_id: str, delivery_id: str, attempt: int = 1) -> s
         # a new message with the next attempt number rather than self.retry: the number travels in the
         # arguments, so a redelivered message records the same attempt again instead of skipping one
         self.apply_async(args=[scan_id, delivery_id, attempt + 1], countdown=retry_delay_s(settings, attempt),
-                         queue=settings.queue)
+                         queue=settings.resolved_webhook_queue)
     return result.outcome

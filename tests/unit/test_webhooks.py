@@ -202,3 +202,26 @@ def test_the_spec_refuses_bad_notify_urls(url: str, error: str) -> None:
     with pytest.raises(ValidationError, match=error):
         NotifySpec(url=url)
     assert NotifySpec(url="https://hooks.example.com/antidote?x=1").url.endswith("x=1")
+
+
+def test_the_cli_prints_and_rotates_the_webhook_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from store.settings import get_settings
+
+    for name in ("ANTIDOTE_DATABASE_URL", "ANTIDOTE_BROKER_URL", "ANTIDOTE_STORAGE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ANTIDOTE_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        assert runner.invoke(app, ["keys", "webhook-secret", "--tenant", "ci"]).exit_code == 2  # no such tenant
+        assert runner.invoke(app, ["keys", "create", "--tenant", "ci"]).exit_code == 0
+        first = runner.invoke(app, ["keys", "webhook-secret", "--tenant", "ci"])
+        again = runner.invoke(app, ["keys", "webhook-secret", "--tenant", "ci"])
+        rotated = runner.invoke(app, ["keys", "webhook-secret", "--tenant", "ci", "--rotate"])
+        assert first.exit_code == 0 and first.stdout.startswith("whsec_") and again.stdout == first.stdout
+        assert rotated.exit_code == 0 and rotated.stdout.startswith("whsec_") and rotated.stdout != first.stdout
+    finally:
+        get_settings.cache_clear()
