@@ -104,8 +104,8 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
             conn.request("POST", path, body=body, headers={**headers, "Content-Type": "application/json",
                                                             "User-Agent": "antidote-webhooks"})
             response = conn.getresponse()
-            response.read(settings.webhook_max_response_bytes)  # a small, bounded read: we want the status
             status, location = response.status, response.getheader("Location")
+            _drain(response, settings.webhook_max_response_bytes, settings.webhook_timeout_s)
         except (http.client.HTTPException, ssl.SSLError) as exc:
             raise OSError(f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -115,6 +115,17 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
         url = urljoin(url, location)
     raise TargetRefused(f"more than {settings.webhook_max_redirects} redirects "
                         "(ANTIDOTE_WEBHOOK_MAX_REDIRECTS)")
+
+
+def _drain(response: http.client.HTTPResponse, max_bytes: int, max_s: float) -> None:
+    """Read a bounded part of the answer, in bytes and in time (a receiver dripping a byte per socket
+    timeout would otherwise hold the worker); only the status matters."""
+    deadline, left = time.monotonic() + max_s, max_bytes
+    while left > 0 and time.monotonic() < deadline:
+        chunk = response.read(min(left, 8192))
+        if not chunk:
+            return
+        left -= len(chunk)
 
 
 def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, scan_id: str, delivery_id: str,

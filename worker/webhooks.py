@@ -22,7 +22,11 @@ def enqueue_if_wanted(celery: Celery, sessions, scan_id: str, queue: str) -> str
         if scan is None or scan.status not in TERMINAL_STATUSES or not (scan.spec.get("notify") or {}).get("url"):
             return None
     delivery_id = new_id()
-    celery.send_task(DELIVER_WEBHOOK, args=[scan_id, delivery_id, 1], queue=queue)
+    try:
+        celery.send_task(DELIVER_WEBHOOK, args=[scan_id, delivery_id, 1], queue=queue)
+    except Exception:  # the scan's result is recorded; a broker hiccup must not turn its task into an error
+        log.exception("could not queue the webhook", extra={"scan_id": scan_id})
+        return None
     return delivery_id
 
 
