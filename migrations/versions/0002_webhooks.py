@@ -37,5 +37,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_webhook_attempts_scan", table_name="webhook_attempts")
     op.drop_table("webhook_attempts")
-    with op.batch_alter_table("tenants") as batch:  # SQLite cannot drop a column in place
-        batch.drop_column("webhook_secret")
+    op.drop_column("tenants", "webhook_secret")  # SQLite 3.35+ drops columns in place
