@@ -67,6 +67,26 @@ def keys_create(tenant: Annotated[str, typer.Option(help="tenant name; created i
         typer.echo(repository.create_api_key(session, tenant.strip() or "default"))
 
 
+@keys.command("webhook-secret")
+def keys_webhook_secret(tenant: Annotated[str, typer.Option(help="tenant name")],
+                        rotate: Annotated[bool, typer.Option(help="replace the secret by a new one")] = False) -> None:
+    """Print TENANT's webhook signing secret on stdout (made on first use; --rotate replaces it at once)."""
+    from store import webhooks
+    from store.db import make_engine, make_session_factory, upgrade_database
+
+    settings = get_settings()
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade_database(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        secret = webhooks.secret_for_tenant_name(session, tenant.strip(), rotate)
+    if secret is None:
+        typer.echo(f"no tenant {tenant!r}; create it with `antidote keys create --tenant {tenant}`", err=True)
+        raise typer.Exit(2)
+    typer.echo(secret)
+
+
 def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | None, num_classes: int | None,
                 in_channels: int, test_data: Path | None, poisoned_data: Path | None, attack: str | None,
                 target: int, spec_file: Path | None, method: str | None, url: str, api_key: str | None,

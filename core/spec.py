@@ -111,6 +111,42 @@ def _repair_methods() -> tuple[str, ...] | None:
     return tuple(REPAIR_METHODS)
 
 
+MAX_NOTIFY_URL_LENGTH = 2048  # longer URLs are refused by many servers anyway; keeps the spec row small
+
+
+class NotifySpec(BaseModel):
+    """Where to send the signed webhook when the scan ends; the operator's host allowlist is checked by the
+    API (store/webhook_guard.py), the addresses by the worker after DNS resolution."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="http(s) URL without credentials, at most 2048 characters")
+
+    @field_validator("url")
+    @classmethod
+    def _plain_http_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if len(v) > MAX_NOTIFY_URL_LENGTH:
+            raise ValueError(f"notify.url is longer than {MAX_NOTIFY_URL_LENGTH} characters")
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            raise ValueError("notify.url must not contain spaces or control characters")
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("notify.url must start with http:// or https://")
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            raise ValueError("notify.url must not carry credentials (user:password@); the payload is signed")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError("notify.url has an invalid port") from exc
+        if not parts.hostname or port == 0:
+            raise ValueError("notify.url has no host")
+        if parts.fragment:
+            raise ValueError("notify.url must not have a #fragment")
+        return v
+
+
 class ScanSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,6 +155,7 @@ class ScanSpec(BaseModel):
     attack: AttackSpec | None = None
     repair: RepairSpec = Field(default_factory=RepairSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    notify: NotifySpec | None = None
 
     @model_validator(mode="after")
     def _target_in_range(self) -> ScanSpec:

@@ -106,6 +106,26 @@ class Settings(BaseSettings):
                                              "have; a new POST /scans over it is answered 429.")
     retry_after_s: int = Field(10, gt=0, description="The Retry-After of the 503 and 429 answers above.")
 
+    # webhooks (worker/webhooks.py, store/webhook_guard.py)
+    webhook_allowed_hosts: str = Field("", description="Comma-separated host names or fnmatch patterns "
+                                       "(`hooks.example.com`, `*.example.com`) a spec's notify.url may name; "
+                                       "empty: no webhook is allowed.")
+    webhook_allow_private: bool = Field(False, description="Let webhooks reach loopback, private, link-local, "
+                                        "multicast and reserved addresses (cloud metadata addresses stay refused).")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="Tries of one webhook delivery, the first "
+                                      "included.")
+    webhook_retry_base_s: float = Field(10.0, ge=0, description="Pause before the 2nd try; it doubles with each "
+                                        "further try (10, 20, 40 s ...).")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Connect and read timeout of one webhook "
+                                     "request.")
+    webhook_max_redirects: int = Field(3, ge=0, le=10, description="Redirects a webhook follows, each target "
+                                       "checked again like the first.")
+    webhook_queue: str = Field("", description="Celery queue of the webhook tasks; empty: the scan queue. A "
+                               "queue of their own, served by a small CPU worker, keeps deliveries from "
+                               "waiting behind long scans.")
+    webhook_max_response_bytes: int = Field(64 * 1024, ge=0, description="Bytes of a receiver's answer read "
+                                            "at most (the rest is dropped).")
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -115,6 +135,15 @@ class Settings(BaseSettings):
         if v is not None and not (v.startswith("file://") or v.startswith("s3://")):
             raise ValueError("ANTIDOTE_STORAGE_URL must start with file:// or s3://")
         return v
+
+    @property
+    def webhook_host_patterns(self) -> list[str]:
+        """ANTIDOTE_WEBHOOK_ALLOWED_HOSTS split, lower-cased, blanks dropped."""
+        return [h.strip().lower().rstrip(".") for h in self.webhook_allowed_hosts.split(",") if h.strip()]
+
+    @property
+    def resolved_webhook_queue(self) -> str:
+        return self.webhook_queue or self.queue
 
     @property
     def stale_after_s(self) -> float:

@@ -9,6 +9,7 @@ from store.objects import open_store
 from store.queue import RUN_SCAN
 from worker.celery_app import app, settings
 from worker.runner import WorkerContext, execute_scan
+from worker.webhooks import enqueue_if_wanted
 
 
 @lru_cache
@@ -21,4 +22,7 @@ def _context() -> WorkerContext:
 
 @app.task(name=RUN_SCAN, acks_late=True, reject_on_worker_lost=True)
 def run_scan(scan_id: str) -> str:
-    return execute_scan(_context(), scan_id)
+    status = execute_scan(_context(), scan_id)
+    if status != "skipped":  # a repeated delivery of an ended scan must not notify twice
+        enqueue_if_wanted(app, _context().sessions, scan_id, settings.resolved_webhook_queue)
+    return status

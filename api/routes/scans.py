@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import current_tenant, get_session
 from api.errors import ERROR_RESPONSES, ApiError, ErrorOut
+from api.routes.webhooks import check_notify_host
 from api.schemas import ScanCreated, ScanOut, ScanPageOut
 from api.uploads import SPEC_MAX_BYTES, PartRule, ReceivedForm, check_form_headers, declared_length, receive_form
 from core.data.formats import DataLimits
@@ -26,6 +27,7 @@ from store.logs import scan_id_var
 from store.models import TERMINAL_STATUSES, Scan, ScanStatus, Tenant
 from store.objects import ObjectNotFound
 from store.queue import enqueue_scan
+from store.settings import Settings
 
 router = APIRouter(tags=["scans"], responses={404: {"model": ErrorOut, "description": "no such scan for this tenant"}})
 log = logging.getLogger("antidote.api")
@@ -61,7 +63,7 @@ async def create_scan(request: Request, response: Response, tenant: Tenant = Dep
           tempfile.TemporaryDirectory(prefix="antidote-upload-", ignore_cleanup_errors=True) as tmp):
         form = await receive_form(request, rules, settings.max_upload_bytes, Path(tmp), on_bytes=ticket.spool)
         state.metrics.upload_bytes.inc(form.total_bytes)
-        spec = _parse_spec(form)
+        spec = _parse_spec(form, settings)
         inputs = _scan_inputs(form)
         try:
             await run_in_threadpool(load_inputs, spec, inputs, DataLimits(**settings.data_limits()))
@@ -90,7 +92,7 @@ def _check_tenant_cap(request: Request, tenant: Tenant) -> None:
                        headers={"Retry-After": str(settings.retry_after_s)})
 
 
-def _parse_spec(form: ReceivedForm) -> ScanSpec:
+def _parse_spec(form: ReceivedForm, settings: Settings) -> ScanSpec:
     for part in ("spec", "model", "clean_data"):
         if part not in form.fields and part not in form.files:
             raise ApiError(422, f"missing required part {part!r}", field=part)
@@ -103,6 +105,8 @@ def _parse_spec(form: ReceivedForm) -> ScanSpec:
     if spec.mode not in available_modes():
         raise ApiError(422, f"spec.mode: mode {spec.mode!r} is not available yet; available: "
                             f"{', '.join(available_modes())}", field="spec.mode")
+    if spec.notify is not None:
+        check_notify_host(spec.notify.url, settings)
     return spec
 
 

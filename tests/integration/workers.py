@@ -24,6 +24,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         value = getattr(settings, name)
         if value:
             env[f"ANTIDOTE_{name.upper()}"] = value
+    env["ANTIDOTE_QUEUE"] = settings.queue
+    for name in Settings.model_fields:
+        if name.startswith("webhook_"):  # the webhook tests' own allowlist and short retry delays
+            env[f"ANTIDOTE_{name.upper()}"] = str(getattr(settings, name))
     return env
 
 
