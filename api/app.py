@@ -31,7 +31,7 @@ from api.errors import (
 )
 from api.metrics import ApiMetrics
 from api.recovery import redeliver_lost_scans
-from api.routes import health, scans
+from api.routes import health, pages, scans
 from api.upload_budget import UploadBudget
 from store import repository
 from store.db import make_engine, make_session_factory
@@ -155,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # routes match in order: the polled GET /scans/{id} first, past as few patterns as possible
     app.include_router(scans.router)
     app.include_router(health.router)
+    app.include_router(pages.router)
 
     # outermost last: BodyGuard sees every answer (the JSON 500 too) before its first byte goes out
     app.add_middleware(ErrorShield)

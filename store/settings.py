@@ -102,6 +102,10 @@ class Settings(BaseSettings):
                                              "have; a new POST /scans over it is answered 429.")
     retry_after_s: int = Field(10, gt=0, description="The Retry-After of the 503 and 429 answers above.")
 
+    link_secret: str | None = Field(None, description="Server secret (HMAC-SHA256) of the signed page links; "
+                                    "unset: a random one generated once and kept in data_dir/link_secret.")
+    link_ttl_s: int = Field(900, gt=0, description="How long a signed page link (POST /scans/{id}/links) works.")
+
     log_level: str = "INFO"
     log_json: bool = True
 
