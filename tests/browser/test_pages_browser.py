@@ -61,7 +61,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
         key_a = _cli("keys", "create", "--tenant", "alpha", data_dir=server.data_dir).stdout.strip()
         key_b = _cli("keys", "create", "--tenant", "beta", data_dir=server.data_dir).stdout.strip()
-        state, clean, test = backdoored_digits()
+        state, clean, test = backdoored_digits()  # cached: the e2e tests reuse it in the same process
         files = {"model": write_safetensors(tmp / "m.safetensors", state),
                  "clean_data": write_npz(tmp / "c.npz", clean), "test_data": write_npz(tmp / "t.npz", test)}
         attack = {"type": "badnets", "target": 0}
@@ -97,13 +97,17 @@ def test_report_page_shows_the_verdict_scores_and_plots(served: Served, debian_c
     page = debian_chromium.new_page(viewport={"width": 1100, "height": 900})
     response = page.goto(served.link(served.key_a, served.scan_a))
     assert response.status == 200
+    report = httpx.get(f"{served.server.url}/scans/{served.scan_a}/report",
+                       headers={"Authorization": f"Bearer {served.key_a}"}, timeout=10).json()
+    label = (report.get("verdict") or {}).get("label")
     verdict = page.locator("#verdict").inner_text()
-    assert "verdict" in verdict.lower()  # a label when the detector ran, "no verdict: ..." when it did not
+    assert (f"Verdict: {label}" if label else "no verdict: the detector did not run") in verdict
     assert page.locator("#scores").inner_text().count("%") >= 4  # ACC and ASR, before and after
     images = _images_loaded(page)
     srcs = " ".join(i["src"] for i in images)
     assert "figures/scores.png" in srcs and "figures/nwc.png" in srcs and "figures/sweep.png" in srcs
     assert all(i["ok"] and i["w"] > 0 for i in images), images
+    assert all(i["src"].startswith(served.server.url + "/") for i in images)  # nothing from outside
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
@@ -140,3 +144,21 @@ def test_expired_or_tampered_token_is_refused(served: Served, debian_chromium: A
     answer = page.goto(f"{served.server.url}/scans/{served.scan_a}/report.html?token={expired}")
     assert answer.status == 401 and "expired" in page.content()
     page.close()
+
+
+def test_antidote_open_prints_a_working_link(served: Served, debian_chromium: Any) -> None:
+    env_key = {"api_key": served.key_a}
+    run = _cli("open", served.scan_a, "--no-browser", "--url", served.server.url, data_dir=served.server.data_dir,
+               **env_key)
+    assert run.returncode == 0, run.stderr
+    url = run.stdout.strip()
+    assert url.startswith(f"{served.server.url}/scans/{served.scan_a}/report.html?token=")
+    page = debian_chromium.new_page()
+    assert page.goto(url).status == 200
+    listing = _cli("open", "--no-browser", "--url", served.server.url, data_dir=served.server.data_dir, **env_key)
+    assert listing.returncode == 0 and page.goto(listing.stdout.strip()).status == 200
+    assert served.scan_a in page.content()
+    page.close()
+    foreign = _cli("open", served.scan_b, "--no-browser", "--url", served.server.url,
+                   data_dir=served.server.data_dir, **env_key)
+    assert foreign.returncode == 2 and "404" in foreign.stderr
