@@ -32,7 +32,7 @@ from api.errors import (
 )
 from api.metrics import ApiMetrics
 from api.recovery import redeliver_lost_scans
-from api.routes import health, scans, webhooks
+from api.routes import health, pages, scans, webhooks
 from api.upload_budget import UploadBudget
 from store import repository
 from store.db import make_engine, make_session_factory
@@ -157,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(scans.router)
     app.include_router(health.router)
     app.include_router(webhooks.router)
+    app.include_router(pages.router)
 
     # outermost last: BodyGuard sees every answer (the JSON 500 too) before its first byte goes out
     app.add_middleware(ErrorShield)

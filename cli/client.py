@@ -157,6 +157,15 @@ def download_artifact(url: str, api_key: str, scan_id: str, name: str, dest: Pat
                 f.write(chunk)
 
 
+def page_link(url: str, api_key: str, scan_id: str | None) -> str:
+    """A signed, short-lived URL of a scan's report page (or of the scans page when ``scan_id`` is None)."""
+    path = f"/scans/{scan_id}/links" if scan_id else "/scans/links"
+    r = httpx.post(f"{url}{path}", headers=_auth(api_key), timeout=30)
+    if r.status_code != 201:
+        raise ClientError(f"no link ({r.status_code}): {_detail(r)}")
+    return str(r.json()["url"])
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 
@@ -209,6 +210,26 @@ def repair(
     _client_run("repair", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
                 attack, target, spec, method, url, api_key, report, out,
                 _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout, sarif=sarif)
+
+
+@app.command("open")
+def open_page(scan_id: Annotated[str | None, typer.Argument(help="a scan; none: the scans page")] = None,
+              url: Url = "http://127.0.0.1:8000", api_key: Key = None,
+              browser: Annotated[bool, typer.Option(help="open it in the web browser")] = True) -> None:
+    """Print a signed link to a scan's HTML report (or the scans page) and open it in the web browser."""
+    import webbrowser
+
+    if not api_key:
+        err.print("error: no API key: pass --api-key or set ANTIDOTE_API_KEY")
+        raise typer.Exit(client.ERROR)
+    try:
+        link = client.page_link(url, api_key, scan_id)
+    except (client.ClientError, httpx.HTTPError) as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(client.ERROR) from exc
+    typer.echo(link)
+    if browser:
+        webbrowser.open(link)
 
 
 @app.command()

@@ -1,0 +1,60 @@
+"""Short-lived signed links to the HTML pages: a browser cannot send ``Authorization``, so a page URL carries
+``?token=``, an HMAC-SHA256 over (tenant id, scope, expiry) where the scope is one scan id or ``"list"``."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+
+from api.errors import ApiError
+from store.settings import Settings
+
+LIST_SCOPE = "list"
+SECRET_FILE = "link_secret"
+
+
+def link_secret(settings: Settings) -> bytes:
+    """``ANTIDOTE_LINK_SECRET``, or the embedded default's secret under data_dir (made once, mode 0600), so
+    that links survive a restart and every API process of one data_dir shares it."""
+    if settings.link_secret:
+        return settings.link_secret.encode()
+    path = Path(settings.data_dir) / SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: two processes starting at once keep the first one's secret
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def _mac(secret: bytes, tenant_id: str, scope: str, expires: int) -> str:
+    message = f"{tenant_id}\n{scope}\n{expires}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def sign(secret: bytes, tenant_id: str, scope: str, ttl_s: int, now: float | None = None) -> tuple[str, int]:
+    """(token, expiry as Unix seconds) for ``scope`` of ``tenant_id``."""
+    expires = int((time.time() if now is None else now) + ttl_s)
+    return f"{tenant_id}.{expires}.{_mac(secret, tenant_id, scope, expires)}", expires
+
+
+def verify(secret: bytes, token: str, scope: str, now: float | None = None) -> str:
+    """The tenant id a valid, unexpired token for ``scope`` names; 401 otherwise (the reason is said)."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        raise ApiError(401, "malformed link token", field="token")
+    tenant_id, expires_text, mac = parts
+    expires = int(expires_text)
+    if not hmac.compare_digest(mac, _mac(secret, tenant_id, scope, expires)):
+        raise ApiError(401, "invalid link token (tampered, or for another page)", field="token")
+    if expires < (time.time() if now is None else now):
+        raise ApiError(401, "link token expired; ask for a new link (antidote open)", field="token")
+    return tenant_id
