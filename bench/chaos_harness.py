@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.services import PrivatePostgres, PrivateRedis
+from bench.services import PrivatePostgres, PrivateRedis, kill_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.dumps({"mode": "scan", "model": {"architecture": "resnet20", "num_classes": 10, "in_channels": 1,
@@ -90,7 +90,7 @@ class WorkerSupervisor:
         with self._lock:
             if self.proc is None:
                 return
-            _killpg(self.proc, signal.SIGKILL)
+            kill_group(self.proc, signal.SIGKILL)
             self._spawn()
 
     def stop(self) -> None:
@@ -98,7 +98,7 @@ class WorkerSupervisor:
         self._thread.join(timeout=5)
         with self._lock:
             if self.proc is not None:
-                _killpg(self.proc, signal.SIGTERM)
+                kill_group(self.proc, signal.SIGTERM)
                 self.proc = None
 
     def finished_pipelines(self) -> Counter[str]:
@@ -116,17 +116,6 @@ class WorkerSupervisor:
                     counts[record["scan_id"]] += 1
         return counts
 
-
-def _killpg(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 class _Resent(logging.Handler):

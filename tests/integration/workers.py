@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.services import kill_group
 from store.settings import Settings
 
 
@@ -39,17 +40,6 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=Path(__file__).resolve().parents[2])
 
-
-def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
