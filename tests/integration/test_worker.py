@@ -3,6 +3,8 @@ with SIGKILL in the middle of a scan whose task is then delivered again and comp
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,21 @@ from tests.helpers import NORM, backdoored_digits, spec_json, write_npz, write_s
 from tests.integration.workers import kill_group, start_worker, stop_worker, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prod_settings(prod_settings: Settings) -> Settings:
+    """The production settings on a queue of this module's own: the API tests enqueue scans that no worker of
+    theirs takes, and a worker started here must not work through that backlog first."""
+    return prod_settings.model_copy(update={"queue": f"worker-tests-{uuid.uuid4().hex[:8]}"})
+
+
+@pytest.fixture(scope="module")
+def prod_client(prod_settings: Settings) -> Iterator[TestClient]:
+    from api.app import create_app
+
+    with TestClient(create_app(prod_settings)) as client:
+        yield client
 
 
 def _status(client: TestClient, auth: dict[str, str], scan_id: str) -> dict:
