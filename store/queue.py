@@ -33,8 +33,12 @@ def make_celery(settings: Settings) -> Celery:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_time_limit": settings.scan_time_limit_s + 120,  # the pipeline enforces the limit itself first
         # bounded socket waits: a Redis that is unreachable (not just refusing) must not hang a POST /scans
+        # kombu >= 5.7 sweeps for unacknowledged tasks past their visibility timeout only every interval x
+        # throttle seconds (10 x 10 by default): a SIGKILLed worker's scan would wait ~100 s more to be
+        # delivered again; throttle 1 makes it one sweep every 10 s (older kombu ignores both keys)
         "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s,
-                                     "socket_timeout": 10, "socket_connect_timeout": 5},
+                                     "socket_timeout": 10, "socket_connect_timeout": 5,
+                                     "unacked_restore_interval": 10, "unacked_restore_throttle": 1},
     }
     if settings.embedded_broker:
         folder = settings.broker_folder
