@@ -68,3 +68,14 @@ class _StopDuringDetect:
 def test_a_stop_request_ends_the_detect_stage(tmp_path: Path) -> None:
     with pytest.raises(StopRequested):
         run_pipeline(_spec(), _inputs(tmp_path), tmp_path, device="cpu", progress=Progress(_StopDuringDetect()))
+
+
+def test_repair_judges_the_uploaded_and_the_repaired_model(tmp_path: Path) -> None:
+    spec = ScanSpec.model_validate(json.loads(spec_json(
+        "repair", detect=CHEAP_DETECT, repair={"method": "finetune", "params": {"epochs": 1}})))
+    result = run_pipeline(spec, _inputs(tmp_path), tmp_path, device="cpu")
+    before, after = result.report["verdict"], result.report["after"]["verdict"]
+    assert before["evidence"]["clean_images"] == after["evidence"]["clean_images"] == 200  # max_images
+    assert {"detect", "repair", "detect_after"} <= set(result.report["timings"])
+    assert set(result.artifacts) == ({"repaired_model"} | {f"trigger_class_{k}" for k in before["suspected_targets"]}
+                                     | {f"repaired_trigger_class_{k}" for k in after["suspected_targets"]})
