@@ -29,7 +29,8 @@ from bench.services import PrivatePostgres, PrivateRedis, kill_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.dumps({"mode": "scan", "model": {"architecture": "resnet20", "num_classes": 10, "in_channels": 1,
-                                             "mean": [0.5], "std": [0.5]}})
+                                             "mean": [0.5], "std": [0.5]},
+                   "detect": {"enabled": False}})  # the detector's search would dominate the soak's seconds
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 

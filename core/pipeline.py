@@ -29,9 +29,9 @@ from core.spec import ScanSpec
 HOLDOUT_FRACTION = 0.2
 # share of the whole scan that each stage takes, for the progress bar (a repair method splits its own span)
 _STAGE_SPANS = {
-    "scan": {"load": (0.0, 0.2), "evaluate_before": (0.2, 0.95), "report": (0.95, 1.0)},
-    "repair": {"load": (0.0, 0.05), "evaluate_before": (0.05, 0.15), "repair": (0.15, 0.85),
-               "evaluate_after": (0.85, 0.95), "report": (0.95, 1.0)},
+    "scan": {"load": (0.0, 0.1), "evaluate_before": (0.1, 0.3), "detect": (0.3, 0.95), "report": (0.95, 1.0)},
+    "repair": {"load": (0.0, 0.05), "evaluate_before": (0.05, 0.1), "detect": (0.1, 0.3), "repair": (0.3, 0.7),
+               "evaluate_after": (0.7, 0.75), "detect_after": (0.75, 0.95), "report": (0.95, 1.0)},
 }
 
 
@@ -115,6 +115,8 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         "seed": spec.seed,
     }
     artifacts: dict[str, Path] = {}
+    report["verdict"] = _detect(spec, model, train_set, norm, dev, progress.stage("detect", *spans["detect"]),
+                                work_dir, artifacts, "trigger_class")
     if spec.mode == "repair":
         registry = _repair_registry()
         stage = progress.stage("repair", *spans["repair"])
@@ -127,6 +129,9 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         after = evaluate(repaired, eval_set, backdoor, norm, dev,
                          progress=progress.stage("evaluate_after", *spans["evaluate_after"])).scores()
         report["after"] = after
+        after["verdict"] = _detect(spec, repaired, train_set, norm, dev,
+                                   progress.stage("detect_after", *spans["detect_after"]), work_dir, artifacts,
+                                   "repaired_trigger_class")
         report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
                             "details": result.details, "timings": result.timings}
         if before["asr"] is not None and after["asr"] is not None:
@@ -142,6 +147,36 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     report["timings"] = dict(progress.timings)
     report["versions"] = versions()
     return PipelineResult(report=report, artifacts=artifacts)
+
+
+def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, dev: torch.device,
+            stage: Progress, work_dir: Path, artifacts: dict[str, Path], prefix: str) -> dict[str, Any]:
+    """The detector's verdict on ``model`` from the clean data the repair may learn from (never the evaluation
+    set, so ACC/ASR stay independent of it); each inverted trigger becomes a PNG artifact ``<prefix>_<k>``."""
+    if not spec.detect.enabled:
+        return {"label": None, "skipped": True, "reason": "spec.detect.enabled is false"}
+    from core.detect import scan_model
+    from core.spec import detect_config
+
+    def should_stop() -> bool:
+        stage.check()  # raises StopRequested itself: the worker maps cancel and the time limit as elsewhere
+        return False
+
+    result = scan_model(model, clean, norm, detect_config(spec.detect.params), dev, spec.model.num_classes,
+                        spec.seed, progress=stage.update, should_stop=should_stop)
+    for cls, image in sorted(result.trigger_images.items()):
+        artifacts[f"{prefix}_{cls}"] = _write_png(image, work_dir / f"{prefix}_{cls}.png")
+    return {"label": result.verdict, "score": result.score, "suspected_targets": list(result.suspected_targets),
+            "evidence": result.evidence}
+
+
+def _write_png(image: np.ndarray, path: Path) -> Path:
+    """A uint8 H×W×C trigger as a PNG (one channel as greyscale)."""
+    from PIL import Image
+
+    pixels = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(path, format="PNG")
+    return path
 
 
 def _evaluation_split(loaded: LoadedInputs, seed: int) -> tuple[ImageSet, ImageSet, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from core.data.transforms import Normalization
 
@@ -111,6 +111,51 @@ def _repair_methods() -> tuple[str, ...] | None:
     return tuple(REPAIR_METHODS)
 
 
+class DetectSpec(BaseModel):
+    """The trigger-free backdoor detector run on the uploaded (and on the repaired) model (docs/detect.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: StrictBool = Field(True, description="run the detector; false: the verdict is skipped")
+    params: dict[str, Any] = Field(default_factory=dict, description="DetectConfig fields (docs/detect.md)")
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Every key a DetectConfig field with a value in its range (errors located at
+        ``detect.params.<field>``), so a bad setting is refused at submission, not minutes into the scan."""
+        detect_config(v)
+        return v
+
+
+def detect_config(params: dict[str, Any]) -> Any:
+    """The :class:`core.detect.DetectConfig` of ``params``; a refused value raises a pydantic
+    ``ValidationError`` located at the field (whole-number fields must be JSON integers)."""
+    import dataclasses
+
+    from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+
+    from core.detect.config import ConfigError, DetectConfig
+
+    def refuse(key: str, message: str) -> ValidationError:
+        return ValidationError.from_exception_data("detect parameters", [InitErrorDetails(
+            type=PydanticCustomError("invalid_parameter", "{message}", {"message": message}),
+            loc=(key,), input=params.get(key))])
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DetectConfig)}
+    for key, value in params.items():
+        wanted = type(defaults.get(key))
+        if key in defaults and wanted is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise refuse(key, f"must be a whole number (JSON integer), got {value!r}")
+        if key in defaults and wanted is tuple and not (isinstance(value, list | tuple)
+                                                        and all(isinstance(x, str) for x in value)):
+            raise refuse(key, f"must be a list of detector names, got {value!r}")
+    try:
+        return DetectConfig.from_dict(params)
+    except ConfigError as exc:
+        raise refuse(exc.field, str(exc)) from exc
+
+
 MAX_NOTIFY_URL_LENGTH = 2048  # longer URLs are refused by many servers anyway; keeps the spec row small
 
 
@@ -154,6 +199,7 @@ class ScanSpec(BaseModel):
     model: ModelSpec
     attack: AttackSpec | None = None
     repair: RepairSpec = Field(default_factory=RepairSpec)
+    detect: DetectSpec = Field(default_factory=DetectSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     notify: NotifySpec | None = None
 

@@ -43,5 +43,10 @@ def write_safetensors(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
     return path
 
 
+# the detector's default search costs ~10-20 s per scan on the CI's 2 cores (docs/detect.md); tests that do not
+# test detection switch it off, those that do pass their own ``detect``
+NO_DETECT = {"enabled": False}
+
+
 def spec_json(mode: str = "scan", **extra: Any) -> str:
-    return json.dumps({"mode": mode, "model": SPEC_MODEL, **extra})
+    return json.dumps({"mode": mode, "model": SPEC_MODEL, "detect": NO_DETECT, **extra})

@@ -28,6 +28,8 @@ from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("antidote.worker")
 MAX_ATTEMPTS = 3
+# what an artifact file is, by its suffix (the pipeline writes weights as .safetensors, triggers as .png)
+_MEDIA_TYPES = {".safetensors": "application/octet-stream", ".png": "image/png"}
 
 
 @dataclass
@@ -137,10 +139,12 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
         log.info("pipeline finished")  # the chaos tests count these: more than one per scan is a duplicate run
         artifacts: dict[str, dict] = {}
         for name, path in result.artifacts.items():
-            key = f"scans/{scan_id}/artifacts/{name}.safetensors"
+            suffix = path.suffix.lower()
+            key = f"scans/{scan_id}/artifacts/{name}{suffix}"
             ctx.store.put_file(key, path)
             artifacts[name] = {"key": key, "size": path.stat().st_size,
-                               "media_type": "application/octet-stream", "filename": f"{name}.safetensors"}
+                               "media_type": _MEDIA_TYPES.get(suffix, "application/octet-stream"),
+                               "filename": f"{name}{suffix}"}
         if not _finish(ctx, scan_id, result.report, artifacts, result.report["timings"], _end_deadline(ctx)):
             ctx.store.delete_prefix(f"scans/{scan_id}/artifacts")
             log.info("scan was canceled while finishing")

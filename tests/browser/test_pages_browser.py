@@ -16,7 +16,7 @@ import pytest
 
 from api.links import sign
 from tests.e2e.test_embedded import Server, _cli
-from tests.helpers import SPEC_MODEL, backdoored_digits, write_npz, write_safetensors
+from tests.helpers import NO_DETECT, SPEC_MODEL, backdoored_digits, write_npz, write_safetensors
 from tests.integration.workers import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -66,8 +66,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                  "clean_data": write_npz(tmp / "c.npz", clean), "test_data": write_npz(tmp / "t.npz", test)}
         attack = {"type": "badnets", "target": 0}
         scan_a = _submit(server.url, key_a, {"mode": "repair", "model": SPEC_MODEL, "attack": attack,
-                                             "repair": {"method": "tsbd", "params": REPAIR_PARAMS}}, files)
-        scan_b = _submit(server.url, key_b, {"mode": "scan", "model": SPEC_MODEL, "attack": attack}, files)
+                                             "repair": {"method": "tsbd", "params": REPAIR_PARAMS},
+                                             "detect": NO_DETECT}, files)
+        scan_b = _submit(server.url, key_b, {"mode": "scan", "model": SPEC_MODEL, "attack": attack,
+                                             "detect": NO_DETECT}, files)
         for key, scan_id in ((key_a, scan_a), (key_b, scan_b)):
             def status(k: str = key, s: str = scan_id) -> str:
                 body = httpx.get(f"{server.url}/scans/{s}", headers={"Authorization": f"Bearer {k}"}, timeout=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from core.attacks.registry import create_attack
 from core.data.imageset import ImageSet
 from core.metrics import accuracy, attack_success_rate, predict
 from core.models.registry import create_model
-from tests.helpers import NORM, backdoored_digits, write_npz, write_safetensors
+from tests.helpers import NO_DETECT, NORM, backdoored_digits, write_npz, write_safetensors
 from tests.integration.workers import wait_for
 
 ANTIDOTE = [sys.executable, "-m", "cli.main"]
@@ -112,10 +113,37 @@ def test_ci_client_scans_a_backdoored_model_and_fails_the_gate(server: Server, t
     assert missing.returncode == 2 and "no file" in missing.stderr
 
 
-def _spec_file(tmp: Path) -> Path:
+# the shortest search that still inverts a trigger per class: the default would add ~10-20 s on 2 cores
+CHEAP_DETECT = {"params": {"detectors": ["neural_cleanse"], "nc_steps": 60, "max_images": 200}}
+
+
+@pytest.mark.timeout(900)
+def test_detector_verdict_gates_the_ci_client_and_its_triggers_download_as_png(server: Server,
+                                                                                tmp_path: Path) -> None:
+    key = _cli("keys", "create", "--tenant", "detect", data_dir=server.data_dir).stdout.strip()
+    state, clean, test = backdoored_digits()
+    run = _cli("scan", "--model", str(write_safetensors(tmp_path / "m.safetensors", state)),
+               "--clean-data", str(write_npz(tmp_path / "c.npz", clean)),
+               "--test-data", str(write_npz(tmp_path / "t.npz", test)),
+               "--spec", str(_spec_file(tmp_path, CHEAP_DETECT)), "--url", server.url,
+               "--report", str(tmp_path / "report.json"), "--fail-on", "suspicious",
+               data_dir=server.data_dir, api_key=key)
+    report = json.loads((tmp_path / "report.json").read_text())
+    verdict = report["verdict"]
+    assert verdict["evidence"]["detectors"]["neural_cleanse"]["votes"] is True
+    assert verdict["label"] in ("suspicious", "backdoored") and verdict["suspected_targets"], verdict
+    assert run.returncode == 1 and "verdict" in run.stderr, run.stdout + run.stderr  # the planted backdoor
+    scan_id = re.search(r"scan (\S+) queued", run.stdout + run.stderr).group(1)  # type: ignore[union-attr]
+    target = verdict["suspected_targets"][0]
+    r = httpx.get(f"{server.url}/scans/{scan_id}/artifacts/trigger_class_{target}",
+                  headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+
+
+def _spec_file(tmp: Path, detect: dict | None = None) -> Path:
     path = tmp / "spec.json"
     path.write_text(json.dumps({"model": {"architecture": "resnet20", "num_classes": 10, "in_channels": 1,
-                                          "mean": [0.5], "std": [0.5]}}))
+                                          "mean": [0.5], "std": [0.5]}, "detect": detect or NO_DETECT}))
     return path
 
 
@@ -131,7 +159,8 @@ def test_hard_restart_loses_no_queued_or_running_scan(server: Server, tmp_path: 
     files = {"model": ("m.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
              "clean_data": ("c.npz", write_npz(tmp_path / "c.npz", clean).read_bytes()),
              "test_data": ("t.npz", write_npz(tmp_path / "t.npz", test).read_bytes())}
-    spec = json.dumps({"mode": "scan", "model": {"architecture": "preactresnet18", "num_classes": 10}})
+    spec = json.dumps({"mode": "scan", "model": {"architecture": "preactresnet18", "num_classes": 10},
+                       "detect": NO_DETECT})
     ids = []
     for _ in range(2):
         r = httpx.post(f"{server.url}/scans", headers=auth, files=files, data={"spec": spec}, timeout=60)

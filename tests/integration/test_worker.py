@@ -101,7 +101,8 @@ def test_worker_killed_mid_scan_is_delivered_again(prod_client: TestClient, prod
     rng = np.random.default_rng(0)
     clean = ImageSet(rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50))
     test = ImageSet(rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1000))
-    spec = '{"mode": "scan", "model": {"architecture": "preactresnet18", "num_classes": 10}}'
+    spec = ('{"mode": "scan", "model": {"architecture": "preactresnet18", "num_classes": 10}, '
+            '"detect": {"enabled": false}}')
     files = {"model": ("m.safetensors", write_safetensors(tmp_path / "m.safetensors", state).read_bytes()),
              "clean_data": ("c.npz", write_npz(tmp_path / "c.npz", clean).read_bytes()),
              "test_data": ("t.npz", write_npz(tmp_path / "t.npz", test).read_bytes())}

@@ -13,7 +13,7 @@ import pytest
 from core.attacks.registry import ATTACKS
 from core.defenses.registry import COMMON_PARAMS, REPAIR_METHODS
 from core.models.registry import ARCHITECTURES
-from core.spec import AttackSpec, ModelSpec, RepairSpec, ScanSpec
+from core.spec import AttackSpec, DetectSpec, ModelSpec, RepairSpec, ScanSpec
 from store.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_every_setting_is_documented() -> None:
 
 def test_every_spec_field_is_documented() -> None:
     api = _text("api.md")
-    prefixes = {ScanSpec: "", ModelSpec: "model.", AttackSpec: "attack.", RepairSpec: "repair."}
+    prefixes = {ScanSpec: "", ModelSpec: "model.", AttackSpec: "attack.", RepairSpec: "repair.", DetectSpec: "detect."}
     missing = [f"{prefix}{name}" for cls, prefix in prefixes.items() for name in cls.model_fields
                if f"`{prefix}{name}`" not in api]
     assert not missing, f"spec fields missing from docs/api.md: {missing}"

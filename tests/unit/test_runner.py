@@ -16,7 +16,7 @@ from store.db import make_engine, make_session_factory, upgrade_database
 from store.models import Scan
 from store.objects import LocalObjectStore
 from store.settings import Settings
-from tests.helpers import SPEC_MODEL, backdoored_digits, write_npz, write_safetensors
+from tests.helpers import NO_DETECT, SPEC_MODEL, backdoored_digits, write_npz, write_safetensors
 from worker.runner import MAX_ATTEMPTS, WorkerContext, execute_scan
 
 
@@ -54,7 +54,8 @@ def _queue_scan(ctx: WorkerContext, tmp: Path, spec: dict | None = None, model_f
         tenant = repository.tenant_for_key(session, key)
         assert tenant is not None
         repository.add_scan(session, scan_id, tenant.id, "scan",
-                            spec or {"mode": "scan", "model": SPEC_MODEL, "attack": {"type": "badnets"}}, inputs)
+                            spec or {"mode": "scan", "model": SPEC_MODEL, "attack": {"type": "badnets"},
+                                    "detect": NO_DETECT}, inputs)
     return scan_id
 
 
@@ -72,7 +73,7 @@ def test_success_then_a_repeated_delivery_is_skipped(ctx: WorkerContext, tmp_pat
     assert scan.status == "succeeded" and scan.progress == 1.0 and scan.attempts == 1
     assert scan.report is not None and scan.report["before"]["asr"] > 0.9
     assert scan.report["model"]["neutralised_globals"] == [] and scan.report["model"]["neutralised_globals_count"] == 0
-    assert set(scan.report["timings"]) == {"load", "evaluate_before", "report"}
+    assert set(scan.report["timings"]) == {"load", "evaluate_before", "detect", "report"}
     assert execute_scan(ctx, scan_id) == "skipped"
     assert _scan(ctx.sessions, scan_id).attempts == 1
 
@@ -101,7 +102,7 @@ def test_time_limit_fails_with_an_actionable_message(ctx: WorkerContext, tmp_pat
 
 
 def test_input_that_turns_out_bad_fails_with_invalid_input(ctx: WorkerContext, tmp_path: Path) -> None:
-    spec = {"mode": "scan", "model": {**SPEC_MODEL, "architecture": "preactresnet18"}}
+    spec = {"mode": "scan", "model": {**SPEC_MODEL, "architecture": "preactresnet18"}, "detect": NO_DETECT}
     scan_id = _queue_scan(ctx, tmp_path, spec)
     assert execute_scan(ctx, scan_id) == "failed"
     scan = _scan(ctx.sessions, scan_id)
@@ -132,7 +133,7 @@ def test_a_scan_that_keeps_killing_its_worker_fails(ctx: WorkerContext, tmp_path
 
 
 def _repair_spec(**params: object) -> dict:
-    return {"mode": "repair", "model": SPEC_MODEL, "attack": {"type": "badnets"},
+    return {"mode": "repair", "model": SPEC_MODEL, "attack": {"type": "badnets"}, "detect": NO_DETECT,
             "repair": {"method": "finetune", "params": params}}
 
 
@@ -222,3 +223,17 @@ def test_progress_reaches_the_database_at_most_twice_a_second(ctx: WorkerContext
     assert writes[-1] == "report"
     sink.deadline = time.monotonic() - 1
     assert progress.should_stop() == "time_limit"
+
+
+def test_trigger_artifacts_are_stored_as_png(ctx: WorkerContext, tmp_path: Path) -> None:
+    """The runner takes each artifact's suffix and media type from its file (detector triggers are PNGs)."""
+    detect = {"params": {"detectors": ["neural_cleanse"], "nc_steps": 40, "max_images": 200}}
+    scan_id = _queue_scan(ctx, tmp_path, {"mode": "scan", "model": SPEC_MODEL, "detect": detect})
+    assert execute_scan(ctx, scan_id) == "succeeded"
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.report is not None and scan.report["verdict"]["label"] in ("clean", "suspicious", "backdoored")
+    expected = {f"trigger_class_{k}" for k in scan.report["verdict"]["suspected_targets"]}
+    assert expected and set(scan.artifacts or {}) == expected
+    for name, meta in (scan.artifacts or {}).items():
+        assert meta["media_type"] == "image/png" and meta["filename"] == f"{name}.png"
+        assert b"".join(ctx.store.iter_bytes(meta["key"])).startswith(b"\x89PNG")

@@ -175,3 +175,24 @@ def test_range_checks_reuse_one_validator_per_config() -> None:
         TSBDConfig(finetune_epochs=3)
         create_attack("wanet", image_shape=(8, 8, 1), k=3)
     assert _model.cache_info().currsize == size
+
+
+@pytest.mark.parametrize("detect, where, says", [
+    ({"params": {"nc_steps": 0}}, "detect.params.nc_steps", "must lie in [1, 100000]"),
+    ({"params": {"nc_steps": 2.5}}, "detect.params.nc_steps", "whole number"),
+    ({"params": {"nc_stps": 3}}, "detect.params.nc_stps", "unknown detect parameter"),
+    ({"params": {"detectors": ["strip"]}}, "detect.params.detectors", "unknown detector"),
+    ({"params": {"p_value": NAN}}, "detect.params.p_value", "must lie in"),
+    ({"enabled": "no"}, "detect.enabled", "valid boolean"),
+    ({"enable": False}, "detect.enable", "Extra inputs"),
+])
+def test_detect_section_is_checked_at_submission(detect: dict, where: str, says: str) -> None:
+    loc, msg = _loc({"mode": "scan", "model": MODEL, "detect": detect})
+    assert loc == where and says in msg
+
+
+def test_detect_section_defaults_on_and_takes_known_params() -> None:
+    spec = ScanSpec.model_validate({"mode": "scan", "model": MODEL,
+                                    "detect": {"params": {"nc_steps": 5, "detectors": ["neural_cleanse"]}}})
+    assert spec.detect.enabled and spec.detect.params["nc_steps"] == 5
+    assert ScanSpec.model_validate({"mode": "scan", "model": MODEL}).detect.enabled
