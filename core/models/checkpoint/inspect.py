@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from core.models.checkpoint.archive import open_archive, read_record
 from core.models.checkpoint.errors import CheckpointError, CheckpointLimits
+from core.models.checkpoint.pickle_budget import PickleBudget
 from core.models.checkpoint.safetensors_file import SAFETENSORS_EXTENSIONS, looks_like_safetensors
 from core.models.checkpoint.torch_zip import TORCH_EXTENSIONS
 
@@ -133,8 +134,12 @@ def inspect_pickle(data: bytes, member: str, limits: CheckpointLimits = Checkpoi
     strings: set[str] = set()
     imported: dict[str, int] = {}
     calls: list[tuple[str, str, int]] = []  # (kind, callee or '', offset)
+    # the loader's memory estimate, charged in this same pass: a pickle of millions of tiny objects is refused
+    # here at once instead of being walked to its end first
+    budget = PickleBudget(len(data), limits.max_pickle_memory_ratio, limits.pickle_memory_slack_bytes)
     try:
         for op, arg, pos in pickletools.genops(data):
+            budget.charge(op.name, arg)
             _step(op, arg, pos or 0, stack, marks, memo, strings, imported, calls, limits, member)
     except CheckpointError:
         raise

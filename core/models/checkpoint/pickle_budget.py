@@ -31,24 +31,36 @@ _PAYLOAD_OPCODES = {
 }  # fmt: skip
 
 
+class PickleBudget:
+    """The running estimate for one pickle, charged opcode by opcode, so that any pass over the opcodes (this
+    module's own, or the static inspection's) stops as soon as the budget is spent."""
+
+    def __init__(self, size: int, ratio: float, slack_bytes: int) -> None:
+        self.size, self.ratio, self.slack_bytes = size, ratio, slack_bytes
+        self.budget = ratio * size + slack_bytes
+        self.spent = 0
+
+    def charge(self, name: str, arg: object) -> None:
+        """Add what opcode ``name`` with argument ``arg`` builds; raise :class:`CheckpointError` past the budget."""
+        self.spent += _SLOT + _OBJECT_BYTES.get(name, 0)
+        extra = _PAYLOAD_OPCODES.get(name)
+        if extra is not None and isinstance(arg, str | bytes | bytearray):
+            self.spent += extra + len(arg)
+        if self.spent > self.budget:
+            raise CheckpointError(
+                f"PyTorch checkpoint's data.pkl ({self.size} bytes) would build more than {int(self.budget)} "
+                f"bytes of objects (the limit is {self.ratio:g} times its size + {self.slack_bytes} bytes): it "
+                "is made of millions of tiny objects, as no state dict or BackdoorBench result is"
+            )
+
+
 def check_pickle_budget(data: bytes, ratio: float, slack_bytes: int) -> None:
     """Raise :class:`CheckpointError` when the objects ``data`` unpickles to would take more than
     ``ratio`` times its size plus ``slack_bytes``; stops reading as soon as the budget is spent."""
-    budget = ratio * len(data) + slack_bytes
-    spent = 0
+    budget = PickleBudget(len(data), ratio, slack_bytes)
     try:
         for opcode, arg, _pos in pickletools.genops(data):
-            name = opcode.name
-            spent += _SLOT + _OBJECT_BYTES.get(name, 0)
-            extra = _PAYLOAD_OPCODES.get(name)
-            if extra is not None and isinstance(arg, str | bytes | bytearray):
-                spent += extra + len(arg)
-            if spent > budget:
-                raise CheckpointError(
-                    f"PyTorch checkpoint's data.pkl ({len(data)} bytes) would build more than {int(budget)} "
-                    f"bytes of objects (the limit is {ratio:g} times its size + {slack_bytes} bytes): it is "
-                    "made of millions of tiny objects, as no state dict or BackdoorBench result is"
-                )
+            budget.charge(opcode.name, arg)
     except CheckpointError:
         raise
     except (ValueError, EOFError, KeyError, IndexError, TypeError, UnicodeDecodeError, OverflowError) as e:
