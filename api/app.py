@@ -103,6 +103,10 @@ async def _sweep_forever(app: FastAPI, interval_s: float) -> None:
             await run_in_threadpool(redeliver_lost_scans, app)
         except Exception:  # nor a broker that is down
             log.exception("lost-task recovery failed")
+        try:
+            await run_in_threadpool(webhooks.send_unsent_webhooks, app)
+        except Exception:
+            log.exception("webhook outbox sweep failed")
 
 
 @contextlib.asynccontextmanager

@@ -41,20 +41,30 @@ def _mac(secret: bytes, tenant_id: str, scope: str, expires: int) -> str:
 
 
 def sign(secret: bytes, tenant_id: str, scope: str, ttl_s: int, now: float | None = None) -> tuple[str, int]:
-    """(token, expiry as Unix seconds) for ``scope`` of ``tenant_id``."""
+    """(token, expiry as Unix seconds) for ``scope`` of ``tenant_id``: ``<tenant>.<scope>.<expiry>.<mac>``. The
+    scope is in the token so that an authentic token shown to another page is told apart from a forged one."""
     expires = int((time.time() if now is None else now) + ttl_s)
-    return f"{tenant_id}.{expires}.{_mac(secret, tenant_id, scope, expires)}", expires
+    return f"{tenant_id}.{scope}.{expires}.{_mac(secret, tenant_id, scope, expires)}", expires
+
+
+def read_token(secret: bytes, token: str, now: float | None = None) -> tuple[str, str]:
+    """(tenant id, scope) of an authentic, unexpired token; 401 otherwise (the reason is said)."""
+    parts = token.split(".")
+    if len(parts) != 4 or not parts[2].isdigit():
+        raise ApiError(401, "malformed link token", field="token")
+    tenant_id, scope, expires_text, mac = parts
+    expires = int(expires_text)
+    if not hmac.compare_digest(mac, _mac(secret, tenant_id, scope, expires)):
+        raise ApiError(401, "invalid link token (tampered with, or signed with another secret)", field="token")
+    if expires < (time.time() if now is None else now):
+        raise ApiError(401, "link token expired; ask for a new link (antidote open)", field="token")
+    return tenant_id, scope
 
 
 def verify(secret: bytes, token: str, scope: str, now: float | None = None) -> str:
-    """The tenant id a valid, unexpired token for ``scope`` names; 401 otherwise (the reason is said)."""
-    parts = token.split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
-        raise ApiError(401, "malformed link token", field="token")
-    tenant_id, expires_text, mac = parts
-    expires = int(expires_text)
-    if not hmac.compare_digest(mac, _mac(secret, tenant_id, scope, expires)):
-        raise ApiError(401, "invalid link token (tampered, or for another page)", field="token")
-    if expires < (time.time() if now is None else now):
-        raise ApiError(401, "link token expired; ask for a new link (antidote open)", field="token")
+    """The tenant id of an authentic, unexpired token for ``scope``; 401 otherwise. The pages answer a token
+    for another scan as a missing scan instead (api/routes/pages.py)."""
+    tenant_id, token_scope = read_token(secret, token, now)
+    if not hmac.compare_digest(token_scope, scope):
+        raise ApiError(401, "this link token is for another page", field="token")
     return tenant_id

@@ -6,7 +6,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -61,9 +61,15 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+# the webhook outbox (store/webhooks.py): scans that want a webhook and whose delivery task is not sent yet
+WEBHOOK_UNSENT = "webhook_delivery_id IS NOT NULL AND webhook_queued_at IS NULL"
+
+
 class Scan(Base):
     __tablename__ = "scans"
-    __table_args__ = (Index("ix_scans_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (Index("ix_scans_tenant_created", "tenant_id", "created_at", "id"),
+                      Index("ix_scans_webhook_unsent", "finished_at", postgresql_where=text(WEBHOOK_UNSENT),
+                            sqlite_where=text(WEBHOOK_UNSENT)))
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -84,6 +90,13 @@ class Scan(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # report["verdict"]'s label and score, written with the report so that listings need not read reports
+    verdict_label: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    verdict_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the webhook outbox: the id of the scan's one "scan.ended" delivery (set at creation when the spec has
+    # notify.url), and when its task was sent; ended + unsent is what the API's sweep sends
+    webhook_delivery_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    webhook_queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class WebhookAttempt(Base):

@@ -9,6 +9,7 @@ from celery import Celery
 from store.settings import Settings
 
 RUN_SCAN = "antidote.run_scan"
+DELIVER_WEBHOOK = "antidote.deliver_webhook"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -56,6 +57,12 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue_scan(app: Celery, scan_id: str, queue: str) -> None:
     app.send_task(RUN_SCAN, args=[scan_id], queue=queue)
+
+
+def enqueue_webhook(app: Celery, scan_id: str, delivery_id: str, attempt: int, queue: str,
+                    countdown: float | None = None) -> None:
+    """Send try ``attempt`` of the scan's webhook delivery (worker/webhooks.py runs it)."""
+    app.send_task(DELIVER_WEBHOOK, args=[scan_id, delivery_id, attempt], queue=queue, countdown=countdown)
 
 
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -25,7 +25,8 @@ from store.repository import decode_cursor, encode_cursor
 
 @dataclass(frozen=True, slots=True)
 class ScanSummary:
-    """What ``GET /scans`` answers about a scan: no spec, inputs or report (those can be large JSON)."""
+    """What ``GET /scans`` (and the scans page) answer about a scan: no spec, inputs or report (those can be
+    large JSON); the verdict comes from its own columns."""
 
     id: str
     status: str
@@ -36,6 +37,8 @@ class ScanSummary:
     updated_at: datetime
     error_code: str | None
     error_message: str | None
+    verdict_label: str | None = None  # the columns finish_scan writes from report["verdict"]
+    verdict_score: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ class SummaryPage:
 
 
 SUMMARY_COLUMNS = (Scan.id, Scan.status, Scan.mode, Scan.stage, Scan.progress, Scan.created_at, Scan.updated_at,
-                   Scan.error_code, Scan.error_message)
+                   Scan.error_code, Scan.error_message, Scan.verdict_label, Scan.verdict_score)
 
 
 def tenant_statement() -> Select[Any]:

@@ -55,10 +55,14 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
 
 def add_scan(session: Session, scan_id: str, tenant_id: str, mode: str, spec: dict[str, Any],
              inputs: dict[str, Any]) -> Scan:
+    """A queued scan; one that wants a webhook (``notify.url``) gets its delivery id now, so that its end,
+    whichever path writes it, is the outbox record the webhook is sent from (store/webhooks.py)."""
     now = utcnow()
+    wants_webhook = bool((spec.get("notify") or {}).get("url"))
     scan = Scan(id=scan_id, tenant_id=tenant_id, status=ScanStatus.queued.value, mode=mode, stage=None, progress=0.0,
                 spec=spec, inputs=inputs, artifacts={}, report=None, timings={}, attempts=0,
-                cancel_requested=False, created_at=now, updated_at=now)
+                cancel_requested=False, created_at=now, updated_at=now,
+                webhook_delivery_id=new_id() if wants_webhook else None)
     session.add(scan)
     session.commit()
     return scan
@@ -170,14 +174,26 @@ def record_progress(session: Session, scan_id: str, stage: str, progress: float,
 
 def finish_scan(session: Session, scan_id: str, report: dict[str, Any], artifacts: dict[str, Any],
                 timings: dict[str, float]) -> bool:
-    """Mark succeeded unless the scan was canceled or finished meanwhile; returns whether it was."""
+    """Mark succeeded unless the scan was canceled or finished meanwhile; returns whether it was. The verdict's
+    label and score go to their own columns in the same write (the scans page lists them)."""
+    label, score = verdict_columns(report)
     result = session.execute(
         update(Scan).where(Scan.id == scan_id, Scan.status == ScanStatus.running.value)
         .values(status=ScanStatus.succeeded.value, stage="done", progress=1.0, report=report,
-                artifacts=artifacts, timings=timings, finished_at=utcnow(), updated_at=utcnow())
+                artifacts=artifacts, timings=timings, finished_at=utcnow(), updated_at=utcnow(),
+                verdict_label=label, verdict_score=score)
     )
     session.commit()
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def verdict_columns(report: dict[str, Any]) -> tuple[str | None, float | None]:
+    """(label, score) of ``report["verdict"]``; (None, None) when the detector did not run."""
+    verdict = report.get("verdict")
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("label"), str):
+        return None, None
+    score = verdict.get("score")
+    return verdict["label"][:16], float(score) if isinstance(score, int | float) else None
 
 
 def end_scan(session: Session, scan_id: str, status: ScanStatus, code: str | None = None,

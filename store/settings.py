@@ -125,6 +125,9 @@ class Settings(BaseSettings):
                                "waiting behind long scans.")
     webhook_max_response_bytes: int = Field(64 * 1024, ge=0, description="Bytes of a receiver's answer read "
                                             "at most (the rest is dropped).")
+    webhook_sweep_grace_s: float = Field(30.0, ge=0, description="An ended scan whose webhook task was not sent "
+                                         "this long after its end (its ender died first) is sent by the API's "
+                                         "sweep, every stale_sweep_interval_s.")
     link_secret: str | None = Field(None, description="Server secret (HMAC-SHA256) of the signed page links; "
                                     "unset: a random one generated once and kept in data_dir/link_secret.")
     link_ttl_s: int = Field(900, gt=0, description="How long a signed page link (POST /scans/{id}/links) works.")

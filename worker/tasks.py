@@ -9,7 +9,7 @@ from store.objects import open_store
 from store.queue import RUN_SCAN
 from worker.celery_app import app, settings
 from worker.runner import WorkerContext, execute_scan
-from worker.webhooks import enqueue_if_wanted
+from worker.webhooks import send_after_run
 
 
 @lru_cache
@@ -23,6 +23,6 @@ def _context() -> WorkerContext:
 @app.task(name=RUN_SCAN, acks_late=True, reject_on_worker_lost=True)
 def run_scan(scan_id: str) -> str:
     status = execute_scan(_context(), scan_id)
-    if status != "skipped":  # a repeated delivery of an ended scan must not notify twice
-        enqueue_if_wanted(app, _context().sessions, scan_id, settings.resolved_webhook_queue)
+    # also after "skipped": a scan canceled before its claim has ended too; the outbox sends each webhook once
+    send_after_run(app, _context().sessions, scan_id, settings.resolved_webhook_queue)
     return status

@@ -30,7 +30,7 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 class Outcome:
     """What one try ended in; ``retry`` asks the task to try again later."""
 
-    outcome: str  # delivered, retrying, failed, refused
+    outcome: str  # delivered, retrying, failed, refused; duplicate: the delivery had ended, nothing was sent
     status_code: int | None = None
     error: str | None = None
 
@@ -131,8 +131,11 @@ def _drain(response: http.client.HTTPResponse, max_bytes: int, max_s: float) -> 
 def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, scan_id: str, delivery_id: str,
                      attempt: int) -> Outcome:
     """Try once and record it. 2xx: delivered; refused targets and other 4xx: final; 408, 429, 5xx and
-    network errors: retried until ANTIDOTE_WEBHOOK_MAX_ATTEMPTS."""
+    network errors: retried until ANTIDOTE_WEBHOOK_MAX_ATTEMPTS. A delivery that has already ended (its task
+    sent twice: the outbox is at least once) is not tried nor recorded again."""
     with sessions() as session:
+        if webhooks.final_outcome(session, scan_id, delivery_id) is not None:
+            return Outcome("duplicate")
         scan = session.get(Scan, scan_id)
         if scan is None or not (scan.spec.get("notify") or {}).get("url"):
             return Outcome("failed", error="the scan or its notify.url is gone")

@@ -5,29 +5,24 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
-from store.models import TERMINAL_STATUSES, Scan
-from store.repository import new_id
+from store import webhooks
+from store.queue import DELIVER_WEBHOOK, enqueue_webhook
 from worker.celery_app import app, settings
 from worker.webhook_delivery import attempt_delivery, retry_delay_s
 
-DELIVER_WEBHOOK = "antidote.deliver_webhook"
 log = logging.getLogger("antidote.webhooks")
 
 
-def enqueue_if_wanted(celery: Celery, sessions, scan_id: str, queue: str) -> str | None:  # type: ignore[no-untyped-def]
-    """Send the delivery task when the ended scan's spec has notify.url; returns the delivery id."""
-    with sessions() as session:
-        scan = session.get(Scan, scan_id)
-        if scan is None or scan.status not in TERMINAL_STATUSES or not (scan.spec.get("notify") or {}).get("url"):
-            return None
-    delivery_id = new_id()
+def send_after_run(celery: Celery, sessions: sessionmaker[Session], scan_id: str, queue: str) -> str | None:
+    """After a delivery of a scan task: send its webhook if the scan has ended and it is not sent yet (the
+    outbox, store/webhooks.py, makes a repeated delivery a no-op); returns the delivery id."""
     try:
-        celery.send_task(DELIVER_WEBHOOK, args=[scan_id, delivery_id, 1], queue=queue)
-    except Exception:  # the scan's result is recorded; a broker hiccup must not turn its task into an error
-        log.exception("could not queue the webhook", extra={"scan_id": scan_id})
+        return webhooks.send_if_ended(celery, sessions, scan_id, queue)
+    except Exception:  # the scan's result is recorded; the API's sweep sends what stays unsent
+        log.exception("could not queue the webhook; the sweep will", extra={"scan_id": scan_id})
         return None
-    return delivery_id
 
 
 @app.task(name=DELIVER_WEBHOOK, bind=True, acks_late=True)
@@ -39,6 +34,6 @@ def deliver_webhook(self, scan_id: str, delivery_id: str, attempt: int = 1) -> s
     if result.retry:
         # a new message with the next attempt number rather than self.retry: the number travels in the
         # arguments, so a redelivered message records the same attempt again instead of skipping one
-        self.apply_async(args=[scan_id, delivery_id, attempt + 1], countdown=retry_delay_s(settings, attempt),
-                         queue=settings.resolved_webhook_queue)
+        enqueue_webhook(self.app, scan_id, delivery_id, attempt + 1, settings.resolved_webhook_queue,
+                        countdown=retry_delay_s(settings, attempt))
     return result.outcome

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import current_tenant, get_session
 from api.errors import ERROR_RESPONSES, ApiError, ErrorOut
-from api.routes.webhooks import check_notify_host
+from api.routes.webhooks import check_notify_host, send_ended_webhook
 from api.schemas import ScanCreated, ScanOut, ScanPageOut
 from api.uploads import SPEC_MAX_BYTES, PartRule, ReceivedForm, check_form_headers, declared_length, receive_form
 from core.data.formats import DataLimits
@@ -216,6 +216,8 @@ def delete_scan(scan_id: str, request: Request, tenant: Tenant = Depends(current
     scan = _own_scan(session, tenant, scan_id)
     if scan.status not in TERMINAL_STATUSES:
         repository.request_cancel(session, scan)
+        if scan.status == ScanStatus.canceled.value:  # it was queued: no worker will end it, so no webhook either
+            send_ended_webhook(request.app, scan.id)
         return ScanOut.of(scan)
     request.app.state.store.delete_prefix(f"scans/{scan.id}")
     repository.delete_scan(session, scan)

@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from api.errors import ApiError
 from api.links import LIST_SCOPE, link_secret, sign, verify
 from api.report_figures import available, nwc_png, scores_png, sweep_png
 from store import repository
 from store.db import make_engine, make_session_factory, upgrade_database
-from store.models import ScanStatus
+from store.models import Scan, ScanStatus
 from store.settings import Settings
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -104,7 +105,7 @@ def test_links_are_scoped_to_one_tenant_and_one_page(env: tuple[TestClient, Any,
     assert client.post(f"/scans/{theirs}/links", headers=auth_a).status_code == 404
     assert client.get(f"/scans/{theirs}/report.html", headers=auth_a).status_code == 404
     other = client.get(f"/scans/{theirs}/report.html", params={"token": token})
-    assert other.status_code == 401 and other.json()["field"] == "token"
+    assert other.status_code == 404  # an authentic token for another page opens nothing (more below)
     tampered = token[:-1] + ("0" if token[-1] != "0" else "1")
     assert client.get(f"/scans/{mine}/report.html", params={"token": tampered}).status_code == 401
     assert client.get(f"/scans/{mine}/report.html").status_code == 401
@@ -144,3 +145,52 @@ def test_tokens_and_figures_without_the_app(tmp_path: Any) -> None:
     for draw in (scores_png, nwc_png, sweep_png):
         assert draw(REPORT).startswith(PNG)  # type: ignore[union-attr]
     assert sweep_png({"mode": "scan"}) is None
+
+
+def test_a_token_for_another_scan_is_answered_like_a_missing_scan(env: tuple[TestClient, Any, Settings]) -> None:
+    """Whatever the other scan is (the tenant's own, another tenant's, none), the answer is the same 404 body,
+    the one a key of another tenant gets; a forged token stays a 401."""
+    client, sessions, _ = env
+    auth_a, tenant_a = _tenant(sessions, "a")
+    _auth_b, tenant_b = _tenant(sessions, "b")
+    mine, also_mine, theirs = (_scan(sessions, tenant_a, REPORT), _scan(sessions, tenant_a, REPORT),
+                               _scan(sessions, tenant_b, REPORT))
+    missing = repository.new_id()
+    token = client.post(f"/scans/{mine}/links", headers=auth_a).json()["url"].split("token=")[1]
+    list_token = client.post("/scans/links", headers=auth_a).json()["url"].split("token=")[1]
+
+    def answer(path: str, **kw: Any) -> tuple[int, dict[str, Any], str]:
+        r = client.get(path, **kw)
+        return r.status_code, r.json(), r.headers["content-type"]
+
+    for scan_id in (also_mine, theirs, missing):
+        # the answer for a scan that does not exist, as a key gets it; another tenant's scan with a key: the same
+        with_key = (404, {"detail": f"no scan {scan_id!r}"}, "application/json")
+        if scan_id != also_mine:
+            assert answer(f"/scans/{scan_id}/report.html", headers=auth_a) == with_key
+        for path in (f"/scans/{scan_id}/report.html", f"/scans/{scan_id}/figures/scores.png",
+                     f"/scans/{scan_id}/images/trigger_class_0"):
+            for t in (token, list_token):
+                assert answer(path, params={"token": t}) == with_key, (path, t == list_token)
+    forged = token.replace(mine, theirs)  # the scope swapped in, the MAC left as it was
+    assert client.get(f"/scans/{theirs}/report.html", params={"token": forged}).status_code == 401
+    assert client.get(f"/scans/{mine}/report.html", params={"token": token}).status_code == 200
+
+
+def test_the_scans_page_lists_verdicts_from_their_columns(env: tuple[TestClient, Any, Settings]) -> None:
+    """finish_scan writes the verdict's label and score to columns; the page shows them even when the report
+    is gone (proof that it reads no report), and a scan without a verdict shows n/a."""
+    client, sessions, _ = env
+    auth, tenant = _tenant(sessions, "a")
+    judged = _scan(sessions, tenant, {**REPORT, "verdict": {"label": "backdoored", "score": 0.934}})
+    skipped = _scan(sessions, tenant, {**REPORT, "verdict": {"label": None, "skipped": True}})
+    with sessions() as s:
+        row = s.get(Scan, judged)
+        assert (row.verdict_label, row.verdict_score) == ("backdoored", 0.934)
+        assert s.get(Scan, skipped).verdict_label is None
+        s.execute(update(Scan).values(report=None))  # the listing must not need them
+        s.commit()
+    html = client.get("/scans.html", headers=auth).text
+    cells = {i: html.split(f'data-id="{i}"')[1].split('class="verdict">')[1].split("</td>")[0]
+             for i in (judged, skipped)}
+    assert cells == {judged: "backdoored (0.93)", skipped: "n/a"}

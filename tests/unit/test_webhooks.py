@@ -123,7 +123,7 @@ def test_a_host_not_allowed_is_refused_and_recorded(tmp_path: Path, sessions, re
                               scan_id, "d", 1)
     assert result.outcome == "refused" and "ANTIDOTE_WEBHOOK_ALLOWED_HOSTS" in (result.error or "")
     assert receiver.requests == [] and _attempts(sessions, scan_id) == [(1, "refused", None)]
-    assert attempt_delivery(sessions, _settings(tmp_path, webhook_allowed_hosts=""), scan_id, "d", 1).outcome \
+    assert attempt_delivery(sessions, _settings(tmp_path, webhook_allowed_hosts=""), scan_id, "d2", 1).outcome \
         == "refused"
 
 
@@ -166,7 +166,7 @@ def test_redirects_are_followed_to_an_allowed_target_and_capped(tmp_path: Path, 
     assert attempt_delivery(sessions, _settings(tmp_path), scan_id, "d", 1).outcome == "delivered"
     assert [r[0] for r in receiver.requests] == ["/first", "/next"]
     receiver.script = [(302, {"Location": "/loop"})] * 5
-    result = attempt_delivery(sessions, _settings(tmp_path, webhook_max_redirects=2), scan_id, "d", 2)
+    result = attempt_delivery(sessions, _settings(tmp_path, webhook_max_redirects=2), scan_id, "d2", 1)
     assert result.outcome == "refused" and "redirects" in (result.error or "")
 
 
