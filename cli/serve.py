@@ -13,8 +13,9 @@ from typing import Any
 
 import uvicorn
 
-from store import repository
+from store import repository, webhooks
 from store.db import make_engine, make_session_factory, upgrade_database
+from store.models import utcnow
 from store.queue import enqueue_scan, make_celery
 from store.settings import Settings
 
@@ -32,7 +33,8 @@ def redeliver_unfinished(settings: Settings) -> int:
     """Embedded restart: the folder broker may hold stale or lost messages, so the database decides.
 
     Every queued or running scan is delivered again; running ones were cut off by the restart and start
-    over (the worker's claim counts attempts, and a finished scan's extra delivery is skipped)."""
+    over (the worker's claim counts attempts, and a finished scan's extra delivery is skipped). Every webhook
+    delivery that had not ended is queued again too (store/webhooks.py)."""
     queue_folder = settings.broker_folder / "queue"
     shutil.rmtree(queue_folder, ignore_errors=True)
     queue_folder.mkdir(parents=True, exist_ok=True)
@@ -42,8 +44,10 @@ def redeliver_unfinished(settings: Settings) -> int:
     with sessions() as session:
         repository.requeue_running(session)
         ids = repository.unfinished_scan_ids(session)
+        webhooks.unsend_unfinished(session)  # their tasks were in the folder too
     for scan_id in ids:
         enqueue_scan(celery, scan_id, settings.queue)
+    webhooks.send_unsent(celery, sessions, settings.resolved_webhook_queue, utcnow())
     engine.dispose()
     return len(ids)
 

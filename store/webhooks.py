@@ -14,7 +14,7 @@ import secrets
 from datetime import datetime
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import TERMINAL_STATUSES, Scan, Tenant, WebhookAttempt, utcnow
@@ -116,3 +116,15 @@ def send_unsent(celery: Celery, sessions: sessionmaker[Session], queue: str, end
             sent.append(scan_id)
             log.warning("sent a webhook its scan's ender had not sent", extra={"scan_id": scan_id})
     return sent
+
+
+def unsend_unfinished(session: Session) -> int:
+    """Embedded restart (cli/serve.py empties the folder broker): every sent delivery that has not ended is
+    marked unsent again, so that its scan's webhook is queued anew (same delivery id, tries counted from 1);
+    returns how many."""
+    over = exists().where(WebhookAttempt.scan_id == Scan.id, WebhookAttempt.delivery_id == Scan.webhook_delivery_id,
+                          WebhookAttempt.outcome.in_(FINAL_OUTCOMES))
+    result = session.execute(update(Scan).where(Scan.webhook_queued_at.is_not(None), ~over)
+                             .values(webhook_queued_at=None).execution_options(synchronize_session=False))
+    session.commit()
+    return result.rowcount  # type: ignore[attr-defined, no-any-return]

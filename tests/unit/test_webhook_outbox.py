@@ -182,3 +182,26 @@ def test_the_migration_fills_in_verdicts_and_delivery_ids(tmp_path: Path) -> Non
                 for s in session.scalars(select(Scan))}
     engine.dispose()
     assert rows == {"ended": ("suspicious", 0.5, False), "waiting": (None, None, True), "plain": (None, None, False)}
+
+
+def test_an_embedded_restart_queues_unfinished_deliveries_again(tmp_path: Path) -> None:
+    """`antidote serve` empties the folder broker when it starts: a delivery still waiting there (sent, not
+    over) is queued again with its id; one that ended is not."""
+    from cli.serve import redeliver_unfinished
+
+    settings = _settings(tmp_path)
+    sessions = _sessions(settings)
+    waiting, _ = _queued_scan(sessions, "http://127.0.0.1:9/a")
+    done, _ = _queued_scan(sessions, "http://127.0.0.1:9/b", tenant="other")
+    with sessions() as session:
+        for scan_id in (waiting, done):
+            repository.end_scan(session, scan_id, ScanStatus.canceled)
+    celery = make_celery(settings)
+    for scan_id in (waiting, done):
+        assert send_after_run(celery, sessions, scan_id, settings.resolved_webhook_queue) is not None
+    with sessions() as session:
+        webhooks.record_attempt(session, done, _row(sessions, done).webhook_delivery_id or "", 1, "u", 200, None,
+                                1.0, "delivered")
+    assert redeliver_unfinished(settings) == 0  # no unfinished scan; the folder was emptied
+    assert _webhook_tasks(settings) == [[waiting, _row(sessions, waiting).webhook_delivery_id, 1]]
+    assert _row(sessions, waiting).webhook_queued_at is not None and _row(sessions, done).webhook_queued_at
