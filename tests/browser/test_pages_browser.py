@@ -26,14 +26,17 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts" / "browser"
 # small on purpose: one unlearning epoch, two candidates of n, one fine-tuning epoch (the plots need a sweep)
 REPAIR_PARAMS = {"augment": False, "batch_size": 64, "unlearn_max_epochs": 1, "finetune_epochs": 1,
                  "auto_candidates": [0.1, 0.5]}
+# the detector on, with the short search the e2e test uses (about a second per model here): the report then has
+# a verdict and an inverted trigger PNG (artifact trigger_class_<k>) for each suspected class
+CHEAP_DETECT = {"enabled": True, "params": {"detectors": ["neural_cleanse"], "nc_steps": 60, "max_images": 200}}
 
 sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = [pytest.mark.timeout(300),
+pytestmark = [pytest.mark.timeout(600),  # the module's fixture runs two real scans first
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")]
 
 
 class Served:
-    """One server, two tenants, A's finished repair scan and B's finished scan."""
+    """One server, two tenants, A's finished repair scan (detector on) and B's finished scan (detector off)."""
 
     def __init__(self, server: Server, key_a: str, key_b: str, scan_a: str, scan_b: str) -> None:
         self.server, self.key_a, self.key_b, self.scan_a, self.scan_b = server, key_a, key_b, scan_a, scan_b
@@ -67,7 +70,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         attack = {"type": "badnets", "target": 0}
         scan_a = _submit(server.url, key_a, {"mode": "repair", "model": SPEC_MODEL, "attack": attack,
                                              "repair": {"method": "tsbd", "params": REPAIR_PARAMS},
-                                             "detect": NO_DETECT}, files)
+                                             "detect": CHEAP_DETECT}, files)
         scan_b = _submit(server.url, key_b, {"mode": "scan", "model": SPEC_MODEL, "attack": attack,
                                              "detect": NO_DETECT}, files)
         for key, scan_id in ((key_a, scan_a), (key_b, scan_b)):
@@ -101,13 +104,19 @@ def test_report_page_shows_the_verdict_scores_and_plots(served: Served, debian_c
     assert response.status == 200
     report = httpx.get(f"{served.server.url}/scans/{served.scan_a}/report",
                        headers={"Authorization": f"Bearer {served.key_a}"}, timeout=10).json()
-    label = (report.get("verdict") or {}).get("label")
-    verdict = page.locator("#verdict").inner_text()
-    assert (f"Verdict: {label}" if label else "no verdict: the detector did not run") in verdict
+    verdict = report["verdict"]
+    assert verdict["label"] in ("clean", "suspicious", "backdoored") and verdict["suspected_targets"], verdict
+    assert f"Verdict: {verdict['label']}" in page.locator("#verdict").inner_text()
     assert page.locator("#scores").inner_text().count("%") >= 4  # ACC and ASR, before and after
     images = _images_loaded(page)
     srcs = " ".join(i["src"] for i in images)
     assert "figures/scores.png" in srcs and "figures/nwc.png" in srcs and "figures/sweep.png" in srcs
+    # the inverted trigger of each suspected class, served from the scan's PNG artifacts, and loaded
+    triggers = page.eval_on_selector_all("img.trigger", "els => els.map(e => ({src: e.src, w: e.naturalWidth, "
+                                                        "h: e.naturalHeight}))")
+    shown = {t["src"].split("/images/")[1].split("?")[0] for t in triggers}
+    assert {f"trigger_class_{k}" for k in verdict["suspected_targets"]} <= shown, (shown, verdict)
+    assert all(t["w"] == 8 and t["h"] == 8 for t in triggers), triggers  # the 8x8 digits' trigger size
     assert all(i["ok"] and i["w"] > 0 for i in images), images
     assert all(i["src"].startswith(served.server.url + "/") for i in images)  # nothing from outside
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -121,16 +130,22 @@ def test_scans_page_lists_only_the_tenants_scans(served: Served, debian_chromium
     assert page.goto(served.link(served.key_a, None)).status == 200
     listed = page.eval_on_selector_all("tr.scan", "rows => rows.map(r => r.dataset.id)")
     assert listed == [served.scan_a]
+    label = httpx.get(f"{served.server.url}/scans/{served.scan_a}/report", timeout=10,
+                      headers={"Authorization": f"Bearer {served.key_a}"}).json()["verdict"]["label"]
+    assert page.locator(f"tr.scan[data-id='{served.scan_a}'] td.verdict").inner_text().startswith(label)
     page.click(f"tr.scan[data-id='{served.scan_a}'] a")  # the row's link carries its own scan token
     page.wait_for_url(f"**/scans/{served.scan_a}/report.html?token=*")
     assert all(i["w"] > 0 for i in _images_loaded(page))
     page.screenshot(path=str(ARTIFACTS / "scans.png"), full_page=True)
     token = served.link(served.key_a, served.scan_a).split("token=")[1]
+    # A's token on B's page: answered like a scan that does not exist, the very answer A's key gets there
     other = page.goto(f"{served.server.url}/scans/{served.scan_b}/report.html?token={token}")
-    assert other.status == 401  # A's token is for A's page only
+    assert other.status == 404
+    token_body = other.json()
     page.close()
     with_key = debian_chromium.new_page(extra_http_headers={"Authorization": f"Bearer {served.key_a}"})
-    assert with_key.goto(f"{served.server.url}/scans/{served.scan_b}/report.html").status == 404
+    keyed = with_key.goto(f"{served.server.url}/scans/{served.scan_b}/report.html")
+    assert keyed.status == 404 and keyed.json() == token_body == {"detail": f"no scan {served.scan_b!r}"}
     assert with_key.goto(f"{served.server.url}/scans/{served.scan_a}/report.html").status == 200
     with_key.close()
 
@@ -141,7 +156,7 @@ def test_expired_or_tampered_token_is_refused(served: Served, debian_chromium: A
     tampered = url[:-1] + ("0" if url[-1] != "0" else "1")
     assert page.goto(tampered).status == 401
     secret = (served.server.data_dir / "link_secret").read_text().strip().encode()
-    tenant = url.split("token=")[1].split(".")[0]
+    tenant = url.split("token=")[1].split(".")[0]  # TENANT.SCOPE.EXPIRY.MAC
     expired, _ = sign(secret, tenant, served.scan_a, 60, now=time.time() - 120)
     answer = page.goto(f"{served.server.url}/scans/{served.scan_a}/report.html?token={expired}")
     assert answer.status == 401 and "expired" in page.content()
