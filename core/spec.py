@@ -111,6 +111,51 @@ def _repair_methods() -> tuple[str, ...] | None:
     return tuple(REPAIR_METHODS)
 
 
+def _data_repair_methods() -> tuple[str, ...] | None:
+    """The data-repair methods of this build (``None`` without them: mode repair_data is not available)."""
+    try:
+        from core.datarepair.registry import DATA_REPAIR_METHODS
+    except ImportError:
+        return None
+    return tuple(DATA_REPAIR_METHODS)
+
+
+def _default_data_repair_method() -> str:
+    try:
+        from core.datarepair.registry import DEFAULT_DATA_REPAIR_METHOD
+    except ImportError:
+        return ""
+    return str(DEFAULT_DATA_REPAIR_METHOD)
+
+
+class RepairDataSpec(BaseModel):
+    """Mode ``repair_data``: which detrimental-data repair runs on ``training_data`` (docs/datarepair.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(default_factory=_default_data_repair_method,
+                        description="a data-repair method (docs/parameters.md); default: the recommended one")
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's settings (docs/parameters.md)")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        methods = _data_repair_methods()
+        if methods is not None and v not in methods:
+            raise ValueError(f"repair_data.method {v!r} is unknown; known: {', '.join(methods)}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Names, types and ranges of the method's parameters (errors located at ``repair_data.params.<name>``)."""
+        if "method" in info.data and _data_repair_methods() is not None:
+            from core.datarepair.registry import validate_params
+
+            validate_params(info.data["method"], v)
+        return v
+
+
 class DetectSpec(BaseModel):
     """The trigger-free backdoor detector run on the uploaded (and on the repaired) model (docs/detect.md)."""
 
@@ -199,6 +244,7 @@ class ScanSpec(BaseModel):
     model: ModelSpec
     attack: AttackSpec | None = None
     repair: RepairSpec = Field(default_factory=RepairSpec)
+    repair_data: RepairDataSpec = Field(default_factory=RepairDataSpec)
     detect: DetectSpec = Field(default_factory=DetectSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     notify: NotifySpec | None = None
