@@ -295,6 +295,7 @@ def parameter_reference() -> str:
         for name, tp in entry.param_types.items():
             owner = cfg if name in {f.name for f in dataclasses.fields(cfg)} else cfg.finetune
             lines.append(row(name, tp, getattr(owner, name)))
+    lines += _data_repair_reference(row)
     lines += ["", "## `spec.attack.params`", "",
               "`spec.attack.target` is a class of the model; `spec.seed` seeds the random patterns. Limits that "
               "depend on the image size (`patch_size`, `k` at most the image's side) are checked when the "
@@ -304,3 +305,24 @@ def parameter_reference() -> str:
         lines += [f"### `{name}`", "", "| parameter | type and range | default |", "| --- | --- | --- |"]
         lines += [row(p, tp, defaults[p]) for p, tp in attack_param_types(name).items()] + [""]
     return "\n".join(lines)
+
+
+def _data_repair_reference(row: Any) -> list[str]:
+    """docs/parameters.md's ``spec.repair_data.params`` part: each data-repair method's parameters with their
+    defaults, read from the configs the method builds from no parameters (none without core/datarepair)."""
+    import dataclasses
+
+    try:
+        from core.datarepair.registry import DATA_REPAIR_METHODS, DEFAULT_DATA_REPAIR_METHOD
+    except ImportError:
+        return []
+    lines = ["", "## `spec.repair_data.params`", "",
+             f"Mode `repair_data` (docs/datarepair.md). `spec.repair_data.method` defaults to "
+             f"`{DEFAULT_DATA_REPAIR_METHOD}`."]
+    for method, entry in DATA_REPAIR_METHODS.items():
+        configs = entry.configure({}, 0)
+        defaults = {f.name: getattr(cfg, f.name) for cfg in configs.values() for f in dataclasses.fields(cfg)}
+        lines += ["", f"### `{method}`", "", entry.description + ".", "",
+                  "| parameter | type and range | default |", "| --- | --- | --- |"]
+        lines += [row(name, tp, defaults[name]) for name, tp in entry.param_types.items()]
+    return lines
