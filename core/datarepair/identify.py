@@ -5,13 +5,14 @@ The clean set is split into ``folds``. For each fold, a copy of the model is fin
 *clean-calibrated* model: it unlearns part of what the corrupted training taught) and, at ``checkpoints`` points
 of that short trajectory, every training sample and every held-out clean sample is scored:
 
-- ``tracin`` (default; TracIn, Pruthi et al. 2020, restricted to the classifier head): harm(z) = -sum_k
+- ``loss`` (default): -log p(y | x) under the calibrated models (averaged probabilities), the self-confidence
+  signal of confident learning, computed with models that never trained on the sample's fold of the clean set.
+  It ranks label noise better than TracIn in every measurement here (docs/datarepair.md).
+- ``tracin`` (TracIn, Pruthi et al. 2020, restricted to the classifier head): harm(z) = -sum_k
   eta * <g_k(z), gbar_k>, with g_k(z) the gradient of z's cross-entropy w.r.t. the head ``[W | b]`` at checkpoint
   k and gbar_k the mean gradient of the fine-tuning clean folds. The head gradient has the closed form
   ``(p - onehot(y)) [h, 1]^T``, so <g(z), gbar> = (p - e_y)^T G [h, 1] with G = gbar as a K x (D+1) matrix: per
   batch O(B x K) memory, never an N x P matrix, whatever N. Positive = a step on z raises the clean loss.
-- ``loss``: -log p(y | x) under the calibrated models (averaged probabilities), the self-confidence signal of
-  confident learning computed with a model that never trained on the sample's fold of the clean set.
 - ``cleanlab``: cleanlab's ``find_label_issues`` (confident learning, Northcutt et al. 2021) on the calibrated
   probabilities; flags by its own per-class thresholds; scores = 1 - cleanlab's self-confidence label quality.
 
@@ -49,7 +50,7 @@ Scorer = Literal["tracin", "loss", "cleanlab"]
 class IdentifyConfig:
     """How harmful training samples are scored and flagged (module docstring)."""
 
-    scorer: Scorer = "tracin"
+    scorer: Scorer = "loss"
     folds: int_in(2, 10) = 2  # clean-set folds: each sample of the clean set is held out once (its null score)
     calib_epochs: int_in(1, 200) = 10  # epochs of the clean fine-tuning that calibrates each fold's model
     calib_lr: LearningRate = 0.01

@@ -166,8 +166,8 @@ def _run_finetune_clean(model: nn.Module, training: ImageSet, clean: ImageSet, n
 
 DATA_REPAIR_METHODS: Mapping[str, DataRepairMethod] = MappingProxyType({
     "retain": DataRepairMethod(
-        "identify harmful samples with the clean set (TracIn on the head, clean null threshold), relabel those a "
-        "clean-calibrated model is confident about, unlearn the rest boundedly, fine-tune anchored on the clean set",
+        "identify harmful samples with clean-calibrated models (out-of-fold loss, clean null threshold), relabel "
+        "those the models are confident about, unlearn the rest boundedly, fine-tune anchored on the clean set",
         _types(IdentifyConfig, RetainExtra, RepairTrainConfig),
         _configure(identify=IdentifyConfig, extra=RetainExtra, train=RepairTrainConfig), _run_retain),
     "drop_flagged": DataRepairMethod(
