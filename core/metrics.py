@@ -120,11 +120,12 @@ def defense_effectiveness_rating(
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve of ``scores`` (higher = more likely positive) against the boolean ``positive``:
     the chance that a random positive scores above a random negative, ties counting half (Mann-Whitney U).
-    ``None`` when either class is empty, where it is undefined."""
+    ``None`` when either class is empty, where it is undefined, and when every score is the same (a method that
+    does not score, whose 0.5 would read as a ranking no better than chance)."""
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.ptp(scores) == 0:
         return None
     _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
     mid_ranks = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank, averaged over ties

@@ -77,10 +77,19 @@ def test_an_image_folder_carries_its_class_names_and_no_mask(tmp_path: Path) -> 
 def test_auroc_counts_ties_half_and_is_undefined_for_one_class() -> None:
     assert auroc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False])) == 1.0
     assert auroc(np.array([0.1, 0.2, 0.9, 0.8]), np.array([True, True, False, False])) == 0.0
-    assert auroc(np.array([0.5, 0.5, 0.5]), np.array([True, False, False])) == 0.5
+    assert auroc(np.array([0.5, 0.5, 0.5]), np.array([True, False, False])) is None  # nothing ranked
     # one positive above one of two negatives and tied with the other: (1 + 0.5) / 2
     assert auroc(np.array([0.5, 0.5, 0.1]), np.array([True, False, False])) == 0.75
     assert auroc(np.array([0.1, 0.2]), np.array([False, False])) is None
+
+
+def test_auroc_is_scikit_learn_s_on_scores_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    positive = rng.random(500) < 0.2
+    scores = np.round(rng.normal(size=500) + positive, 1)  # rounded: many ties
+    assert auroc(scores, positive) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
 
 
 def test_identification_quality_against_the_mask() -> None:
