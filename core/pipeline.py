@@ -134,6 +134,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     artifacts: dict[str, Path] = {}
     report["verdict"] = _detect(spec, model, train_set, norm, dev, progress.stage("detect", *spans["detect"]),
                                 work_dir, artifacts, "trigger_class")
+    repaired: torch.nn.Module | None = None  # the model a repair mode returns; a scan has none
     if spec.mode == "repair":
         repaired = _repair(spec, model, train_set, norm, dev, progress.stage("repair", *spans["repair"]), report)
     elif spec.mode == "repair_data":
@@ -143,7 +144,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
                                                  else int(loaded.training_is_corrupt.sum()))
         repaired = _repair_data(spec, model, loaded, train_set, norm, dev,
                                 progress.stage("repair_data", *spans["repair_data"]), report, work_dir, artifacts)
-    if spec.mode != "scan":
+    if repaired is not None:
         after = evaluate(repaired, eval_set, backdoor, norm, dev,
                          progress=progress.stage("evaluate_after", *spans["evaluate_after"])).scores()
         report["after"] = after
