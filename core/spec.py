@@ -317,7 +317,7 @@ def _data_repair_reference(row: Any) -> list[str]:
     except ImportError:
         return []
     lines = ["", "## `spec.repair_data.params`", "",
-             f"Mode `repair_data` (docs/datarepair.md). `spec.repair_data.method` defaults to "
+             f"Mode `repair_data` ([datarepair.md](datarepair.md)). `spec.repair_data.method` defaults to "
              f"`{DEFAULT_DATA_REPAIR_METHOD}`."]
     for method, entry in DATA_REPAIR_METHODS.items():
         configs = entry.configure({}, 0)
