@@ -85,6 +85,17 @@ def _methods(train_epochs: int, budget: dict | None = None) -> tuple[tuple[str, 
     )
 
 
+def _low_precision(budget: dict | None = None) -> tuple[tuple[str, str, dict], ...]:
+    """The paper's claim, checked: flags of low precision (a loose null quantile, or the TracIn scorer), the same
+    flags given to ``retain`` and to ``erase_flagged``."""
+    base = [(label, method, p) for label, method, p in _methods(0, budget)
+            if method in ("retain", "erase_flagged", "drop_flagged") and "scorer" not in p]
+    out = []
+    for extra, tag in (({"null_quantile": 0.6}, "q0.6"), ({"scorer": "tracin"}, "tracin")):
+        out += [(f"{label}[{tag}]", method, {**p, **extra}) for label, method, p in base]
+    return tuple(out)
+
+
 PROFILES = {
     # 2 shared cores: 3,000 training images and a one-hidden-layer MLP (0.2M multiply-adds per image), trained
     # long enough (30 epochs, no augmentation) to fit its noisy labels; every method at its default epochs,
@@ -291,6 +302,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the profile's code path at toy size")
     ap.add_argument("--datasets", default="fmnist,cifar10")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--methods", choices=("all", "low_precision"), default="all",
+                    help="every method (default), or retain / erase / drop on flags of low precision")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="markdown table (default bench/results/datarepair_<p>.md)")
@@ -298,7 +311,10 @@ def main() -> None:
                     help="write each data set's split as DIR/datarepair_<name>.npz for a device run, and stop")
     ap.add_argument("--carry", type=Path, default=None, metavar="DIR", help="read the splits --write-carry made")
     args = ap.parse_args()
-    profile = tiny(PROFILES[args.profile]) if args.tiny else PROFILES[args.profile]
+    profile = PROFILES[args.profile]
+    if args.methods == "low_precision":
+        profile = replace(profile, methods=_low_precision({"augment": False} if profile.arch == "mlp" else None))
+    profile = tiny(profile) if args.tiny else profile
     if args.write_carry is not None:
         for name in args.datasets.split(","):
             train, clean, test = split(name, profile, args.seed)
@@ -337,7 +353,8 @@ def write(out: Path, records: list[dict], args: argparse.Namespace, profile: Pro
             f"{profile.arch}, train {profile.n_train}, clean {profile.n_clean}, test {profile.n_test}, "
             f"{profile.train_epochs} training epochs.\n"
             f"Command: `python -m bench.datarepair_bench --profile {args.profile}{' --tiny' if args.tiny else ''}"
-            f" --datasets {args.datasets} --rows {args.rows}{f' --carry {args.carry}' if args.carry else ''}`\n\n")
+            f" --datasets {args.datasets} --rows {args.rows} --methods {args.methods}"
+            f"{f' --carry {args.carry}' if args.carry else ''}`\n\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(head + table(records) + "\n")
     out.with_suffix(".json").write_text(json.dumps(records, indent=1))
