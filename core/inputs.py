@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.data.formats import DataFormatError, DataLimits, UnsupportedDataFormatError, load_image_set
+import numpy as np
+
+from core.data.formats import (
+    DataFormatError,
+    DataLimits,
+    UnsupportedDataFormatError,
+    load_image_set_with_classes,
+    load_training_set,
+)
 from core.data.imageset import ImageSet
 from core.models.checkpoint import CheckpointError, LoadedCheckpoint, UnsupportedFormatError, load_checkpoint
 from core.models.checkpoint.inspect import high_findings, inspect_checkpoint
@@ -51,6 +59,9 @@ class LoadedInputs:
     poisoned: ImageSet | None
     training: ImageSet | None
     file_findings: tuple[dict[str, Any], ...] = ()
+    # training_data's optional ``is_corrupt`` mask (bool, one per training image): the samples the user knows
+    # to be harmful, against which the report measures how well they were identified
+    training_is_corrupt: np.ndarray | None = None
 
 
 def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> LoadedInputs:
@@ -77,13 +88,21 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
         raise InputError("model", str(exc)) from exc
 
     sets: dict[str, ImageSet | None] = {}
+    class_names: dict[str, list[str] | None] = {}
+    mask: np.ndarray | None = None
     for part in DATA_PARTS:
         uploaded: UploadedFile | None = getattr(inputs, part)
-        sets[part] = None if uploaded is None else _load_data(part, uploaded, spec, limits)
+        if uploaded is None:
+            sets[part] = None
+        elif part == "training_data":
+            sets[part], class_names[part], mask = _load_training(uploaded, spec, limits)
+        else:
+            sets[part], class_names[part] = _load_data(part, uploaded, spec, limits)
     clean = sets["clean_data"]
     assert clean is not None
     if len(clean) < 2:
         raise InputError("clean_data", "needs at least 2 images")
+    _check_same_classes(class_names)
     for part in DATA_PARTS[1:]:
         other = sets[part]
         if other is not None and other.image_shape[:2] != clean.image_shape[:2]:
@@ -98,18 +117,48 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
         except (ValueError, TypeError) as exc:
             raise InputError("spec.attack", str(exc)) from exc
     return LoadedInputs(checkpoint, clean, sets["test_data"], sets["poisoned_data"], sets["training_data"],
-                        tuple(f.as_dict() for f in findings))
+                        tuple(f.as_dict() for f in findings), mask)
 
 
-def _load_data(part: str, uploaded: UploadedFile, spec: ScanSpec, limits: DataLimits) -> ImageSet:
+def _load_data(part: str, uploaded: UploadedFile, spec: ScanSpec,
+               limits: DataLimits) -> tuple[ImageSet, list[str] | None]:
     try:
-        data = load_image_set(uploaded.path, uploaded.filename, limits=limits, num_classes=spec.model.num_classes)
+        data, names = load_image_set_with_classes(uploaded.path, uploaded.filename, limits=limits,
+                                                  num_classes=spec.model.num_classes)
     except UnsupportedDataFormatError as exc:
         raise InputError(part, str(exc), unsupported=True) from exc
     except DataFormatError as exc:
         raise InputError(part, str(exc)) from exc
+    _check_channels(part, data, spec)
+    return data, names
+
+
+def _load_training(uploaded: UploadedFile, spec: ScanSpec,
+                   limits: DataLimits) -> tuple[ImageSet, list[str] | None, np.ndarray | None]:
+    """training_data, at most ``limits.max_training_images`` images, with its optional ``is_corrupt`` mask."""
+    try:
+        data, names, mask = load_training_set(uploaded.path, uploaded.filename, limits=limits,
+                                              num_classes=spec.model.num_classes)
+    except UnsupportedDataFormatError as exc:
+        raise InputError("training_data", str(exc), unsupported=True) from exc
+    except DataFormatError as exc:
+        raise InputError("training_data", str(exc)) from exc
+    _check_channels("training_data", data, spec)
+    return data, names, mask
+
+
+def _check_channels(part: str, data: ImageSet, spec: ScanSpec) -> None:
     channels = data.image_shape[2]
     if channels != spec.model.in_channels:
         raise InputError(part, f"images have {channels} channel(s) but spec.model.in_channels is "
                                f"{spec.model.in_channels}")
-    return data
+
+
+def _check_same_classes(class_names: dict[str, list[str] | None]) -> None:
+    """Image folders named by class (not by index) are numbered by their sorted names: training_data's must
+    then be clean_data's, or the same label would mean different classes in the two sets."""
+    clean, training = class_names.get("clean_data"), class_names.get("training_data")
+    if clean is not None and training is not None and clean != training:
+        only = sorted(set(training) ^ set(clean))[:5]
+        raise InputError("training_data", f"class folders {training[:10]} are not clean_data's {clean[:10]} "
+                                          f"(differing: {only}); the labels would not mean the same classes")

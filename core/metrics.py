@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -115,6 +115,37 @@ def defense_effectiveness_rating(
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{key} must be a fraction in [0, 1], got {value}")
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` (higher = more likely positive) against the boolean ``positive``:
+    the chance that a random positive scores above a random negative, ties counting half (Mann-Whitney U).
+    ``None`` when either class is empty, where it is undefined, and when every score is the same (a method that
+    does not score, whose 0.5 would read as a ranking no better than chance)."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0 or np.ptp(scores) == 0:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mid_ranks = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank, averaged over ties
+    rank_sum = float(mid_ranks[inverse][positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def identification_quality(scores: np.ndarray, flagged: np.ndarray, is_corrupt: np.ndarray) -> dict[str, Any]:
+    """How well harmful training samples were found, against the user's known-bad mask: precision and recall of
+    the flags (``None`` where nothing was flagged / nothing is corrupt), AUROC of the scores, and the counts."""
+    flagged, is_corrupt = np.asarray(flagged, dtype=bool), np.asarray(is_corrupt, dtype=bool)
+    if not len(scores) == len(flagged) == len(is_corrupt):
+        raise ValueError(f"scores, flags and is_corrupt differ in length: {len(scores)}, {len(flagged)}, "
+                         f"{len(is_corrupt)}")
+    hits = int((flagged & is_corrupt).sum())
+    n_flagged, n_corrupt = int(flagged.sum()), int(is_corrupt.sum())
+    return {"precision": hits / n_flagged if n_flagged else None,
+            "recall": hits / n_corrupt if n_corrupt else None,
+            "auroc": auroc(scores, is_corrupt),
+            "n_corrupt": n_corrupt, "n_flagged": n_flagged, "n_flagged_corrupt": hits}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""spec -> stages -> report: load, evaluate before, (repair, evaluate after), report.
+"""spec -> stages -> report: load, evaluate before, detect, (repair or repair_data, evaluate after, detect
+after), report.
 
 The worker calls ``run_pipeline`` with files on local disk and a :class:`core.progress.Progress` whose sink
 it owns (progress to the database, the cancel flag, the deadline); nothing here knows about HTTP, queues or
@@ -32,7 +33,13 @@ _STAGE_SPANS = {
     "scan": {"load": (0.0, 0.1), "evaluate_before": (0.1, 0.3), "detect": (0.3, 0.95), "report": (0.95, 1.0)},
     "repair": {"load": (0.0, 0.05), "evaluate_before": (0.05, 0.1), "detect": (0.1, 0.3), "repair": (0.3, 0.7),
                "evaluate_after": (0.7, 0.75), "detect_after": (0.75, 0.95), "report": (0.95, 1.0)},
+    # scoring and retraining on the whole training set dominate; the detector runs on the small clean part only
+    "repair_data": {"load": (0.0, 0.05), "evaluate_before": (0.05, 0.08), "detect": (0.08, 0.18),
+                    "repair_data": (0.18, 0.85), "evaluate_after": (0.85, 0.88), "detect_after": (0.88, 0.97),
+                    "report": (0.97, 1.0)},
 }
+# the per-sample CSV artifact of repair_data (index, label, score, flagged, new_label[, is_corrupt])
+SAMPLE_SCORES_ARTIFACT = "sample_scores"
 
 
 def available_modes() -> tuple[str, ...]:
@@ -40,6 +47,8 @@ def available_modes() -> tuple[str, ...]:
     modes = ["scan"]
     if _repair_registry() is not None:
         modes.append("repair")
+    if _data_repair_registry() is not None:
+        modes.append("repair_data")
     return tuple(modes)
 
 
@@ -49,6 +58,14 @@ def _repair_registry() -> Any:
     except ImportError:
         return None
     return registry if hasattr(registry, "repair") else None
+
+
+def _data_repair_registry() -> Any:
+    try:
+        from core.datarepair import registry
+    except ImportError:
+        return None
+    return registry if hasattr(registry, "repair_data") else None
 
 
 @dataclass
@@ -71,7 +88,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         raise InputError("spec.mode", f"mode {spec.mode!r} is not available yet")
     dev = resolve_device(device)
     progress = progress or Progress()
-    spans = _STAGE_SPANS["scan" if spec.mode == "scan" else "repair"]
+    spans = _STAGE_SPANS[spec.mode]
     torch.manual_seed(spec.seed)
 
     progress.stage("load", *spans["load"])
@@ -117,23 +134,23 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     artifacts: dict[str, Path] = {}
     report["verdict"] = _detect(spec, model, train_set, norm, dev, progress.stage("detect", *spans["detect"]),
                                 work_dir, artifacts, "trigger_class")
+    repaired: torch.nn.Module | None = None  # the model a repair mode returns; a scan has none
     if spec.mode == "repair":
-        registry = _repair_registry()
-        stage = progress.stage("repair", *spans["repair"])
-        try:
-            result = registry.repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
-                                     spec.model.num_classes, spec.seed, progress=stage)
-        except ValueError as exc:  # parameters the method's config refuses
-            raise InputError("spec.repair.params", str(exc)) from exc
-        repaired = result.model
+        repaired = _repair(spec, model, train_set, norm, dev, progress.stage("repair", *spans["repair"]), report)
+    elif spec.mode == "repair_data":
+        assert loaded.training is not None  # load_inputs requires training_data in this mode
+        report["data"]["training_images"] = len(loaded.training)
+        report["data"]["training_is_corrupt"] = (None if loaded.training_is_corrupt is None
+                                                 else int(loaded.training_is_corrupt.sum()))
+        repaired = _repair_data(spec, model, loaded, train_set, norm, dev,
+                                progress.stage("repair_data", *spans["repair_data"]), report, work_dir, artifacts)
+    if repaired is not None:
         after = evaluate(repaired, eval_set, backdoor, norm, dev,
                          progress=progress.stage("evaluate_after", *spans["evaluate_after"])).scores()
         report["after"] = after
         after["verdict"] = _detect(spec, repaired, train_set, norm, dev,
                                    progress.stage("detect_after", *spans["detect_after"]), work_dir, artifacts,
                                    "repaired_trigger_class")
-        report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
-                            "details": result.details, "timings": result.timings}
         if before["asr"] is not None and after["asr"] is not None:
             from core.metrics import defense_effectiveness_rating
 
@@ -147,6 +164,88 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     report["timings"] = dict(progress.timings)
     report["versions"] = versions()
     return PipelineResult(report=report, artifacts=artifacts)
+
+
+def _repair(spec: ScanSpec, model: torch.nn.Module, train_set: ImageSet, norm: Any, dev: torch.device,
+            stage: Progress, report: dict[str, Any]) -> torch.nn.Module:
+    """Mode repair: the backdoor repair on the clean part; its account goes to ``report["repair"]``."""
+    try:
+        result = _repair_registry().repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
+                                           spec.model.num_classes, spec.seed, progress=stage)
+    except ValueError as exc:  # parameters the method's config refuses
+        raise InputError("spec.repair.params", str(exc)) from exc
+    report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
+                        "details": result.details, "timings": result.timings}
+    return result.model
+
+
+def _repair_data(spec: ScanSpec, model: torch.nn.Module, loaded: LoadedInputs, clean: ImageSet, norm: Any,
+                 dev: torch.device, stage: Progress, report: dict[str, Any], work_dir: Path,
+                 artifacts: dict[str, Path]) -> torch.nn.Module:
+    """Mode repair_data: find the harmful samples of ``training_data`` with the clean part (never the evaluation
+    set) and repair the model; the account goes to ``report["repair_data"]``, every sample's score, flag and new
+    label to the CSV artifact ``sample_scores``."""
+    training = loaded.training
+    assert training is not None
+    try:
+        result = _data_repair_registry().repair_data(
+            spec.repair_data.method, model, training, clean, norm, spec.repair_data.params, dev,
+            spec.model.num_classes, spec.seed, progress=stage)
+    except ValueError as exc:  # parameters the method refuses, or scores that are not finite (the cause named)
+        raise InputError("spec.repair_data", str(exc)) from exc
+    scores, flagged, new_labels = _checked_sample_arrays(result, len(training))
+    section: dict[str, Any] = {
+        "method": result.method, "params": result.params,
+        "training_images": len(training),
+        "n_flagged": int(flagged.sum()),
+        # a relabelled sample keeps its input and trains on another label; a dropped one (-1) is not learnt from
+        "n_relabelled": int(((new_labels >= 0) & (new_labels != training.y)).sum()),
+        "n_dropped": int((new_labels < 0).sum()),
+        "identification": None,
+        "details": result.details, "timings": result.timings,
+    }
+    if loaded.training_is_corrupt is not None:
+        from core.metrics import identification_quality
+
+        section["identification"] = identification_quality(scores, flagged, loaded.training_is_corrupt)
+    report["repair_data"] = section
+    artifacts[SAMPLE_SCORES_ARTIFACT] = write_sample_scores(
+        work_dir / f"{SAMPLE_SCORES_ARTIFACT}.csv", training.y, scores, flagged, new_labels,
+        loaded.training_is_corrupt)
+    return result.model
+
+
+def _checked_sample_arrays(result: Any, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, flagged, new_labels) of a data repair, one per training sample; the method promised finite
+    scores, so anything else is a bug here, never a silently kept NaN."""
+    scores = np.asarray(result.scores, dtype=np.float64)
+    flagged = np.asarray(result.flagged, dtype=bool)
+    new_labels = np.asarray(result.new_labels, dtype=np.int64)
+    for name, arr in (("scores", scores), ("flagged", flagged), ("new_labels", new_labels)):
+        if arr.shape != (n,):
+            raise RuntimeError(f"data repair {result.method!r} returned {name} of shape {arr.shape}, not ({n},)")
+    if not np.isfinite(scores).all():
+        raise RuntimeError(f"data repair {result.method!r} returned {int((~np.isfinite(scores)).sum())} "
+                           "non-finite scores")
+    return scores, flagged, new_labels
+
+
+def write_sample_scores(path: Path, labels: np.ndarray, scores: np.ndarray, flagged: np.ndarray,
+                        new_labels: np.ndarray, is_corrupt: np.ndarray | None = None) -> Path:
+    """The ``sample_scores`` CSV: one row per training sample in upload order, ``index,label,score,flagged,
+    new_label`` (flags 0/1, ``new_label`` -1 for a dropped sample) plus ``is_corrupt`` when it was uploaded."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["index", "label", "score", "flagged", "new_label", *(["is_corrupt"] if is_corrupt is not None
+                                                                           else [])])
+        extra = is_corrupt.astype(np.int64).tolist() if is_corrupt is not None else None
+        for i, (label, score, flag, new) in enumerate(zip(labels.tolist(), scores.tolist(),
+                                                          flagged.astype(np.int64).tolist(), new_labels.tolist(),
+                                                          strict=True)):
+            out.writerow([i, label, repr(score), flag, new, *([extra[i]] if extra is not None else [])])
+    return path
 
 
 def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, dev: torch.device,

@@ -111,6 +111,51 @@ def _repair_methods() -> tuple[str, ...] | None:
     return tuple(REPAIR_METHODS)
 
 
+def _data_repair_methods() -> tuple[str, ...] | None:
+    """The data-repair methods of this build (``None`` without them: mode repair_data is not available)."""
+    try:
+        from core.datarepair.registry import DATA_REPAIR_METHODS
+    except ImportError:
+        return None
+    return tuple(DATA_REPAIR_METHODS)
+
+
+def _default_data_repair_method() -> str:
+    try:
+        from core.datarepair.registry import DEFAULT_DATA_REPAIR_METHOD
+    except ImportError:
+        return ""
+    return str(DEFAULT_DATA_REPAIR_METHOD)
+
+
+class RepairDataSpec(BaseModel):
+    """Mode ``repair_data``: which detrimental-data repair runs on ``training_data`` (docs/datarepair.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(default_factory=_default_data_repair_method,
+                        description="a data-repair method (docs/parameters.md); default: the recommended one")
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's settings (docs/parameters.md)")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        methods = _data_repair_methods()
+        if methods is not None and v not in methods:
+            raise ValueError(f"repair_data.method {v!r} is unknown; known: {', '.join(methods)}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Names, types and ranges of the method's parameters (errors located at ``repair_data.params.<name>``)."""
+        if "method" in info.data and _data_repair_methods() is not None:
+            from core.datarepair.registry import validate_params
+
+            validate_params(info.data["method"], v)
+        return v
+
+
 class DetectSpec(BaseModel):
     """The trigger-free backdoor detector run on the uploaded (and on the repaired) model (docs/detect.md)."""
 
@@ -199,6 +244,7 @@ class ScanSpec(BaseModel):
     model: ModelSpec
     attack: AttackSpec | None = None
     repair: RepairSpec = Field(default_factory=RepairSpec)
+    repair_data: RepairDataSpec = Field(default_factory=RepairDataSpec)
     detect: DetectSpec = Field(default_factory=DetectSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     notify: NotifySpec | None = None
@@ -249,6 +295,7 @@ def parameter_reference() -> str:
         for name, tp in entry.param_types.items():
             owner = cfg if name in {f.name for f in dataclasses.fields(cfg)} else cfg.finetune
             lines.append(row(name, tp, getattr(owner, name)))
+    lines += _data_repair_reference(row)
     lines += ["", "## `spec.attack.params`", "",
               "`spec.attack.target` is a class of the model; `spec.seed` seeds the random patterns. Limits that "
               "depend on the image size (`patch_size`, `k` at most the image's side) are checked when the "
@@ -258,3 +305,24 @@ def parameter_reference() -> str:
         lines += [f"### `{name}`", "", "| parameter | type and range | default |", "| --- | --- | --- |"]
         lines += [row(p, tp, defaults[p]) for p, tp in attack_param_types(name).items()] + [""]
     return "\n".join(lines)
+
+
+def _data_repair_reference(row: Any) -> list[str]:
+    """docs/parameters.md's ``spec.repair_data.params`` part: each data-repair method's parameters with their
+    defaults, read from the configs the method builds from no parameters (none without core/datarepair)."""
+    import dataclasses
+
+    try:
+        from core.datarepair.registry import DATA_REPAIR_METHODS, DEFAULT_DATA_REPAIR_METHOD
+    except ImportError:
+        return []
+    lines = ["", "## `spec.repair_data.params`", "",
+             f"Mode `repair_data` ([datarepair.md](datarepair.md)). `spec.repair_data.method` defaults to "
+             f"`{DEFAULT_DATA_REPAIR_METHOD}`."]
+    for method, entry in DATA_REPAIR_METHODS.items():
+        configs = entry.configure({}, 0)
+        defaults = {f.name: getattr(cfg, f.name) for cfg in configs.values() for f in dataclasses.fields(cfg)}
+        lines += ["", f"### `{method}`", "", entry.description + ".", "",
+                  "| parameter | type and range | default |", "| --- | --- | --- |"]
+        lines += [row(name, tp, defaults[name]) for name, tp in entry.param_types.items()]
+    return lines

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_model_bytes: int = Field(1024**3, gt=0, description="The model part.")
     max_data_bytes: int = Field(1024**3, gt=0, description="Each data part.")
     max_images: int = Field(200_000, gt=0, description="Images in one data file.")
+    max_training_images: int = Field(
+        60_000, gt=0, description="Images of the training_data of a repair_data scan (each is scored and trained "
+        "on; 60,000 holds CIFAR-10's or Fashion-MNIST's whole training set)."
+    )
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="Pixels of one image.")
     max_zip_members: int = Field(250_000, gt=0, description="Members of one .zip or .npz.")
     max_zip_expanded_bytes: int = Field(4 * 1024**3, gt=0, description="Bytes one .zip or .npz expands to.")
@@ -159,7 +163,8 @@ class Settings(BaseSettings):
 
     def data_limits(self) -> dict[str, int | float]:
         """Keyword arguments for ``core.data.formats.DataLimits`` (which also carries the checkpoint's)."""
-        return {"max_images": self.max_images, "max_pixels_per_image": self.max_image_pixels,
+        return {"max_images": self.max_images, "max_training_images": self.max_training_images,
+                "max_pixels_per_image": self.max_image_pixels,
                 "max_zip_members": self.max_zip_members, "max_expanded_bytes": self.max_zip_expanded_bytes,
                 "max_compression_ratio": self.max_zip_ratio, "max_total_pixels": self.max_total_pixels,
                 "max_pickle_bytes": self.max_pickle_bytes, "max_pickle_globals": self.max_pickle_globals,

@@ -28,8 +28,9 @@ from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("antidote.worker")
 MAX_ATTEMPTS = 3
-# what an artifact file is, by its suffix (the pipeline writes weights as .safetensors, triggers as .png)
-_MEDIA_TYPES = {".safetensors": "application/octet-stream", ".png": "image/png"}
+# what an artifact file is, by its suffix (the pipeline writes weights as .safetensors, triggers as .png, the
+# per-sample scores of repair_data as .csv)
+_MEDIA_TYPES = {".safetensors": "application/octet-stream", ".png": "image/png", ".csv": "text/csv"}
 
 
 @dataclass

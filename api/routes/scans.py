@@ -194,7 +194,8 @@ def read_report(scan_id: str, tenant: Tenant = Depends(current_tenant),
 @router.get("/scans/{scan_id}/artifacts/{name}")
 def read_artifact(scan_id: str, name: str, request: Request, tenant: Tenant = Depends(current_tenant),
                   session: Session = Depends(get_session)) -> StreamingResponse:
-    """A file the scan produced, e.g. ``repaired_model`` (safetensors)."""
+    """A file the scan produced: ``repaired_model`` (safetensors) of a repair, ``sample_scores`` (CSV) of a
+    repair_data scan, ``trigger_class_<k>`` (PNG) of the detector."""
     scan = _own_scan(session, tenant, scan_id)
     info = (scan.artifacts or {}).get(name)
     if info is None:

@@ -8,20 +8,25 @@ share.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from core.data.image_folder import IMAGE_EXTENSIONS, load_image_zip
 from core.data.imageset import ImageSet
 from core.data.limits import DataFormatError, DataLimits, UnsupportedDataFormatError
-from core.data.npz_file import load_npz
+from core.data.npz_file import MASK_ARRAY, load_npz, load_npz_with_mask
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataFormatError",
     "DataLimits",
+    "MASK_ARRAY",
     "UnsupportedDataFormatError",
     "load_image_set",
     "load_image_set_with_classes",
+    "load_training_set",
 ]
 
 
@@ -49,12 +54,42 @@ def load_image_set_with_classes(
     """Like :func:`load_image_set`, plus the class folder names by label when a ``.zip`` names its classes
     (``None`` for ``.npz`` and for folders named by class index)."""
     path = Path(path)
-    suffix = Path(filename or path.name).suffix.lower()
+    suffix = _suffix(path, filename)
     if suffix == ".npz":
         return load_npz(path, limits, num_classes), None
     if suffix == ".zip":
         return load_image_zip(path, limits, num_classes)
-    raise UnsupportedDataFormatError(
+    raise _unsupported(suffix)
+
+
+def load_training_set(
+    path: str | Path,
+    filename: str | None = None,
+    *,
+    limits: DataLimits = DataLimits(),
+    num_classes: int | None = None,
+) -> tuple[ImageSet, list[str] | None, np.ndarray | None]:
+    """Training data for ``repair_data``: the images, their class folder names (as
+    :func:`load_image_set_with_classes`), and the optional ``is_corrupt`` mask of an ``.npz`` (bool, one per
+    image; ``None`` when absent: image folders cannot carry it). At most ``limits.max_training_images``."""
+    path = Path(path)
+    suffix = _suffix(path, filename)
+    limits = replace(limits, max_images=min(limits.max_images, limits.max_training_images))
+    if suffix == ".npz":
+        images, mask = load_npz_with_mask(path, limits, num_classes, MASK_ARRAY)
+        return images, None, mask
+    if suffix == ".zip":
+        images, names = load_image_zip(path, limits, num_classes)
+        return images, names, None
+    raise _unsupported(suffix)
+
+
+def _suffix(path: Path, filename: str | None) -> str:
+    return Path(filename or path.name).suffix.lower()
+
+
+def _unsupported(suffix: str) -> UnsupportedDataFormatError:
+    return UnsupportedDataFormatError(
         f"unsupported data format {suffix or '(no extension)'!r}: upload an .npz with uint8 'x' "
         "(N×H×W×C) and integer 'y', or a .zip of an image folder <class>/<image>.png|jpg"
     )

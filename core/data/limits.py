@@ -23,6 +23,9 @@ class DataLimits:
     """
 
     max_images: int = 200_000
+    # training_data of repair_data: its per-sample scoring and the repair's passes over it cost far more per
+    # image than an evaluation, so it has a bound of its own (50,000 CIFAR-10 training images fit)
+    max_training_images: int = 60_000
     max_pixels_per_image: int = 1024 * 1024
     max_zip_members: int = 250_000
     max_expanded_bytes: int = 2 * 1024**3

@@ -1,4 +1,5 @@
-"""``.npz`` uploads: uint8 ``x`` (N×H×W×C) and integer ``y``, read without pickles and without trusting the
+"""``.npz`` uploads: uint8 ``x`` (N×H×W×C) and integer ``y`` (and, for ``training_data``, an optional
+``is_corrupt`` mask of the samples the user knows to be bad), read without pickles and without trusting the
 zip's or the arrays' own size declarations."""
 
 from __future__ import annotations
@@ -19,9 +20,21 @@ from core.data.zip_checks import (
     open_zip,
 )
 
+# the optional per-sample mask of training data: which samples the user knows to be harmful (for the report's
+# identification quality); bool, or uint8 0/1 as many tools write masks
+MASK_ARRAY = "is_corrupt"
+_MASK_DTYPES = (np.dtype(np.bool_), np.dtype(np.uint8))
+
 
 def load_npz(path: Path, limits: DataLimits, num_classes: int | None) -> ImageSet:
     """The images of an ``.npz``; every member and array header is checked before an array is read."""
+    return load_npz_with_mask(path, limits, num_classes, mask=None)[0]
+
+
+def load_npz_with_mask(path: Path, limits: DataLimits, num_classes: int | None,
+                       mask: str | None = MASK_ARRAY) -> tuple[ImageSet, np.ndarray | None]:
+    """The images of an ``.npz`` and its optional boolean array ``mask`` (length N; ``None`` when absent or
+    not asked for), checked like ``x`` and ``y`` before anything is read."""
     zf = open_zip(path, ".npz")
     with zf:
         names = zf.namelist()
@@ -50,13 +63,40 @@ def load_npz(path: Path, limits: DataLimits, num_classes: int | None) -> ImageSe
             raise DataFormatError(f"y must hold integer labels, got {y_dtype}")
         if y_shape != (n,):
             raise DataFormatError(f"y must have shape ({n},) to match x's {n} images, got {y_shape}")
+        mask_info = zf.getinfo(f"{mask}.npy") if mask is not None and f"{mask}.npy" in names else None
+        if mask_info is not None:
+            _check_mask_header(zf, mask_info, n, limits)
         x = _read_npy(zf, x_info)
         y = _read_npy(zf, y_info)
+        flags = _read_npy(zf, mask_info) if mask_info is not None else None
     if x.ndim == 3:
         x = x[..., None]
     y = y.astype(np.int64)
     check_labels(y, num_classes)
-    return ImageSet(np.ascontiguousarray(x), y)
+    if flags is not None:
+        flags = _mask_values(flags, str(mask))
+    return ImageSet(np.ascontiguousarray(x), y), flags
+
+
+def _check_mask_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, n: int, limits: DataLimits) -> None:
+    """A mask member is bool or uint8 with one entry per image, refused from its header before it is read."""
+    name = info.filename.removesuffix(".npy")
+    _check_npz_member(info, limits)
+    shape, dtype = _npy_header(zf, info, limits)
+    if dtype not in _MASK_DTYPES:
+        raise DataFormatError(f".npz array {name!r} must be bool or uint8 0/1, got {dtype}")
+    if shape != (n,):
+        raise DataFormatError(f".npz array {name!r} must have shape ({n},), one flag per image of x, got {shape}")
+
+
+def _mask_values(flags: np.ndarray, name: str) -> np.ndarray:
+    """A uint8 mask as bool, refused when it holds anything but 0 and 1."""
+    if flags.dtype == np.uint8:
+        bad = int((flags > 1).sum())
+        if bad:
+            raise DataFormatError(f".npz array {name!r} must hold only 0 and 1, but {bad} of {len(flags)} values "
+                                  f"are other (largest {int(flags.max())})")
+    return flags.astype(bool)
 
 
 def _check_npz_member(info: zipfile.ZipInfo, limits: DataLimits) -> None:

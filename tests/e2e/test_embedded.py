@@ -140,6 +140,42 @@ def test_detector_verdict_gates_the_ci_client_and_its_triggers_download_as_png(s
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
 
 
+@pytest.mark.timeout(900)
+def test_repair_data_client_downloads_the_weights_and_the_scores(server: Server, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    key = _cli("keys", "create", "--tenant", "data", data_dir=server.data_dir).stdout.strip()
+    state, clean, test = backdoored_digits()
+    training = test.subset(np.arange(120))
+    flipped = np.zeros(len(training), bool)
+    flipped[::6] = True  # every sixth label is wrong
+    np.savez(tmp_path / "train.npz", x=training.x, y=np.where(flipped, (training.y + 1) % 10, training.y),
+             is_corrupt=flipped)
+    spec = json.loads(_spec_file(tmp_path).read_text()) | {"repair_data": {"params": {
+        "calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False}}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out, scores = tmp_path / "repaired.safetensors", tmp_path / "scores.csv"
+    run = _cli("repair-data", "--model", str(write_safetensors(tmp_path / "m.safetensors", state)),
+               "--clean-data", str(write_npz(tmp_path / "c.npz", clean)), "--training-data",
+               str(tmp_path / "train.npz"), "--spec", str(tmp_path / "spec.json"), "--method", "retain",
+               "--url", server.url, "--report", str(tmp_path / "report.json"), "--out", str(out),
+               "--scores-out", str(scores), "--min-acc", "0.5", data_dir=server.data_dir, api_key=key)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "repair_data" and report["repair_data"]["method"] == "retain"
+    section = report["repair_data"]
+    assert f"{section['n_flagged']} of 120 training samples flagged" in run.stderr
+    assert "identification vs is_corrupt: precision" in run.stderr and "gate passed" in run.stderr
+    rows = scores.read_text().splitlines()
+    assert rows[0] == "index,label,score,flagged,new_label,is_corrupt" and len(rows) == 121
+    assert {k: tuple(v.shape) for k, v in load_file(str(out)).items()} == {k: tuple(v.shape)
+                                                                           for k, v in state.items()}
+    missing = _cli("repair-data", "--model", str(tmp_path / "m.safetensors"), "--clean-data",
+                   str(tmp_path / "c.npz"), "--training-data", str(tmp_path / "nope.npz"), "--spec",
+                   str(tmp_path / "spec.json"), "--url", server.url, data_dir=server.data_dir, api_key=key)
+    assert missing.returncode == 2 and "--training-data: no file" in missing.stderr
+
+
 def _spec_file(tmp: Path, detect: dict | None = None) -> Path:
     path = tmp / "spec.json"
     path.write_text(json.dumps({"model": {"architecture": "resnet20", "num_classes": 10, "in_channels": 1,

@@ -135,7 +135,8 @@ def _npz(**arrays: object) -> bytes:
     return buf.getvalue()
 
 
-def _bad_cases(files: dict[str, Path], tmp: Path) -> list[tuple[str, dict, str | None, int, str, str]]:
+def _bad_cases(files: dict[str, Path], tmp: Path,
+               limit: int) -> list[tuple[str, dict, str | None, int, str, str]]:
     """(name, parts overriding the good ones, spec or None for the good one, status, field, text in detail)."""
     state = create_model("resnet20", 10, 1).state_dict()
     good_st = files["model"].read_bytes()
@@ -173,7 +174,8 @@ def _bad_cases(files: dict[str, Path], tmp: Path) -> list[tuple[str, dict, str |
                                                                              "num_classes": 10}}), 422,
          "spec.model.architecture", "unknown architecture"),
         ("spec not JSON", {}, "{mode: scan", 422, "spec", ""),
-        ("mode not available", {}, spec_json("repair_data"), 422, "spec.mode", ""),
+        ("mode repair_data without training_data", {}, spec_json("repair_data"), 422, "training_data",
+         "is required by mode repair_data"),
         ("attack target out of range", {}, spec_json(attack={"type": "badnets", "target": 10}), 422, "spec", ""),
         ("epochs out of range", {}, spec_json("repair", repair={"method": "finetune", "params": {"epochs": 10**9}}),
          422, "spec.repair.params.epochs", "less than or equal to 300"),
@@ -184,8 +186,53 @@ def _bad_cases(files: dict[str, Path], tmp: Path) -> list[tuple[str, dict, str |
         ("NaN mean", {}, '{"mode": "scan", "model": {"architecture": "resnet20", "num_classes": 10, '
                          '"in_channels": 1, "mean": [NaN]}}', 422, "spec.model.mean.0", "finite"),
         ("training_data in scan mode", {"training_data": ("t.npz", files["clean"].read_bytes())}, None, 422,
-         "training_data", ""),
+         "training_data", "only used by mode repair_data"),
+        *_repair_data_cases(limit),
         ("unknown part", {"weights": ("w.bin", b"x")}, None, 422, "weights", ""),
+    ]
+
+
+def _repair_data_cases(limit: int) -> list[tuple[str, dict, str | None, int, str, str]]:
+    """Mode repair_data's own refusals: training_data that does not fit clean_data or the model, a bad
+    is_corrupt array, more than ``limit`` (ANTIDOTE_MAX_TRAINING_IMAGES) training images (refused from the
+    array header, before it is read), an unknown method or parameter."""
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 10, 40)
+    spec = spec_json("repair_data")
+
+    def training(**arrays: object) -> dict[str, tuple[str, bytes]]:
+        return {"training_data": ("train.npz", _npz(**{"x": x, "y": y, **arrays}))}
+
+    return [
+        ("training_data of another image size", {"training_data": ("t.npz", _npz(
+            x=np.zeros((4, 16, 16), np.uint8), y=np.zeros(4, np.int64)))}, spec, 422, "training_data", "16x16"),
+        ("training_data of another channel count", {"training_data": ("t.npz", _npz(
+            x=np.zeros((4, 8, 8, 3), np.uint8), y=np.zeros(4, np.int64)))}, spec, 422, "training_data",
+         "3 channel(s) but spec.model.in_channels is 1"),
+        ("training labels out of range", training(y=np.full(40, 10)), spec, 422, "training_data",
+         "outside [0, 10)"),
+        ("is_corrupt of the wrong length", training(is_corrupt=np.zeros(39, bool)), spec, 422, "training_data",
+         "'is_corrupt' must have shape (40,)"),
+        ("is_corrupt of the wrong dtype", training(is_corrupt=np.zeros(40, np.float32)), spec, 422,
+         "training_data", "'is_corrupt' must be bool or uint8"),
+        ("is_corrupt with values other than 0/1", training(is_corrupt=np.full(40, 2, np.uint8)), spec, 422,
+         "training_data", "only 0 and 1"),
+        ("training_data over its limit", {"training_data": ("t.npz", _npz(
+            x=np.zeros((limit + 1, 8, 8), np.uint8), y=np.zeros(limit + 1, np.uint8)))}, spec, 422,
+         "training_data", f"{limit + 1} images, over the limit of {limit}"),
+        ("training class folders unlike clean_data's", {
+            "clean_data": ("c.zip", _zip({"cat/a.png": _png(8, 8), "dog/b.png": _png(8, 8)})),
+            "training_data": ("t.zip", _zip({"cat/a.png": _png(8, 8), "emu/b.png": _png(8, 8)}))}, spec, 422,
+         "training_data", "are not clean_data's"),
+        ("unknown data-repair method", training(), spec_json("repair_data", repair_data={"method": "magic"}), 422,
+         "spec.repair_data.method", "unknown"),
+        ("data-repair parameter out of range", training(), spec_json(
+            "repair_data", repair_data={"method": "retain", "params": {"epochs": 10**9}}), 422,
+         "spec.repair_data.params.epochs", "less than or equal to 300"),
+        ("unknown data-repair parameter", training(), spec_json(
+            "repair_data", repair_data={"params": {"epoch": 1}}), 422, "spec.repair_data.params.epoch",
+         "unknown parameter"),
     ]
 
 
@@ -193,7 +240,7 @@ def test_bad_input_is_refused_with_a_named_field_and_nothing_stored(
         prod_client: TestClient, prod_settings: Settings, files: dict[str, Path], tmp_path: Path) -> None:
     auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
     failures = []
-    for name, parts, spec, status, field, text in _bad_cases(files, tmp_path):
+    for name, parts, spec, status, field, text in _bad_cases(files, tmp_path, prod_settings.max_training_images):
         r = post(prod_client, auth, spec if spec is not None else spec_json(), **{**ok_parts(files), **parts})
         body = r.json()
         if r.status_code != status or not body.get("field", "").startswith(field) or text not in body["detail"]:

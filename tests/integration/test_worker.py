@@ -161,3 +161,71 @@ def test_repair_scan_returns_weights_shaped_like_the_upload(prod_client: TestCli
     # deleting the finished scan removes its files too
     assert prod_client.delete(f"/scans/{scan_id}", headers=auth).status_code == 204
     assert prod_client.get(f"/scans/{scan_id}/artifacts/repaired_model", headers=auth).status_code == 404
+
+
+def _poisoned_digits_training(n: int = 400) -> tuple[ImageSet, np.ndarray]:
+    """The first ``n`` samples of the backdoored digits model's own training data (10% BadNets to class 0, as
+    cli/demo.py poisons it) and the mask of the poisoned ones."""
+    from cli.demo import load_digits
+    from core.attacks import poison_training_set
+
+    data = load_digits()
+    train = data.subset(np.random.default_rng(0).permutation(len(data))[:1200])
+    attack = create_attack("badnets", target=0, image_shape=train.image_shape)
+    poisoned = poison_training_set(attack, train, 0.1, 10, seed=0)
+    mask = np.zeros(len(train), bool)
+    mask[poisoned.poisoned_index] = True
+    return poisoned.data.subset(np.arange(n)), mask[:n]
+
+
+@pytest.mark.timeout(900)
+def test_repair_data_scan_reports_the_flags_and_serves_a_consistent_csv(
+        prod_client: TestClient, prod_settings: Settings, auth: dict[str, str], tmp_path: Path) -> None:
+    import csv
+    import io
+
+    from safetensors.torch import load_file
+
+    state, clean, test = backdoored_digits()
+    training, corrupt = _poisoned_digits_training()
+    np.savez(tmp_path / "train.npz", x=training.x, y=training.y, is_corrupt=corrupt.astype(np.uint8))
+    files = {**_digits_parts(tmp_path), "training_data": ("train.npz", (tmp_path / "train.npz").read_bytes())}
+    params = {"calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False}
+    spec = spec_json("repair_data", attack={"type": "badnets", "target": 0}, repair_data={"params": params})
+    scan_id = _run_to_success(prod_client, prod_settings, auth, files, spec, 300, tmp_path)
+    report = prod_client.get(f"/scans/{scan_id}/report", headers=auth).json()
+
+    section = report["repair_data"]
+    assert section["method"] == "retain" and section["params"]["calib_epochs"] == 2  # every value used
+    assert section["training_images"] == report["data"]["training_images"] == 400
+    assert report["data"]["training_is_corrupt"] == int(corrupt.sum()) > 0
+    assert {"load", "evaluate_before", "repair_data", "evaluate_after"} <= set(report["timings"])
+    for key in ("acc", "asr"):
+        assert isinstance(report["before"][key], float) and isinstance(report["after"][key], float)
+
+    r = prod_client.get(f"/scans/{scan_id}/artifacts/sample_scores", headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert list(rows[0]) == ["index", "label", "score", "flagged", "new_label", "is_corrupt"]
+    assert [int(row["index"]) for row in rows] == list(range(400))
+    assert [int(row["label"]) for row in rows] == training.y.tolist()
+    assert [bool(int(row["is_corrupt"])) for row in rows] == corrupt.tolist()
+    flagged = np.array([int(row["flagged"]) for row in rows], bool)
+    new = np.array([int(row["new_label"]) for row in rows])
+    scores = np.array([float(row["score"]) for row in rows])
+    assert np.isfinite(scores).all()
+    assert section["n_flagged"] == int(flagged.sum())
+    assert section["n_relabelled"] == int(((new >= 0) & (new != training.y)).sum())
+    assert section["n_dropped"] == int((new < 0).sum())
+    quality = section["identification"]
+    hits = int((flagged & corrupt).sum())
+    assert quality["n_flagged_corrupt"] == hits and quality["n_corrupt"] == int(corrupt.sum())
+    assert quality["recall"] == hits / corrupt.sum()
+    assert quality["precision"] == (hits / flagged.sum() if flagged.any() else None)
+    assert 0.0 <= quality["auroc"] <= 1.0
+
+    r = prod_client.get(f"/scans/{scan_id}/artifacts/repaired_model", headers=auth)
+    (tmp_path / "repaired.safetensors").write_bytes(r.content)
+    model = create_model("resnet20", 10, 1)
+    model.load_state_dict(load_file(str(tmp_path / "repaired.safetensors")))
+    assert report["after"]["acc"] == accuracy(predict(model, test.x, NORM), test.y)

@@ -61,3 +61,21 @@ def test_bad_gate_options_are_errors_with_exit_code_2() -> None:
                                       "--api-key", "k"])
     assert result.exit_code == client.ERROR
     assert "--fail-on must be suspicious or backdoored" in result.output
+
+
+def test_repair_data_method_goes_to_its_own_section_and_the_summary_counts_the_flags() -> None:
+    from cli.main import _build_spec
+
+    spec = _build_spec("repair_data", "resnet20", 10, 1, None, 0, None, "drop_flagged")
+    assert spec["repair_data"] == {"method": "drop_flagged", "params": {}} and "repair" not in spec
+    assert _build_spec("repair", "resnet20", 10, 1, None, 0, None, "finetune")["repair"]["method"] == "finetune"
+    report = {"model": {"architecture": "resnet20", "sha256": "ab" * 32},
+              "data": {"acc_source": "test_data", "acc_images": 10},
+              "before": {"acc": 0.5, "asr": None, "ra": None}, "after": {"acc": 0.75, "asr": None, "ra": None},
+              "repair_data": {"method": "retain", "training_images": 400, "n_flagged": 37, "n_relabelled": 21,
+                              "n_dropped": 4, "identification": {"precision": 0.75, "recall": 0.5, "auroc": 0.875}},
+              "timings": {}}
+    lines = client.summary_lines(report)
+    assert "repair_data: retain: 37 of 400 training samples flagged, 21 relabelled, 4 dropped" in lines
+    assert "identification vs is_corrupt: precision 75.00%  recall 50.00%  AUROC 0.875" in lines
+    assert client.Gate(min_acc=0.7).check(report) == []  # judged on the repaired model

@@ -13,7 +13,7 @@ import pytest
 from core.attacks.registry import ATTACKS
 from core.defenses.registry import COMMON_PARAMS, REPAIR_METHODS
 from core.models.registry import ARCHITECTURES
-from core.spec import AttackSpec, DetectSpec, ModelSpec, RepairSpec, ScanSpec
+from core.spec import AttackSpec, DetectSpec, ModelSpec, RepairDataSpec, RepairSpec, ScanSpec
 from store.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,8 @@ def test_every_setting_is_documented() -> None:
 
 def test_every_spec_field_is_documented() -> None:
     api = _text("api.md")
-    prefixes = {ScanSpec: "", ModelSpec: "model.", AttackSpec: "attack.", RepairSpec: "repair.", DetectSpec: "detect."}
+    prefixes = {ScanSpec: "", ModelSpec: "model.", AttackSpec: "attack.", RepairSpec: "repair.", DetectSpec: "detect.",
+                RepairDataSpec: "repair_data."}
     missing = [f"{prefix}{name}" for cls, prefix in prefixes.items() for name in cls.model_fields
                if f"`{prefix}{name}`" not in api]
     assert not missing, f"spec fields missing from docs/api.md: {missing}"
@@ -90,6 +91,15 @@ def test_every_repair_method_and_parameter_is_documented() -> None:
     params = {p for method in REPAIR_METHODS.values() for p in method.param_types} | set(COMMON_PARAMS)
     missing += [p for p in sorted(params) if f"`{p}`" not in api]
     assert not missing, f"repair methods or parameters missing from docs/api.md or docs/methods.md: {missing}"
+
+
+def test_every_data_repair_method_and_parameter_is_in_the_parameter_reference() -> None:
+    from core.datarepair.registry import DATA_REPAIR_METHODS
+
+    reference = _text("parameters.md").split("## `spec.repair_data.params`", 1)[-1].split("\n## ", 1)[0]
+    missing = [f"{m}.{p}" for m, entry in DATA_REPAIR_METHODS.items() for p in [*entry.param_types, ""]
+               if f"`{p or m}`" not in reference]
+    assert not missing, f"data-repair methods or parameters missing from docs/parameters.md: {missing}"
 
 
 def test_every_attack_and_parameter_is_documented() -> None:

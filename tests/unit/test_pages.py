@@ -92,6 +92,27 @@ def test_verdict_first_and_failed_scan_renders_its_error(env: tuple[TestClient, 
     assert page.status_code == 200 and "bad_input" in page.text and "no Conv2d &lt;layer&gt;" in page.text
 
 
+def test_a_repair_data_report_shows_its_counts_and_identification(env: tuple[TestClient, Any, Settings]) -> None:
+    client, sessions, _ = env
+    auth, tenant = _tenant(sessions, "a")
+    section = {"method": "retain", "params": {"epochs": 5}, "training_images": 400, "n_flagged": 37,
+               "n_relabelled": 21, "n_dropped": 4, "details": {"threshold_rule": "<clean null>"},
+               "identification": {"precision": 0.75, "recall": 0.5, "auroc": 0.875, "n_corrupt": 40,
+                                  "n_flagged": 37, "n_flagged_corrupt": 20}, "timings": {"identify": 1.25}}
+    report = {key: v for key, v in REPORT.items() if key != "repair"} | {"mode": "repair_data",
+                                                                         "repair_data": section}
+    html = client.get(f"/scans/{_scan(sessions, tenant, report)}/report.html", headers=auth).text
+    table = html.split('id="repair-data"')[1].split("</table>")[0]
+    for label, count in (("flagged", 37), ("relabelled (input kept)", 21), ("dropped or unlearned", 4)):
+        assert f"<td>{label}</td><td>{count}</td>" in table
+    row = html.split('id="identification"')[1].split("</table>")[0]
+    assert "<td>75.0%</td><td>50.0%</td><td>0.875</td>" in row
+    assert "&lt;clean null&gt;" in html and "<clean null>" not in html
+    section["identification"] = None
+    html = client.get(f"/scans/{_scan(sessions, tenant, report)}/report.html", headers=auth).text
+    assert 'id="identification"' not in html and "no is_corrupt array was uploaded" in html
+
+
 def test_links_are_scoped_to_one_tenant_and_one_page(env: tuple[TestClient, Any, Settings]) -> None:
     client, sessions, settings = env
     auth_a, tenant_a = _tenant(sessions, "a")

@@ -1,0 +1,70 @@
+"""Step 2: separate the beneficial from the detrimental information inside the flagged samples.
+
+A flagged sample carries an input and a label. Following RDIA (Kong et al., ICLR 2022: relabelling harmful
+samples beats deleting them under cross-entropy), the input is kept whenever the clean-calibrated models are
+confident in another class: the sample is relabelled, its input still teaches the features of that class (for a
+BadNets sample, that the trigger means nothing). "Confident" is calibrated on the clean set, not fixed: the
+threshold is the lowest confidence at which the calibrated models' out-of-fold predictions on held-out clean
+samples are right at least ``relabel_precision`` of the time. A flagged sample the models confidently agree with
+is kept as it is (a false alarm of the score). The rest (no confident class: its label is untrusted and its
+input unknown, e.g. a corrupted image) is dropped; those whose given label the calibrated models find less likely
+than chance are also unlearned (step 3), the detrimental part being the association of that input with that label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_RELABEL_SUPPORT = 10  # held-out clean samples the confidence threshold must rest on at least
+
+
+@dataclass
+class Separation:
+    """Per training sample: the label to train on (``-1`` = dropped) and which samples are unlearned."""
+
+    new_labels: np.ndarray  # int64 (N,)
+    relabelled: np.ndarray  # bool (N,)
+    confirmed: np.ndarray  # bool (N,): flagged, but the calibrated models confidently agree with the label
+    dropped: np.ndarray  # bool (N,)
+    unlearn: np.ndarray  # bool (N,): dropped and the given label less likely than chance
+    details: dict[str, object]
+
+
+def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: float) -> float:
+    """The lowest confidence tau such that the held-out clean samples with max probability >= tau are
+    classified right at least ``precision`` of the time (``inf`` when no such set of at least
+    :data:`MIN_RELABEL_SUPPORT` samples exists: then nothing is relabelled)."""
+    conf = clean_probs.max(1)
+    correct = clean_probs.argmax(1) == clean_y
+    order = np.argsort(-conf, kind="stable")
+    prec = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(prec[MIN_RELABEL_SUPPORT - 1:] >= precision) + MIN_RELABEL_SUPPORT - 1
+    if len(ok) == 0:
+        return float("inf")
+    return float(conf[order][ok[-1]])
+
+
+def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs: np.ndarray,
+             clean_y: np.ndarray, precision: float, num_classes: int) -> Separation:
+    """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label."""
+    y = y.astype(np.int64)
+    tau = relabel_threshold(clean_probs, clean_y, precision)
+    pred = probs.argmax(1).astype(np.int64)
+    confident = probs.max(1) >= tau
+    relabelled = flagged & confident & (pred != y)
+    confirmed = flagged & confident & (pred == y)
+    dropped = flagged & ~relabelled & ~confirmed
+    unlearn = dropped & (probs[np.arange(len(y)), y] < 1.0 / num_classes)
+    new_labels = y.copy()
+    new_labels[relabelled] = pred[relabelled]
+    new_labels[dropped] = -1
+    details = {
+        "relabel_confidence": tau if np.isfinite(tau) else None,
+        "relabel_rule": (f"flagged and the calibrated models' max probability >= the lowest confidence at which "
+                         f"held-out clean predictions are >= {precision:g} precise"),
+        "n_relabelled": int(relabelled.sum()), "n_confirmed": int(confirmed.sum()),
+        "n_dropped": int(dropped.sum()), "n_unlearned": int(unlearn.sum()),
+    }
+    return Separation(new_labels, relabelled, confirmed, dropped, unlearn, details)
