@@ -17,7 +17,13 @@ from sklearn.metrics import roc_auc_score
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.datarepair.identify import IdentifyConfig, checkpoint_epochs, identify
-from core.datarepair.registry import DATA_REPAIR_METHODS, DEFAULT_DATA_REPAIR_METHOD, repair_data, validate_params
+from core.datarepair.registry import (
+    DATA_REPAIR_METHODS,
+    DEFAULT_DATA_REPAIR_METHOD,
+    default_params,
+    repair_data,
+    validate_params,
+)
 from core.datarepair.repair import complementary_loss, kept_set
 from core.datarepair.separate import relabel_threshold, separate
 from core.defenses.runtime import runtime_for
@@ -150,6 +156,10 @@ def test_params_are_validated_and_named() -> None:
     with pytest.raises(ValidationError):
         validate_params("finetune_clean", {"scorer": "loss"})  # it does not identify
     assert validate_params("retain", {"scorer": "tracin", "lr": 0.02}) == {"scorer": "tracin", "lr": 0.02}
+    for method, entry in DATA_REPAIR_METHODS.items():  # every parameter has a default, and the defaults are valid
+        defaults = default_params(method)
+        assert set(defaults) == set(entry.param_types)
+        validate_params(method, defaults)
 
 
 def test_bad_data_is_refused_before_work(noisy_digits: dict) -> None:
