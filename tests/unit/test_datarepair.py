@@ -221,3 +221,29 @@ def test_scoring_memory_is_bounded_in_the_training_set_size() -> None:
     growth_mb = (_kib("VmHWM") - before) / 1024
     assert np.isfinite(ident.scores).all() and len(ident.scores) == 20_000
     assert growth_mb < 400, growth_mb
+
+
+class _Sink:
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.reports: list[tuple[str, float]] = []
+        self.stop_after = stop_after
+
+    def report(self, stage: str, fraction: float, timings: object) -> None:
+        self.reports.append((stage, fraction))
+
+    def stop_reason(self) -> str | None:
+        return "canceled" if self.stop_after is not None and len(self.reports) >= self.stop_after else None
+
+
+def test_progress_goes_through_the_stages_and_stops_when_asked(noisy_digits: dict) -> None:
+    from core.progress import StopRequested
+
+    sink = _Sink()
+    args = (noisy_digits["model"], noisy_digits["training"], noisy_digits["clean"], NORM)
+    repair_data("retain", *args, {**FAST, "calib_epochs": 2, "epochs": 1}, "cpu", 10, progress=Progress(sink))
+    stages = [s for s, _ in sink.reports]
+    assert [s for s in ("identify", "separate", "repair") if s in stages] == ["identify", "separate", "repair"]
+    fractions = [f for _, f in sink.reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    with pytest.raises(StopRequested):
+        repair_data("retain", *args, FAST, "cpu", 10, progress=Progress(_Sink(stop_after=3)))
