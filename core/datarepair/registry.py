@@ -200,6 +200,13 @@ def validate_params(method: str, params: Mapping[str, object], seed: int = 0) ->
     return out
 
 
+def default_params(method: str) -> dict[str, object]:
+    """Every parameter of ``method`` with its default (for docs/parameters.md and reports)."""
+    entry = DATA_REPAIR_METHODS[method]
+    flat = _flat_params(entry.configure({}, 0))
+    return {name: flat[name] for name in entry.param_types}
+
+
 def _check_data(training: ImageSet, clean: ImageSet, num_classes: int) -> None:
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")

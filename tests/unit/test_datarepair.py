@@ -17,7 +17,13 @@ from sklearn.metrics import roc_auc_score
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.datarepair.identify import IdentifyConfig, checkpoint_epochs, identify
-from core.datarepair.registry import DATA_REPAIR_METHODS, DEFAULT_DATA_REPAIR_METHOD, repair_data, validate_params
+from core.datarepair.registry import (
+    DATA_REPAIR_METHODS,
+    DEFAULT_DATA_REPAIR_METHOD,
+    default_params,
+    repair_data,
+    validate_params,
+)
 from core.datarepair.repair import complementary_loss, kept_set
 from core.datarepair.separate import relabel_threshold, separate
 from core.defenses.runtime import runtime_for
@@ -150,6 +156,10 @@ def test_params_are_validated_and_named() -> None:
     with pytest.raises(ValidationError):
         validate_params("finetune_clean", {"scorer": "loss"})  # it does not identify
     assert validate_params("retain", {"scorer": "tracin", "lr": 0.02}) == {"scorer": "tracin", "lr": 0.02}
+    for method, entry in DATA_REPAIR_METHODS.items():  # every parameter has a default, and the defaults are valid
+        defaults = default_params(method)
+        assert set(defaults) == set(entry.param_types)
+        validate_params(method, defaults)
 
 
 def test_bad_data_is_refused_before_work(noisy_digits: dict) -> None:
@@ -211,3 +221,29 @@ def test_scoring_memory_is_bounded_in_the_training_set_size() -> None:
     growth_mb = (_kib("VmHWM") - before) / 1024
     assert np.isfinite(ident.scores).all() and len(ident.scores) == 20_000
     assert growth_mb < 400, growth_mb
+
+
+class _Sink:
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.reports: list[tuple[str, float]] = []
+        self.stop_after = stop_after
+
+    def report(self, stage: str, fraction: float, timings: object) -> None:
+        self.reports.append((stage, fraction))
+
+    def stop_reason(self) -> str | None:
+        return "canceled" if self.stop_after is not None and len(self.reports) >= self.stop_after else None
+
+
+def test_progress_goes_through_the_stages_and_stops_when_asked(noisy_digits: dict) -> None:
+    from core.progress import StopRequested
+
+    sink = _Sink()
+    args = (noisy_digits["model"], noisy_digits["training"], noisy_digits["clean"], NORM)
+    repair_data("retain", *args, {**FAST, "calib_epochs": 2, "epochs": 1}, "cpu", 10, progress=Progress(sink))
+    stages = [s for s, _ in sink.reports]
+    assert [s for s in ("identify", "separate", "repair") if s in stages] == ["identify", "separate", "repair"]
+    fractions = [f for _, f in sink.reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    with pytest.raises(StopRequested):
+        repair_data("retain", *args, FAST, "cpu", 10, progress=Progress(_Sink(stop_after=3)))
