@@ -121,8 +121,10 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         registry = _repair_registry()
         stage = progress.stage("repair", *spans["repair"])
         try:
+            # the detector's verdict lets the automatic tsbd keep a clean model as it is (its clean_check)
             result = registry.repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
-                                     spec.model.num_classes, spec.seed, progress=stage)
+                                     spec.model.num_classes, spec.seed, progress=stage,
+                                     verdict=report["verdict"].get("label"))
         except ValueError as exc:  # parameters the method's config refuses
             raise InputError("spec.repair.params", str(exc)) from exc
         repaired = result.model
