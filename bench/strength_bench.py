@@ -36,17 +36,21 @@ from core.defenses.registry import repair  # noqa: E402
 from core.metrics import evaluate  # noqa: E402
 from core.training import train_classifier  # noqa: E402
 
-# the old automatic method (width rule, configured stage 2), with the profile's augmentation
+# "tsbd" is the committed default (width rule, adaptive stage 2, augmentation scaled to the image); "tsbd_width"
+# the automatic method before issue 10 (width rule, configured stage 2), with the profile's augmentation
 WIDTH = {"auto_rule": "width", "finetune_adaptive": False}
 PROFILE_VARIANTS: dict[str, dict[str, tuple[str, dict[str, object]]]] = {
     # the repair bench's CPU profile turns augmentation off (flips corrupt digits); the new default keeps it on
     # with flips read from the model and padding scaled to the side
-    "mnist": {"tsbd": ("tsbd", {}), "tsbd_width": ("tsbd", {**WIDTH, "augment": False}),
+    "mnist": {"tsbd": ("tsbd", {}), "tsbd_recovery": ("tsbd", {"auto_rule": "recovery"}),
+              "tsbd_width": ("tsbd", {**WIDTH, "augment": False}),
               "tsbd_fixed": ("tsbd_fixed", {"augment": False})},
     "digits": {"tsbd": ("tsbd", {}), "tsbd_width": ("tsbd", {**WIDTH, "augment": False}),
                "tsbd_width_aug_old": ("tsbd", {**WIDTH, "crop_padding": 4, "augment_flip": "on"}),
+               "tsbd_recovery": ("tsbd", {"auto_rule": "recovery"}),
                "tsbd_fixed": ("tsbd_fixed", {"augment": False})},
-    "cifar_r20": {"tsbd": ("tsbd", {}), "tsbd_width": ("tsbd", WIDTH), "tsbd_fixed": ("tsbd_fixed", {})},
+    "cifar_r20": {"tsbd": ("tsbd", {}), "tsbd_recovery": ("tsbd", {"auto_rule": "recovery"}),
+                  "tsbd_width": ("tsbd", WIDTH), "tsbd_fixed": ("tsbd_fixed", {})},
 }
 BENCH_PROFILES: dict[str, Profile] = {
     "mnist": dataclasses.replace(PROFILES["cpu"], attacks=("none", "badnets", "blended", "sig"),

@@ -83,9 +83,10 @@ class TSBDConfig:
     auto_probe_epochs: int_in(1, 50) = 2
     auto_holdout: float_in(0.05, 0.5) = 0.2
     auto_tolerance: Ratio = 0.01
-    # A model the detector calls clean (core.detect's verdict, given by the pipeline, or scanned here with
-    # clean_check="scan") is returned unrepaired unless force_repair; "off" ignores the verdict
-    clean_check: Literal["given", "scan", "off"] = "given"
+    # "given" / "scan": a model the detector calls clean (core.detect's verdict, given by the pipeline, or
+    # scanned here) is returned unrepaired unless force_repair. Off by default: the detector called a BadNets
+    # digits CNN with 100% ASR clean (BENCHMARKS.md §2.7), and a gate that trusts it leaves that backdoor in place
+    clean_check: Literal["off", "given", "scan"] = "off"
     force_repair: Flag = False
     # Stage 2, activeness-aware fine-tuning
     lr_finetune: LearningRate = 0.01  # tsbd/config.yaml: lr_ft=0.01 (SGD, momentum 0.9, no weight decay)
@@ -98,7 +99,8 @@ class TSBDConfig:
     # the clean subset's loss from the original model's towards chance (finetune.stage2_schedule)
     finetune_adaptive: Flag = False
     finetune_min_epochs: Epochs = 5
-    finetune_lr_floor: PositiveRatio = 0.1
+    # 0.5: lr 0.005 kept ASR on PreAct-ResNet18 (BENCHMARKS.md §2.1, 2.6% vs 2.3%); 0.001 kept a digits BadNets
+    finetune_lr_floor: PositiveRatio = 0.5
     # not in the reference: share of each batch's highest-loss images stage 2
     finetune_trim: float_in(0.0, 0.5, open_high=True) = 0.0
     # leaves out (0 = the reference); against a "clean" subset with poisoned images in it (BENCHMARKS.md §3)
