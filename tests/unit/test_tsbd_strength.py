@@ -71,6 +71,8 @@ def test_stage2_epochs_scale_with_the_subset_and_lr_with_the_damage() -> None:
     assert stage2_schedule(5_000, 32, 0.5, 2.0, k, cfg).epochs == round(REFERENCE_FINETUNE_IMAGES / 5_000)
     assert stage2_schedule(50_000, 32, 0.5, 2.0, k, cfg).epochs == cfg.finetune_min_epochs
     assert stage2_schedule(500, 32, 0.5, 2.0, k, cfg).epochs == cfg.finetune_epochs  # capped by the reference
+    short = dataclasses.replace(cfg, finetune_epochs=3)  # a user's epochs stay the cap, below the minimum too
+    assert stage2_schedule(50_000, 32, 0.5, 2.0, k, short).epochs == 3
     cfg = dataclasses.replace(cfg, finetune_lr_floor=0.1)
     half = stage2_schedule(2_500, 32, 0.5, 0.5 + 0.6 * (math.log(k) - 0.5), k, cfg)
     assert half.lr == pytest.approx(0.6 * cfg.lr_finetune)
@@ -136,7 +138,7 @@ def _clean_subset(n: int = 120) -> ImageSet:
 def test_a_model_the_detector_calls_clean_is_kept_unless_forced() -> None:
     model, clean = _tiny().eval(), _clean_subset()
     params = {"clean_check": "given", "batch_size": 60, "unlearn_max_epochs": 1, "finetune_epochs": 1,
-              "finetune_min_epochs": 1, "auto_probe_epochs": 1, "auto_probes": [0.5]}
+              "auto_probe_epochs": 1, "auto_probes": [0.5]}
     kept = repair("tsbd", model, clean, NORM, params, "cpu", 10, verdict="clean")
     assert kept.chosen["action"] == "kept" and "clean" in kept.chosen["why"]
     for a, b in zip(kept.model.state_dict().values(), model.state_dict().values(), strict=True):

@@ -94,8 +94,8 @@ class TSBDConfig:
     finetune_epochs: Epochs = 21  # tsbd/config.yaml: ft_epoch=20, and tsbd.py's loop runs ft_epoch + 1 = 21
     # tsbd.py: constant lr; "cosine" decays it to 0 over stage 2
     finetune_schedule: Literal["constant", "cosine"] = "constant"
-    # not in the reference: epochs = clip(REFERENCE_FINETUNE_IMAGES / subset size, finetune_min_epochs,
-    # finetune_epochs) and lr = lr_finetune * clip(damage, finetune_lr_floor, 1), damage = how far zeroing moved
+    # not in the reference: epochs = min(finetune_epochs, max(finetune_min_epochs, REFERENCE_FINETUNE_IMAGES /
+    # subset size)) and lr = lr_finetune * clip(damage, finetune_lr_floor, 1), damage = how far zeroing moved
     # the clean subset's loss from the original model's towards chance (finetune.stage2_schedule)
     finetune_adaptive: Flag = False
     finetune_min_epochs: Epochs = 5

@@ -98,10 +98,10 @@ class Stage2Schedule:
 def stage2_schedule(n_images: int, side: int, loss_original: float, loss_zeroed: float, num_classes: int,
                     cfg: TSBDConfig, flip: bool | None = None) -> Stage2Schedule:
     """Stage 2's schedule from the evidence rather than CIFAR constants (``cfg.finetune_adaptive``; else the
-    configured values). Epochs keep the reference's budget of image presentations (21 x 2,500) and lie in
-    ``[finetune_min_epochs, finetune_epochs]``: a larger subset needs fewer passes. The learning rate is
-    ``lr_finetune`` times the *damage* zeroing did, measured on the clean subset (which the original model
-    never trained on, so its loss is a held-out loss): ``(loss_zeroed - loss_original) / (ln K -
+    configured values). Epochs keep the reference's budget of image presentations (21 x 2,500), at least
+    ``finetune_min_epochs`` and at most ``finetune_epochs`` (the cap wins): a larger subset needs fewer passes.
+    The learning rate is ``lr_finetune`` times the *damage* zeroing did, measured on the clean subset (which the
+    original model never trained on, so its loss is a held-out loss): ``(loss_zeroed - loss_original) / (ln K -
     loss_original)``, clipped to ``[finetune_lr_floor, 1]`` — a model zeroing barely touched is not shaken by
     the full rate."""
     padding = crop_padding_for(side, cfg.crop_padding)
@@ -112,7 +112,7 @@ def stage2_schedule(n_images: int, side: int, loss_original: float, loss_zeroed:
     if not cfg.finetune_adaptive:
         return Stage2Schedule(cfg.finetune_epochs, cfg.lr_finetune, padding, do_flip, damage,
                               "configured epochs and learning rate (finetune_adaptive is off)")
-    hi = max(cfg.finetune_min_epochs, cfg.finetune_epochs)
+    hi = cfg.finetune_epochs  # the user's (or the reference's) epochs stay the cap
     epochs = min(hi, max(cfg.finetune_min_epochs, round(REFERENCE_FINETUNE_IMAGES / max(1, n_images))))
     factor = min(1.0, max(cfg.finetune_lr_floor, damage))
     why = (f"epochs = clip({REFERENCE_FINETUNE_IMAGES} / {n_images} images, {cfg.finetune_min_epochs}, {hi}) = "
