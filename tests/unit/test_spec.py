@@ -95,7 +95,7 @@ NAN, INF = float("nan"), float("inf")
     (_repair("fine_pruning", prune_step_ratio=0.0001), "repair.params.prune_step_ratio", "greater than"),
     (_repair("tsbd", auto_candidates=[0.1, 2.0]), "repair.params.auto_candidates.1", "less than or equal to 1"),
     (_repair("tsbd", auto_candidates=[]), "repair.params.auto_candidates", "at least 1"),
-    (_repair("tsbd", auto_rule="biggest"), "repair.params.auto_rule", "'width', 'collapse' or 'retention'"),
+    (_repair("tsbd", auto_rule="biggest"), "repair.params.auto_rule", "'recovery', 'width', 'collapse' or 'retention'"),
     (_repair("tsbd", auto_min_n=0.9), "repair.params", "auto_min_n <= auto_max_n"),
     (_repair("tsbd", augment=1), "repair.params.augment", "valid boolean"),
     (_repair("tsbd", lr_unlaern=0.1), "repair.params.lr_unlaern", "unknown parameter 'lr_unlaern'"),
