@@ -19,6 +19,7 @@ from core.defenses.runtime import (
     runtime_for,
     score,
 )
+from core.defenses.subset_filter import SubsetFilterConfig, filter_poisoned
 from core.defenses.tsbd.auto import choose_neuron_ratio
 from core.defenses.tsbd.config import TSBDConfig
 from core.defenses.tsbd.finetune import activeness_aware_finetune
@@ -30,16 +31,20 @@ from core.progress import Progress
 
 def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSBDConfig,
                 device: torch.device | str, progress: Progress | None = None,
-                num_classes: int | None = None) -> RepairResult:
+                num_classes: int | None = None,
+                subset_filter: SubsetFilterConfig | None = SubsetFilterConfig()) -> RepairResult:
     """Repair ``model`` with TSBD on the clean subset; ``cfg.neuron_ratio=None`` chooses ``n`` automatically
-    from the clean subset (:func:`choose_neuron_ratio`). ``model`` is not modified; the result holds a new
+    from the clean subset (:func:`choose_neuron_ratio`). ``subset_filter`` (on unless ``None``) first drops
+    the subset's images that sit apart from their class (:func:`filter_poisoned`), so that poisoned images
+    in it cannot teach the backdoor back in stage 2. ``model`` is not modified; the result holds a new
     module on ``device`` in eval mode."""
     rt = runtime_for(device)
     progress = progress or Progress()
     progress.sync = cuda_sync(rt)
     progress.stage("setup", 0.0, 0.01)
     original = prepare_model(copy.deepcopy(model), rt).eval()
-    data = DeviceImages(clean, norm, rt)
+    filtered = filter_poisoned(original, clean, norm, rt, subset_filter) if subset_filter is not None else None
+    data = DeviceImages(clean.subset(filtered.keep) if filtered is not None else clean, norm, rt)
     layers = covered_conv_layers(original, cfg.layer_exclude)
     if not layers:
         raise ValueError("the model has no Conv2d layer TSBD can work on")
@@ -52,7 +57,7 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     del unlearned.model  # only its weight changes are needed
 
     chosen: dict[str, object] = {}
-    details: dict[str, object] = {}
+    details: dict[str, object] = {"subset_filter": filtered.details if filtered is not None else {"applied": False}}
     n = cfg.neuron_ratio
     if n is None:
         choice = choose_neuron_ratio(original, nwc, data, cfg, k, progress.stage("choose_n", 0.31, 0.34))

@@ -1,0 +1,157 @@
+"""Poisoned-subset filter: drop the images of the defender's "clean" subset that sit apart from their own class.
+
+Why: a repair fine-tunes on the clean subset, so a few poisoned images in it (2% is enough, BENCHMARKS.md §3)
+teach the backdoor back. Every poisoned image carries the trigger and the attacker's label: dirty-label ones
+(BadNets, Blended, ...) show another class's content under the target's label, clean-label ones (SIG, CLB) the
+target's content plus a trigger the clean images of that class do not have. Either way the backdoored model's
+intermediate features place them away from the other images *of the label they carry*, while its last layers map
+them onto the target (so a score read at the output or the penultimate layer misses Blended). The score is
+therefore per class and per layer, and the rule reads the subset's own distribution — a robust z-score against
+the class's median and MAD, cut at 3.5 (Iglewicz & Hoaglin's outlier rule for modified z-scores) — not a fixed
+drop rate: a clean subset loses well under 1% of its images (BENCHMARKS.md §2.8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.defenses.runtime import DeviceImages, Runtime
+from core.ranges import check_fields, float_in, int_in
+
+_MAD_TO_SIGMA = 1.4826  # MAD * 1.4826 estimates the standard deviation of a normal distribution
+_SCALE_FLOOR = 1e-3  # per-channel scales below 0.1% of the layer's mean scale (dead channels) are floored
+
+
+@dataclass(frozen=True)
+class SubsetFilterConfig:
+    """The outlier rule. ``z_threshold``: modified z-score above which an image is dropped; classes with fewer
+    than ``min_class_size`` images are kept whole (a median and MAD of a handful of images mean little);
+    ``max_drop_ratio`` bounds what one filtering may remove (the highest scores first) so that a model whose
+    features are noise cannot empty the subset."""
+
+    z_threshold: float_in(1.0, 100.0) = 3.5
+    min_class_size: int_in(3, 1_000_000) = 10
+    max_drop_ratio: float_in(0.0, 0.5) = 0.2
+    batch_size: int_in(1, 4096) = 512
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class FilterResult:
+    """``keep``: boolean mask over the subset; ``scores``: each image's outlier score (median over layers of
+    its per-class z-score; 0 for images of classes too small to judge); ``details``: JSON-ready account."""
+
+    keep: np.ndarray
+    scores: np.ndarray
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def conv_feature_means(model: nn.Module, data: DeviceImages, batch_size: int = 512) -> list[torch.Tensor]:
+    """For every ``Conv2d`` of ``model`` (module order), its output averaged over positions: one
+    ``N×C_layer`` float32 tensor per layer, computed in eval mode without gradients."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    chunks: list[list[torch.Tensor]] = [[] for _ in convs]
+    hooks = [conv.register_forward_hook(
+        lambda _m, _inp, out, i=i: chunks[i].append(out.detach().float().mean(dim=(2, 3))))
+        for i, conv in enumerate(convs)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), data.rt.autocast():
+            for start in range(0, len(data), batch_size):
+                model(data.inputs(slice(start, start + batch_size)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [torch.cat(c) for c in chunks]
+
+
+def robust_z(values: torch.Tensor) -> torch.Tensor:
+    """``(v - median) / (1.4826 * MAD)`` (the modified z-score); zeros when the MAD is 0."""
+    med = values.median()
+    mad = (values - med).abs().median() * _MAD_TO_SIGMA
+    if float(mad) <= 0:
+        return torch.zeros_like(values)
+    return (values - med) / mad
+
+
+def _scaled_distance(feats: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    med = ref.median(dim=0).values
+    scale = (ref - med).abs().median(dim=0).values * _MAD_TO_SIGMA
+    floor = _SCALE_FLOOR * float(scale.mean()) + 1e-12
+    return ((feats - med) / scale.clamp_min(floor)).pow(2).mean(dim=1).sqrt()
+
+
+def class_distance(feats: torch.Tensor) -> torch.Tensor:
+    """Each row's root-mean-square distance to the centre of the rows, each channel scaled by its spread: how
+    far an image sits from the centre of its class in one layer. The centre and spreads are the per-channel
+    median and MAD of the half of the rows nearest a first median estimate (one concentration step, as in
+    the minimum covariance determinant), so that a cluster of poisoned images up to about half the class
+    neither moves the centre nor widens the scale."""
+    first = _scaled_distance(feats, feats)
+    core = feats[torch.argsort(first)[: max(2, (len(feats) + 1) // 2)]]
+    return _scaled_distance(feats, core)
+
+
+def outlier_scores(layer_feats: list[torch.Tensor], labels: torch.Tensor, min_class_size: int
+                   ) -> tuple[torch.Tensor, list[int]]:
+    """Per image, the median over layers of the robust z-score of :func:`class_distance` within its class;
+    and the classes too small to score (their images score 0)."""
+    n = int(labels.shape[0])
+    per_layer = torch.zeros(len(layer_feats), n, device=labels.device)
+    skipped: list[int] = []
+    for c in torch.unique(labels).tolist():
+        members = labels == c
+        if int(members.sum()) < min_class_size:
+            skipped.append(int(c))
+            continue
+        for li, feats in enumerate(layer_feats):
+            per_layer[li, members] = robust_z(class_distance(feats[members]))
+    return per_layer.median(dim=0).values, skipped
+
+
+def filter_poisoned(model: nn.Module, clean: ImageSet, norm: Normalization, rt: Runtime,
+                    cfg: SubsetFilterConfig | None = None) -> FilterResult:
+    """Score every image of ``clean`` with :func:`outlier_scores` on ``model``'s conv features and mark for
+    dropping those above ``cfg.z_threshold`` (at most ``cfg.max_drop_ratio`` of the subset, highest first).
+    ``model`` (already on ``rt``'s device) is left as it was."""
+    cfg = cfg or SubsetFilterConfig()
+    n = len(clean)
+    data = DeviceImages(clean, norm, rt)
+    feats = conv_feature_means(model, data, cfg.batch_size)
+    if not feats:
+        return FilterResult(np.ones(n, dtype=bool), np.zeros(n, dtype=np.float32),
+                            {"applied": False, "reason": "the model has no Conv2d layer to read features from"})
+    scores_t, skipped = outlier_scores(feats, data.y, cfg.min_class_size)
+    scores = scores_t.cpu().numpy().astype(np.float32)
+    flagged = np.flatnonzero(scores > cfg.z_threshold)
+    cap = int(cfg.max_drop_ratio * n)
+    capped = len(flagged) > cap
+    if capped:
+        flagged = flagged[np.argsort(-scores[flagged], kind="stable")[:cap]]
+    keep = np.ones(n, dtype=bool)
+    keep[flagged] = False
+    labels = np.asarray(clean.y)
+    per_class = {str(int(c)): int(k) for c, k in zip(*np.unique(labels[flagged], return_counts=True), strict=True)}
+    order = flagged[np.argsort(-scores[flagged], kind="stable")]
+    details: dict[str, object] = {
+        "applied": True,
+        "rule": (f"dropped the images whose median over {len(feats)} conv layers of the per-class robust z-score "
+                 f"of their feature distance to the class median exceeds {cfg.z_threshold}"),
+        "examined": n, "dropped": int(len(flagged)), "kept": int(keep.sum()),
+        "fraction_dropped": float(len(flagged) / n), "dropped_per_class": per_class,
+        "classes_too_small": skipped, "capped_at_max_drop_ratio": capped,
+        "score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
+        "dropped_index": [int(i) for i in order[:100]],  # subset positions, highest score first
+        "dropped_scores": [round(float(scores[i]), 2) for i in order[:100]],
+    }
+    return FilterResult(keep, scores, details)
