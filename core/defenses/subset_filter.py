@@ -46,8 +46,8 @@ class SubsetFilterConfig:
 
 @dataclass
 class FilterResult:
-    """``keep``: boolean mask over the subset; ``scores``: each image's outlier score (median over layers of
-    its per-class z-score; 0 for images of classes too small to judge); ``details``: JSON-ready account."""
+    """``keep``: boolean mask over the subset; ``scores``: each image's outlier score (:func:`outlier_scores`;
+    0 for images of classes too small to judge); ``details``: JSON-ready account."""
 
     keep: np.ndarray
     scores: np.ndarray
@@ -84,28 +84,36 @@ def robust_z(values: torch.Tensor) -> torch.Tensor:
     return (values - med) / mad
 
 
-def _scaled_distance(feats: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def _standardise(feats: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``feats`` centred on ``ref``'s per-channel median and divided by its per-channel MAD (floored)."""
     med = ref.median(dim=0).values
     scale = (ref - med).abs().median(dim=0).values * _MAD_TO_SIGMA
-    floor = _SCALE_FLOOR * float(scale.mean()) + 1e-12
-    return ((feats - med) / scale.clamp_min(floor)).pow(2).mean(dim=1).sqrt()
+    return (feats - med) / scale.clamp_min(_SCALE_FLOOR * float(scale.mean()) + 1e-12)
 
 
-def class_distance(feats: torch.Tensor) -> torch.Tensor:
-    """Each row's root-mean-square distance to the centre of the rows, each channel scaled by its spread: how
-    far an image sits from the centre of its class in one layer. The centre and spreads are the per-channel
-    median and MAD of the half of the rows nearest a first median estimate (one concentration step, as in
-    the minimum covariance determinant), so that a cluster of poisoned images up to about half the class
-    neither moves the centre nor widens the scale."""
-    first = _scaled_distance(feats, feats)
-    core = feats[torch.argsort(first)[: max(2, (len(feats) + 1) // 2)]]
-    return _scaled_distance(feats, core)
+def class_core(feats: torch.Tensor) -> torch.Tensor:
+    """The half of the rows nearest the rows' per-channel median (RMS of the MAD-scaled differences): one
+    concentration step, as in the minimum covariance determinant, so that a cluster of poisoned images up to
+    about half the class neither moves the centre nor widens the scales."""
+    first = _standardise(feats, feats).pow(2).mean(dim=1)
+    return feats[torch.argsort(first)[: max(2, (len(feats) + 1) // 2)]]
+
+
+def class_outlier_z(feats: torch.Tensor) -> torch.Tensor:
+    """How far each row of one class sits from the class along the class's main direction of spread in one
+    layer: the rows standardised by :func:`class_core`'s median and MAD, projected on their top principal
+    direction, as an absolute modified z-score. Why the top direction (the spectral signature of Tran et al.,
+    NeurIPS 2018): poisoned images of a class share the trigger, so together they pull that direction towards
+    themselves, while a clean class's odd images each stray their own way."""
+    x = _standardise(feats, class_core(feats))
+    _, _, vh = torch.linalg.svd(x - x.mean(dim=0), full_matrices=False)
+    return robust_z(x @ vh[0]).abs()
 
 
 def outlier_scores(layer_feats: list[torch.Tensor], labels: torch.Tensor, min_class_size: int
                    ) -> tuple[torch.Tensor, list[int]]:
-    """Per image, the median over layers of the robust z-score of :func:`class_distance` within its class;
-    and the classes too small to score (their images score 0)."""
+    """Per image, the mean over layers of :func:`class_outlier_z` within its class; and the classes too small
+    to score (their images score 0)."""
     n = int(labels.shape[0])
     per_layer = torch.zeros(len(layer_feats), n, device=labels.device)
     skipped: list[int] = []
@@ -115,8 +123,8 @@ def outlier_scores(layer_feats: list[torch.Tensor], labels: torch.Tensor, min_cl
             skipped.append(int(c))
             continue
         for li, feats in enumerate(layer_feats):
-            per_layer[li, members] = robust_z(class_distance(feats[members]))
-    return per_layer.median(dim=0).values, skipped
+            per_layer[li, members] = class_outlier_z(feats[members])
+    return per_layer.mean(dim=0), skipped
 
 
 def filter_poisoned(model: nn.Module, clean: ImageSet, norm: Normalization, rt: Runtime,
@@ -145,8 +153,8 @@ def filter_poisoned(model: nn.Module, clean: ImageSet, norm: Normalization, rt: 
     order = flagged[np.argsort(-scores[flagged], kind="stable")]
     details: dict[str, object] = {
         "applied": True,
-        "rule": (f"dropped the images whose median over {len(feats)} conv layers of the per-class robust z-score "
-                 f"of their feature distance to the class median exceeds {cfg.z_threshold}"),
+        "rule": (f"dropped the images whose mean over {len(feats)} conv layers of the robust z-score of their "
+                 f"features along their class's main direction exceeds {cfg.z_threshold}"),
         "examined": n, "dropped": int(len(flagged)), "kept": int(keep.sum()),
         "fraction_dropped": float(len(flagged) / n), "dropped_per_class": per_class,
         "classes_too_small": skipped, "capped_at_max_drop_ratio": capped,
