@@ -3,6 +3,18 @@
     python bench/repair_bench.py --profile gpu --out BENCHMARKS-repair-gpu.md      # PreAct-ResNet18, CIFAR-10
     python bench/repair_bench.py --profile cpu --out BENCHMARKS-repair-cpu.md      # small CNN, 2 CPU cores
     python bench/repair_bench.py --profile cpu --tiny --out /tmp/smoke.md          # ~1-minute smoke run
+    python bench/repair_bench.py --profile cpu_resnet20 --out BENCHMARKS-repair-r20.md  # ResNet-20, CIFAR-10, CPU
+
+Issue 10's axes: ``--arch`` (small_cnn, resnet20, preactresnet18, vgg19_bn, torchvision.<name>), the attack
+``clean`` (a model trained without poisoning), ``--defender-poison 0.02``, ``--retune N`` (the retuning attack on
+the unrepaired model and on every repaired one: N poisoned training images among 4N clean defender images, ASR
+after 1 and 5 epochs), and the variant flag ``"subset_filter"`` (False: TSBD without its poisoned-subset
+filter; True: a baseline with it). The GPU command, one run per architecture:
+
+    for a in preactresnet18 resnet20 vgg19_bn torchvision.resnet18; do for p in 0 0.02; do
+      python bench/repair_bench.py --profile gpu --data .carry/cifar10_small.npz --arch $a --defender-poison $p \
+        --attacks badnets,blended,sig,wanet,lowfreq,clean --sweep badnets,blended,sig --retune 25 \
+        --variants '{"tsbd_nofilter": ["tsbd", {"subset_filter": false}]}' --out $OUT/repair_${a}_p$p.md; done; done
 
 Per attack it trains one backdoored model (10% poisoning, target 0), takes a clean defender subset that
 training never saw, runs each repair method through ``core.defenses.registry.repair`` and reports ACC, ASR,
@@ -35,9 +47,11 @@ from core.attacks.base import make_backdoor_test_set, poison_training_set  # noq
 from core.attacks.registry import create_attack  # noqa: E402
 from core.data.imageset import ImageSet  # noqa: E402
 from core.data.transforms import Normalization  # noqa: E402
+from core.defenses.baselines import fine_pruning, vanilla_finetune  # noqa: E402
 from core.defenses.registry import REPAIR_METHODS, repair, validate_params  # noqa: E402
 from core.defenses.result import RepairResult  # noqa: E402
 from core.defenses.runtime import DeviceImages, cuda_sync, prepare_model, runtime_for, sgd_finetune  # noqa: E402
+from core.defenses.subset_filter import SubsetFilterConfig  # noqa: E402
 from core.defenses.tsbd import (  # noqa: E402
     REFERENCE_N_SWEEP,
     TSBDConfig,
@@ -87,6 +101,10 @@ PROFILES = {
     "cpu": Profile("small_cnn", "mnist", 6_000, 500, 2_000, 6, 0.05, 128, ALL_ATTACKS,
                    ("badnets", "blended"), {"batch_size": 128, "lr_unlearn": 1e-3, "augment": False},
                    augment=False),
+    # CIFAR ResNet-20 on 2 CPU cores (~120 img/s training): 4,000 training images x 8 epochs ~ 4.5 min per model,
+    # 500 defender images; six models (five attacks + clean) and their repairs fit in well under an hour idle
+    "cpu_resnet20": Profile("resnet20", "cifar10", 4_000, 500, 1_000, 8, 0.05, 128, (*ALL_ATTACKS, "clean"),
+                            (), {"batch_size": 128}),
 }
 
 
@@ -171,13 +189,22 @@ RETUNE_EPOCHS = (1, 5)  # the retuning attack reports ASR after these epochs
 
 def run_method(method: str, model: nn.Module, subset: ImageSet, norm: Normalization, params: dict[str, object],
                device: str, num_classes: int, seed: int) -> RepairResult:
-    """``repair(method, ...)``, except that ``"subset_filter": False`` among ``params`` runs TSBD without its
-    poisoned-subset filter (the benchmark's comparison row; the registry always filters)."""
+    """``repair(method, ...)``, except for a ``"subset_filter"`` flag among ``params``: ``False`` runs TSBD
+    without its poisoned-subset filter, ``True`` runs a baseline (finetune, fine_pruning) with it — the
+    benchmark's comparison rows (the registry always filters for TSBD and never for the baselines)."""
     params = dict(params)
-    if params.pop("subset_filter", True) is not False or method not in ("tsbd", "tsbd_fixed"):
+    flag = params.pop("subset_filter", None)
+    tsbd = method in ("tsbd", "tsbd_fixed")
+    if flag is None or (tsbd and flag) or method not in ("tsbd", "tsbd_fixed", "finetune", "fine_pruning"):
         return repair(method, model, subset, norm, params, device, num_classes, seed=seed)
     cfg = REPAIR_METHODS[method].configure(validate_params(method, params, seed), seed)
-    res = tsbd_repair(model, subset, norm, cfg, device, num_classes=num_classes, subset_filter=None)
+    if tsbd:
+        res = tsbd_repair(model, subset, norm, cfg, device, num_classes=num_classes, subset_filter=None)
+    elif flag:
+        run = vanilla_finetune if method == "finetune" else fine_pruning
+        res = run(model, subset, norm, cfg, device, subset_filter=SubsetFilterConfig())
+    else:
+        return repair(method, model, subset, norm, params, device, num_classes, seed=seed)
     res.method = method
     return res
 

@@ -11,6 +11,7 @@ from core.attacks.base import poison_training_set
 from core.attacks.registry import create_attack
 from core.defenses.runtime import runtime_for
 from core.defenses.subset_filter import SubsetFilterConfig, filter_poisoned, outlier_scores, robust_z
+from core.defenses.tsbd import TSBDConfig, tsbd_repair
 from core.training import train_classifier
 from tests.unit.test_tsbd import NORM, digits, tiny_cnn
 
@@ -43,35 +44,53 @@ def digits_split():
     return digits()
 
 
-@pytest.mark.parametrize("attack_name", ["blended", "sig"])
-def test_filter_ranks_planted_poisoned_images_first_and_keeps_clean_ones(digits_split, attack_name: str) -> None:
-    """A small CNN backdoored on 8x8 digits; the defender's 300 'clean' images hold 2-3% poisoned ones of the
-    same attack (SIG: triggered target-class images that keep their label). The planted images score highest,
-    and the default rule drops almost no clean image, with or without them. (On these 8x8 images the planted
-    ones' scores, 2-4, stay under the default cut of 3.5 — they are dropped on MNIST, BENCHMARKS.md §2.8 — so
-    the drop itself is checked with a cut at the planted images' level, 2.)"""
+@pytest.fixture(scope="module")
+def badnets_digits(digits_split):
+    """A 6-layer CNN (width 16) with a BadNets backdoor (10% of the training images, target 0) on 8x8 digits;
+    the defender's 539 'clean' images, of which 2% (11) are replaced by poisoned ones; the mask of those."""
     train, test = digits_split
-    attack = create_attack(attack_name, target=0, image_shape=train.image_shape, seed=0)
+    attack = create_attack("badnets", target=0, image_shape=train.image_shape, seed=0)
     poisoned = poison_training_set(attack, train, 0.1, 10, seed=0)
     torch.manual_seed(1)
-    model = train_classifier(small_cnn(1, 10, width=8), poisoned.data, NORM, epochs=10, lr=0.05, batch_size=64,
+    model = train_classifier(small_cnn(1, 10), poisoned.data, NORM, epochs=15, lr=0.05, batch_size=64,
                              device="cpu", augment=False)
-    defender = test.subset(np.arange(300))
-    mixed = poison_training_set(attack, defender, 0.03 if attack.clean_label else 0.02, 10, seed=1)
-    subset = mixed.data.subset(np.arange(len(defender)))
-    planted = np.zeros(len(subset), dtype=bool)
+    mixed = poison_training_set(attack, test, 0.02, 10, seed=1)
+    planted = np.zeros(len(test), dtype=bool)
     planted[mixed.poisoned_index] = True
+    return model, test, mixed.data.subset(np.arange(len(test))), planted
+
+
+def test_filter_drops_planted_poisoned_images_and_keeps_clean_ones(badnets_digits) -> None:
+    """The planted images score highest and the rule drops almost no clean image. How many planted ones the
+    default cut (3.5) drops varies on these 8x8 images with the run (4 to 10 of 11 with 1 or 2 threads: their
+    scores sit near the cut; on MNIST, far above it, BENCHMARKS.md §2.8), so the drop is checked at a cut of 2.5
+    and the default only for what it keeps."""
+    model, clean, subset, planted = badnets_digits
     rt = runtime_for("cpu")
     res = filter_poisoned(model, subset, NORM, rt)
-    top = np.argsort(-res.scores)[: int(planted.sum())]
-    assert planted[top].sum() >= planted.sum() - 1, (res.scores[planted], np.sort(res.scores)[-10:])
-    assert (~res.keep[~planted]).sum() <= 0.03 * (~planted).sum(), res.details
+    k = int(planted.sum())
+    info = (np.sort(res.scores[planted]).round(1), np.quantile(res.scores[~planted], [0.5, 0.98, 0.995]).round(1))
+    assert planted[np.argsort(-res.scores)[:k]].sum() >= 0.7 * k, info
+    assert res.scores[planted].min() > np.quantile(res.scores[~planted], 0.9), info
+    assert (~res.keep[~planted]).sum() <= 0.02 * (~planted).sum(), res.details
     assert res.details["dropped"] == int((~res.keep).sum())
     assert set(res.details["dropped_index"]) == set(np.flatnonzero(~res.keep).tolist())
-    cut = filter_poisoned(model, subset, NORM, rt, SubsetFilterConfig(z_threshold=2.0))
-    assert (~cut.keep[planted]).sum() >= planted.sum() - 1 and (~cut.keep[~planted]).sum() <= 0.05 * len(subset)
-    on_clean = filter_poisoned(model, defender, NORM, rt)
-    assert on_clean.details["fraction_dropped"] <= 0.03, on_clean.details
+    lower = filter_poisoned(model, subset, NORM, rt, SubsetFilterConfig(z_threshold=2.5))
+    assert (~lower.keep[planted]).sum() >= k - 2 and (~lower.keep[~planted]).sum() <= 0.03 * len(subset), info
+    assert lower.details["dropped_per_class"]["0"] >= k - 2
+    on_clean = filter_poisoned(model, clean, NORM, rt)  # the same subset without the planted images
+    assert on_clean.details["fraction_dropped"] <= 0.02, on_clean.details
+
+
+def test_tsbd_repair_filters_by_default_and_reports_it(badnets_digits) -> None:
+    model, _, subset, planted = badnets_digits
+    cfg = TSBDConfig(lr_unlearn=0.01, batch_size=128, augment=False, finetune_epochs=1, neuron_ratio=0.3)
+    res = tsbd_repair(model, subset, NORM, cfg, "cpu", num_classes=10)
+    filt = res.details["subset_filter"]
+    assert filt["applied"] and filt["examined"] == len(subset) and filt["kept"] == len(subset) - filt["dropped"]
+    assert filt["dropped"] <= 0.05 * len(subset)
+    off = tsbd_repair(model, subset, NORM, cfg, "cpu", num_classes=10, subset_filter=None)
+    assert off.details["subset_filter"] == {"applied": False}
 
 
 def test_the_cap_bounds_what_one_filtering_drops(digits_split) -> None:
