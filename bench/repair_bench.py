@@ -5,15 +5,16 @@
     python bench/repair_bench.py --profile cpu --tiny --out /tmp/smoke.md          # ~1-minute smoke run
     python bench/repair_bench.py --profile cpu_resnet20 --out BENCHMARKS-repair-r20.md  # ResNet-20, CIFAR-10, CPU
 
-Issue 10's axes: ``--arch`` (small_cnn, resnet20, preactresnet18, vgg19_bn, torchvision.<name>), the attack
+Issue 10's axes: ``--arch`` (small_cnn, resnet20, preactresnet18, vgg19_bn, torchvision.<name>,
+``torchvision_resnet18_32``), IAB and CLB among the attacks, the attack
 ``clean`` (a model trained without poisoning), ``--defender-poison 0.02``, ``--retune N`` (the retuning attack on
 the unrepaired model and on every repaired one: N poisoned training images among 4N clean defender images, ASR
 after 1 and 5 epochs), and the variant flag ``"subset_filter"`` (False: TSBD without its poisoned-subset
 filter; True: a baseline with it). The GPU command, one run per architecture:
 
-    for a in preactresnet18 resnet20 vgg19_bn torchvision.resnet18; do for p in 0 0.02; do
+    for a in preactresnet18 resnet20 vgg19_bn torchvision_resnet18_32; do for p in 0 0.02; do
       python bench/repair_bench.py --profile gpu --data .carry/cifar10_small.npz --arch $a --defender-poison $p \
-        --attacks badnets,blended,sig,wanet,lowfreq,clean --sweep badnets,blended,sig --retune 25 \
+        --attacks badnets,blended,sig,wanet,lowfreq,iab,clb,clean --sweep badnets,blended,sig --retune 25 \
         --variants '{"tsbd_nofilter": ["tsbd", {"subset_filter": false}]}' --out $OUT/repair_${a}_p$p.md; done; done
 
 Per attack it trains one backdoored model (10% poisoning, target 0), takes a clean defender subset that
@@ -44,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.datasets import load_cifar10, load_mnist, load_npz_pair  # noqa: E402
 from core.attacks.base import make_backdoor_test_set, poison_training_set  # noqa: E402
-from core.attacks.registry import create_attack  # noqa: E402
+from core.attacks.clb import clb_poison_training_set  # noqa: E402
+from core.attacks.registry import TRAINED_ATTACKS, create_attack  # noqa: E402
 from core.data.imageset import ImageSet  # noqa: E402
 from core.data.transforms import Normalization  # noqa: E402
 from core.defenses.baselines import fine_pruning, vanilla_finetune  # noqa: E402
@@ -67,7 +69,7 @@ from core.models.registry import create_model  # noqa: E402
 from core.progress import Progress  # noqa: E402
 from core.training import train_classifier  # noqa: E402
 
-ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "lowfreq")
+ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "lowfreq")  # the profiles' default; iab and clb by name too
 A2A_SUFFIX = "_a2a"  # "badnets_a2a": the all-to-all variant (label y -> y+1), reported but not in the mean
 ALL_METHODS = ("tsbd", "tsbd_fixed", "fine_pruning", "finetune", "ft_sam")
 CIFAR_NORM = Normalization((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
@@ -121,9 +123,19 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 16) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
 
 
+TORCHVISION_32 = "torchvision_resnet18_32"  # bench only: torchvision's ResNet-18 with a CIFAR stem (3x3, stride 1)
+
+
 def build_model(profile: Profile, in_channels: int, num_classes: int) -> nn.Module:
     if profile.architecture == "small_cnn":
         return small_cnn(in_channels, num_classes)
+    if profile.architecture == TORCHVISION_32:
+        # torchvision's 7x7 stride-2 stem and max-pool leave a 32x32 image 1x1 before the last stage; the usual
+        # CIFAR adaptation. Not in core.models' registry (its checkpoints would not load as torchvision.resnet18).
+        model = create_model("torchvision.resnet18", num_classes, in_channels)
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
     return create_model(profile.architecture, num_classes, in_channels)
 
 
@@ -247,8 +259,8 @@ def main() -> None:
                     help="fraction of the defender's 'clean' subset replaced by poisoned samples (issue 4: 0.02)")
     ap.add_argument("--variants", default="{}",
                     help='JSON {"label": ["method", {params}]}: extra rows, e.g. a method with another lr')
-    ap.add_argument("--arch", help="architecture instead of the profile's: small_cnn or a core.models name "
-                    "(resnet20, preactresnet18, vgg19_bn, torchvision.<name>)")
+    ap.add_argument("--arch", help="architecture instead of the profile's: small_cnn, a core.models name "
+                    f"(resnet20, preactresnet18, vgg19_bn, torchvision.<name>) or {TORCHVISION_32}")
     ap.add_argument("--retune", type=int, default=0,
                     help="retuning attack: fine-tune each repaired (and the unrepaired) model on this many "
                          "poisoned training images plus 4x as many clean defender images; 0: off")
@@ -281,6 +293,7 @@ def main() -> None:
     train, defender, test, defender_source = split_data(train_all, test_all, prof, args.seed)
 
     started = time.perf_counter()
+    cache: dict[str, nn.Module] = {}
     report: dict[str, object] = {
         "profile": args.profile, "tiny": args.tiny, "defender_poison": args.defender_poison,
         "config": dataclasses.asdict(prof), "device": device,
@@ -291,18 +304,38 @@ def main() -> None:
         t0 = time.perf_counter()
         base_name, a2a = attack_name.removesuffix(A2A_SUFFIX), attack_name.endswith(A2A_SUFFIX)
         clean_model = base_name == CLEAN_MODEL  # measured with BadNets' trigger, trained without poison
-        attack = create_attack("badnets" if clean_model else base_name, target=0, image_shape=train.image_shape,
-                               seed=args.seed, **({"all_to_all": True} if a2a else {}))
-        poisoned = poison_training_set(attack, train, 0.0 if clean_model else 0.1, num_classes, args.seed)
+        clb = base_name in ("clb", "lc")
+        torch.manual_seed(args.seed)
+        model = build_model(prof, train.image_shape[2], num_classes)
+        if base_name in TRAINED_ATTACKS:  # IAB: the trigger generator trains with the classifier
+            model, attack = TRAINED_ATTACKS[base_name](
+                model, train, norm, target=0, epochs=prof.epochs, lr=prof.lr, batch_size=prof.batch_size,
+                device=device, seed=args.seed, mask_epochs=min(25, prof.epochs))
+        else:
+            attack = create_attack("badnets" if clean_model else base_name, target=0,
+                                   image_shape=train.image_shape, seed=args.seed,
+                                   **({"all_to_all": True} if a2a else {}))
+        if clb and "surrogate" not in cache:  # CLB's PGD needs a model trained on clean data
+            torch.manual_seed(args.seed + 11)
+            cache["surrogate"] = train_classifier(build_model(prof, train.image_shape[2], num_classes), train,
+                                                  norm, prof.epochs, prof.lr, prof.batch_size, device,
+                                                  augment=prof.augment, seed=args.seed + 11)
+
+        def poison(data: ImageSet, ratio: float, seed: int, _attack=attack, _clb=clb):
+            if _clb:
+                return clb_poison_training_set(_attack, data, ratio, num_classes, seed, cache["surrogate"], norm,
+                                               device)
+            return poison_training_set(_attack, data, ratio, num_classes, seed)
+
         backdoor = make_backdoor_test_set(attack, test, num_classes)
         clean_subset = defender
         if args.defender_poison > 0 and not clean_model:  # the defender believes these are clean
-            mixed = poison_training_set(attack, defender, args.defender_poison, num_classes, args.seed + 1)
+            mixed = poison(defender, args.defender_poison, args.seed + 1)
             clean_subset = mixed.data.subset(np.arange(len(defender)))  # WaNet's noise samples left out
-        torch.manual_seed(args.seed)
-        model = build_model(prof, train.image_shape[2], num_classes)
-        train_classifier(model, poisoned.data, norm, prof.epochs, prof.lr, prof.batch_size, device,
-                         augment=prof.augment, seed=args.seed)
+        if base_name not in TRAINED_ATTACKS:
+            poisoned = poison(train, 0.0 if clean_model else 0.1, args.seed)
+            train_classifier(model, poisoned.data, norm, prof.epochs, prof.lr, prof.batch_size, device,
+                             augment=prof.augment, seed=args.seed)
         train_s = time.perf_counter() - t0
         before = evaluate(model, test, backdoor, norm, device)
         print(f"[{attack_name}] trained in {train_s:.1f}s: ACC {before.acc:.3f} ASR {before.asr:.3f}",
@@ -315,7 +348,7 @@ def main() -> None:
         entry: dict[str, object] = {"train_s": train_s, "before": measure(model), "methods": {}}
         retune_set = None
         if args.retune > 0:  # poisoned training images (the attacker's), among clean defender images
-            src = poison_training_set(attack, train, 0.1, num_classes, args.seed)
+            src = poison(train, 0.1, args.seed)
             pick = np.random.default_rng(args.seed + 7).permutation(len(src.poisoned_index))[: args.retune]
             clean_part = defender.subset(np.arange(min(len(defender), 4 * args.retune)))
             retune_set = ImageSet.concat(src.data.subset(src.poisoned_index[pick]), clean_part)
