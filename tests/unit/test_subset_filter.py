@@ -62,9 +62,10 @@ def badnets_digits(digits_split):
 
 def test_filter_drops_planted_poisoned_images_and_keeps_clean_ones(badnets_digits) -> None:
     """The planted images score above nearly every clean one and the rule drops almost no clean image. On
-    these 8x8 images the planted ones' scores (about 2 to 4) straddle the default cut of 3.5 — on MNIST they sit
-    far above it and all are dropped, BENCHMARKS.md §2.8 — so the default rule is held to a few of them and
-    to what it keeps, and the ranking is checked on its own."""
+    these 8x8 images the planted ones' scores sit near the default cut of 3.5 (how many of the 11 pass it
+    changed with the thread count while the score was being designed: 4 to 10), where on MNIST they sit far
+    above it and all are dropped (BENCHMARKS.md §2.8); so the default rule is held to a few of them and to what
+    it keeps, and the ranking is checked on its own."""
     model, clean, subset, planted = badnets_digits
     rt = runtime_for("cpu")
     res = filter_poisoned(model, subset, NORM, rt)
