@@ -8,7 +8,7 @@ intermediate features place them away from the other images *of the label they c
 them onto the target (so a score read at the output or the penultimate layer misses Blended). The score is
 therefore per class and per layer, and the rule reads the subset's own distribution — a robust z-score against
 the class's median and MAD, cut at 3.5 (Iglewicz & Hoaglin's outlier rule for modified z-scores) — not a fixed
-drop rate: a clean subset loses well under 1% of its images (BENCHMARKS.md §2.8).
+drop rate: a clean subset loses about 1% of its images or less (0.6–1.0%, BENCHMARKS.md §2.8).
 """
 
 from __future__ import annotations
