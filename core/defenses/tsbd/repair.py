@@ -19,6 +19,7 @@ from core.defenses.runtime import (
     runtime_for,
     score,
 )
+from core.defenses.subset_filter import SubsetFilterConfig, filter_poisoned
 from core.defenses.tsbd.auto import choose_by_recovery, choose_neuron_ratio
 from core.defenses.tsbd.config import TSBDConfig
 from core.defenses.tsbd.finetune import activeness_aware_finetune, flip_sensible, image_side, stage2_schedule
@@ -30,17 +31,23 @@ from core.progress import Progress
 
 def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSBDConfig,
                 device: torch.device | str, progress: Progress | None = None,
-                num_classes: int | None = None, verdict: str | None = None) -> RepairResult:
+                num_classes: int | None = None, verdict: str | None = None,
+                subset_filter: SubsetFilterConfig | None = SubsetFilterConfig()) -> RepairResult:
     """Repair ``model`` with TSBD on the clean subset; ``cfg.neuron_ratio=None`` chooses ``n`` automatically
     from the clean subset (``cfg.auto_rule``: :func:`choose_by_recovery` or :func:`choose_neuron_ratio`).
-    ``verdict``: the trigger-free detector's verdict on ``model`` (``cfg.clean_check``): a model called
-    clean is returned unrepaired unless ``cfg.force_repair``. ``model`` is not modified; the result holds a
-    new module on ``device`` in eval mode."""
+    ``subset_filter`` (used when ``cfg.subset_filter``; ``None`` switches it off) first drops the subset's
+    images that sit apart from their class (:func:`filter_poisoned`), so that poisoned images in it cannot
+    teach the backdoor back in stage 2. ``verdict``: the trigger-free detector's verdict on ``model``
+    (``cfg.clean_check``): a model called clean is returned unrepaired unless ``cfg.force_repair``. ``model``
+    is not modified; the result holds a new module on ``device`` in eval mode."""
     rt = runtime_for(device)
     progress = progress or Progress()
     progress.sync = cuda_sync(rt)
     progress.stage("setup", 0.0, 0.01)
     original = prepare_model(copy.deepcopy(model), rt).eval()
+    use_filter = cfg.subset_filter and subset_filter is not None
+    filtered = filter_poisoned(original, clean, norm, rt, subset_filter) if use_filter else None
+    clean = clean.subset(filtered.keep) if filtered is not None else clean  # everything below sees the kept part
     data = DeviceImages(clean, norm, rt)
     layers = covered_conv_layers(original, cfg.layer_exclude)
     if not layers:
@@ -62,7 +69,8 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     del unlearned.model  # only its weight changes are needed
 
     chosen: dict[str, object] = {"action": "repaired", "why": check["why"]}
-    details: dict[str, object] = {"clean_check": check}
+    details: dict[str, object] = {"clean_check": check,
+                                  "subset_filter": filtered.details if filtered is not None else {"applied": False}}
     n = cfg.neuron_ratio
     stage_n = progress.stage("choose_n", stop1 + 0.01, stop_n)
     if n is None and recovery:
