@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import platform
 import subprocess
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--detectors", default="neural_cleanse,universal_perturbation,max_margin,unlearning")
     ap.add_argument("--cache", help="where trained models are cached (default .bench-data/detect/<profile>)")
     ap.add_argument("--detect", help="JSON overrides of DetectConfig (on top of the profile's)")
+    ap.add_argument("--rescan", action="store_true", help="scan again even where a kept scan matches")
     ap.add_argument("--train-only", action="store_true", help="train and cache the models, scan nothing")
     ap.add_argument("--time-resnet20", action="store_true", help="only time one ResNet-20 scan (CIFAR-10)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -330,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = DetectConfig(**detect_params)
     cache = Path(args.cache) if args.cache else CACHE / (args.profile + ("_tiny" if args.tiny else ""))
     cache.mkdir(parents=True, exist_ok=True)
+    # scans are kept per model under a key of the config and the detector code, so that a run split over
+    # several processes (--models) is assembled by one more run, and a code change rescans
+    code = "".join(p.read_text() for p in sorted((ROOT / "core" / "detect").glob("*.py")))
+    scan_key = hashlib.sha256((json.dumps(dataclasses.asdict(cfg), sort_keys=True) + code +
+                               str(len(defender))).encode()).hexdigest()[:12]
     started = time.perf_counter()
     models: dict[str, nn.Module] = {}
     rows = []
@@ -354,15 +361,22 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"[{subj.label}] ACC {meta['acc']:.3f} ASR {meta['asr']} (trained in {meta['train_s']:.0f}s)",
               flush=True)
+        scan_path = cache / f"{subj.label}.scan-{scan_key}.json"
+        if scan_path.exists() and not args.rescan:  # a scan of this model with this config and code, kept
+            row = json.loads(scan_path.read_text())
+            rows.append(row)
+            print(f"[{subj.label}] cached scan: {row['verdict']} p {row['p']:.3g}", flush=True)
+            continue
         t0 = time.perf_counter()
         res = scan_model(model, defender, norm, cfg, args.device, num_classes, seed=0)
         scan_s = time.perf_counter() - t0
         row = {"label": subj.label, "attack": subj.attack, "target": None if subj.attack is None or subj.a2a
                else subj.target, **meta, "scan_s": scan_s, **row_signals(res),
-               "evidence": res.evidence}
+               "evidence": res.evidence, "commit": commit()}
         row["target_found"] = (None if row["target"] is None or res.verdict == "clean"
                                else row["target"] in res.suspected_targets)
         rows.append(row)
+        scan_path.write_text(json.dumps(row, default=float))
         print(f"[{subj.label}] {res.verdict} {res.suspected_targets} p {row['p']:.3g} NC p "
               f"{row.get('nc_p', 1):.3g} (smallest {row.get('nc_min_class')}) UP p {row.get('up_p', 1):.3g} "
               f"(smallest {row.get('up_min_class')}) MM p {row.get('mm_p', 1):.3g} cls {row.get('mm_class')} "

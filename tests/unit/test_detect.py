@@ -223,6 +223,13 @@ def test_config_ranges_are_refused_naming_the_field(params: dict, field: str) ->
     assert err.value.field == field and field in str(err.value)
 
 
+def test_unusable_clean_data_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="at least 10 clean images"):
+        scan_model(_tiny_cnn(0), _clean().subset(np.arange(5)), NORM, DetectConfig(), "cpu", 10)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\]"):
+        scan_model(_tiny_cnn(0), _clean(), NORM, DetectConfig(), "cpu", 5)
+
+
 def test_config_from_dict_refuses_unknown_keys() -> None:
     with pytest.raises(ConfigError) as err:
         DetectConfig.from_dict({"nc_step": 3})
