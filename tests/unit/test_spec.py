@@ -178,11 +178,11 @@ def test_range_checks_reuse_one_validator_per_config() -> None:
 
 
 @pytest.mark.parametrize("detect, where, says", [
-    ({"params": {"nc_steps": 0}}, "detect.params.nc_steps", "must lie in [1, 100000]"),
+    ({"params": {"nc_steps": 0}}, "detect.params.nc_steps", "greater than or equal to 1"),
     ({"params": {"nc_steps": 2.5}}, "detect.params.nc_steps", "whole number"),
     ({"params": {"nc_stps": 3}}, "detect.params.nc_stps", "unknown detect parameter"),
     ({"params": {"detectors": ["strip"]}}, "detect.params.detectors", "unknown detector"),
-    ({"params": {"p_value": NAN}}, "detect.params.p_value", "must lie in"),
+    ({"params": {"p_value": NAN}}, "detect.params.p_value", "finite number"),
     ({"enabled": "no"}, "detect.enabled", "valid boolean"),
     ({"enable": False}, "detect.enable", "Extra inputs"),
 ])
