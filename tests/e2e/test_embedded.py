@@ -135,7 +135,7 @@ def test_detector_verdict_gates_the_ci_client_and_its_triggers_download_as_png(s
     # on 8x8 digits the planted 3x3 patch does not stand out (docs/detect.md), so the verdict may be clean; the
     # gate must follow it: --fail-on fails exactly when the verdict is flagged, and the classic index (above 0
     # whenever a class lies below the median) always fails --max-anomaly-index 0
-    out = run.stdout + run.stderr
+    out = " ".join((run.stdout + run.stderr).split())  # rich wraps long lines at the terminal width
     assert run.returncode == 1 and "--max-anomaly-index 0" in out, out
     assert ("with --fail-on suspicious" in out) == (verdict["label"] != "clean"), out
     scan_id = re.search(r"scan (\S+) queued", out).group(1)  # type: ignore[union-attr]
