@@ -304,6 +304,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--methods", choices=("all", "low_precision"), default="all",
                     help="every method (default), or retain / erase / drop on flags of low precision")
+    ap.add_argument("--only", default=None, help="comma-separated method labels to run (default: every one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="markdown table (default bench/results/datarepair_<p>.md)")
@@ -314,6 +315,8 @@ def main() -> None:
     profile = PROFILES[args.profile]
     if args.methods == "low_precision":
         profile = replace(profile, methods=_low_precision({"augment": False} if profile.arch == "mlp" else None))
+    if args.only:
+        profile = replace(profile, methods=tuple(m for m in profile.methods if m[0] in args.only.split(",")))
     profile = tiny(profile) if args.tiny else profile
     if args.write_carry is not None:
         for name in args.datasets.split(","):

@@ -114,7 +114,7 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     ident = _identify_stage(model, training, clean, norm, cfgs["identify"], rt, num_classes, progress, 0.6)
     progress.stage("separate", 0.6, 0.62)
     sep = separate(ident.flagged, training.y, ident.probs, ident.clean_probs, clean.y,
-                   cfgs["extra"].relabel_precision, num_classes)
+                   cfgs["extra"].relabel_precision, num_classes, ident.reference, ident.reference_clean_probs)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     anchored_finetune(repaired, kept_set(training, sep.new_labels), clean, unlearn, norm, cfgs["train"],
