@@ -95,6 +95,7 @@ class Identification:
     # clean-calibrated fine-tuned model, 1 = the from-scratch one) and each reference's out-of-fold clean probs
     reference: np.ndarray | None = None
     reference_clean_probs: list[np.ndarray] | None = None
+    reference_probs: list[np.ndarray] | None = None  # each reference's training-sample probabilities
 
 
 def _head_outputs(model: nn.Module, data: DeviceImages, head: nn.Linear, batch_size: int):
@@ -261,7 +262,7 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     _check_finite(scores, "training samples")
     _check_finite(null_scores, "clean samples")
     details: dict[str, object] = {"scorer": cfg.scorer, "checkpoint_epochs": marks, "folds": cfg.folds}
-    reference, ref_clean = None, None
+    reference, ref_clean, ref_train = None, None, None
     if use_scratch:
         _check_finite(scratch_train.sum(1), "training samples' from-scratch reference probabilities")
         q = 1 - (1 - cfg.null_quantile) / 2
@@ -269,6 +270,7 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
         u_s, nu_s = null_scaled(_label_loss(scratch_train, y), _label_loss(scratch_clean, clean.y), q)
         reference = (u_s > u_f).astype(np.int8)
         scores, null_scores = np.maximum(u_f, u_s), np.maximum(nu_f, nu_s)
+        ref_train = [train_probs, scratch_train.astype(np.float32)]
         train_probs = np.where(reference[:, None] == 1, scratch_train, train_probs).astype(np.float32)
         ref_clean = [clean_probs, scratch_clean.astype(np.float32)]
         _check_finite(scores, "training samples (with the scratch reference)")
@@ -292,7 +294,7 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     details["n_flagged"] = int(flagged.sum())
     return Identification(scores=scores, flagged=flagged, probs=train_probs, clean_probs=clean_probs,
                           null_scores=null_scores, details=details, reference=reference,
-                          reference_clean_probs=ref_clean)
+                          reference_clean_probs=ref_clean, reference_probs=ref_train)
 
 
 def _cleanlab_flags(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

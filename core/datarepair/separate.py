@@ -51,10 +51,13 @@ def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: f
 
 def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs: np.ndarray,
              clean_y: np.ndarray, precision: float, num_classes: int, reference: np.ndarray | None = None,
-             reference_clean_probs: list[np.ndarray] | None = None) -> Separation:
+             reference_clean_probs: list[np.ndarray] | None = None,
+             reference_probs: list[np.ndarray] | None = None) -> Separation:
     """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label.
     With ``reference`` (per sample, which of ``reference_clean_probs``' models gave its ``probs``), each sample's
-    confidence threshold is calibrated on that model's own held-out clean probabilities."""
+    confidence threshold is calibrated on that model's own held-out clean probabilities; with ``reference_probs``
+    (every reference's probabilities), a dropped sample is unlearned only when every reference finds its given
+    label less likely than chance."""
     y = y.astype(np.int64)
     pred = probs.argmax(1).astype(np.int64)
     if reference is None or reference_clean_probs is None:
@@ -68,7 +71,8 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     relabelled = flagged & confident & (pred != y)
     confirmed = flagged & confident & (pred == y)
     dropped = flagged & ~relabelled & ~confirmed
-    unlearn = dropped & (probs[np.arange(len(y)), y] < 1.0 / num_classes)
+    every = [probs] if reference_probs is None else reference_probs
+    unlearn = dropped & np.all([p[np.arange(len(y)), y] < 1.0 / num_classes for p in every], axis=0)
     new_labels = y.copy()
     new_labels[relabelled] = pred[relabelled]
     new_labels[dropped] = -1

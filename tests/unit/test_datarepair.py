@@ -293,3 +293,23 @@ def test_scratch_reference_flags_planted_backdoor_samples_and_retain_removes_the
     result = repair_data("retain", p["model"], p["training"], p["clean"], NORM, FAST,
                          "cpu", 10, seed=0)
     assert before > 0.8 and _asr(result.model, p["backdoor"]) < 0.5 * before
+
+
+def test_separation_uses_the_flagging_reference_and_can_require_every_reference_to_unlearn() -> None:
+    """Sample 0 was flagged by the scratch reference (1): relabelled with its probabilities and threshold although
+    the fine-tuned reference "confirms" it; sample 1 is dropped and unlearned only if both find y < chance."""
+    y = np.array([0, 0])
+    fine = np.array([[0.99, 0.01], [0.6, 0.4]], dtype=np.float32)
+    scratch = np.array([[0.05, 0.95], [0.4, 0.6]], dtype=np.float32)
+    reference = np.array([1, 1])
+    composite = np.where(reference[:, None] == 1, scratch, fine)
+    clean_y = np.tile([0, 1], 10)
+    clean_fine = np.tile(np.array([[0.99, 0.01], [0.01, 0.99]], dtype=np.float32), (10, 1))
+    clean_scratch = np.tile(np.array([[0.1, 0.9], [0.1, 0.9]], dtype=np.float32), (10, 1))  # 50% right at 0.9
+    clean_scratch[::2] = [0.9, 0.1]  # right on every class-0 sample at 0.9 as well: precision 1.0 from 0.9 on
+    flagged = np.array([True, True])
+    sep = separate(flagged, y, composite, clean_fine, clean_y, 0.9, 2, reference, [clean_fine, clean_scratch])
+    assert sep.new_labels.tolist() == [1, -1] and sep.unlearn.tolist() == [False, True]
+    strict = separate(flagged, y, composite, clean_fine, clean_y, 0.9, 2, reference, [clean_fine, clean_scratch],
+                      [fine, scratch])
+    assert strict.new_labels.tolist() == [1, -1] and strict.unlearn.tolist() == [False, False]
