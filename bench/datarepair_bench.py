@@ -361,6 +361,7 @@ def write(out: Path, records: list[dict], args: argparse.Namespace, profile: Pro
             f"{profile.train_epochs} training epochs.\n"
             f"Command: `python -m bench.datarepair_bench --profile {args.profile}{' --tiny' if args.tiny else ''}"
             f" --datasets {args.datasets} --rows {args.rows} --methods {args.methods}"
+            f"{f' --only {args.only}' if args.only else ''}"
             f"{f' --carry {args.carry}' if args.carry else ''}`\n\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(head + table(records) + "\n")
