@@ -3,7 +3,7 @@ defender's clean subset, and the verdict's ROC-AUC, true-positive and false-alar
 
     python bench/detect_bench.py --profile cpu --out bench/results/detect_cpu.md    # small CNN, MNIST, 2 cores
     python bench/detect_bench.py --profile gpu --data .carry/cifar10.npz --out bench/results/detect_gpu.md
-    python bench/detect_bench.py --profile cpu --tiny --out /tmp/detect_smoke.md    # a few-minute smoke run
+    python bench/detect_bench.py --profile gpu --tiny --data x.npz --out /tmp/smoke.md  # code-path smoke run (CPU ok)
     python bench/detect_bench.py --time-resnet20 --out bench/results/detect_resnet20_cpu.md  # one timed scan
 
 Trained models are cached under ``.bench-data/detect/<profile>/`` (git-ignored), so reruns only scan. The GPU
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import platform
 import subprocess
@@ -58,7 +59,7 @@ class Subject:
 
 
 SUBJECTS: tuple[Subject, ...] = (
-    *(Subject(f"clean_s{s}", None, seed=s) for s in range(5)),
+    *(Subject(f"clean_s{s}", None, seed=s) for s in range(10)),
     Subject("badnets", "badnets"), Subject("blended", "blended"), Subject("sig", "sig"),
     Subject("wanet", "wanet"), Subject("lowfreq", "lowfreq"), Subject("iab", "iab"), Subject("clb", "clb"),
     Subject("badnets_a2a", "badnets", a2a=True),
@@ -86,12 +87,17 @@ PROFILES = {
     # MNIST, a 6-layer CNN (bench/repair_bench.py), no augmentation (flips corrupt digits)
     # ~25 min on 2 shared cores; the scan settings are cut to fit (docs/detect.md gives the defaults' cost)
     "cpu": Profile("small_cnn", "mnist", 4_000, 300, 1_000, 4, 0.05, 64, False, 2,
-                   {"nc_steps": 150, "nc_batch_size": 6, "mm_steps": 100, "mm_starts": 4, "mm_lr": 0.1,
-                    "unlearn_max_epochs": 5}),
+                   {"nc_steps": 150, "nc_batch_size": 6, "up_steps": 300, "mm_steps": 100, "mm_starts": 4,
+                    "mm_lr": 0.1, "unlearn_max_epochs": 5}),
     # CIFAR-10, PreAct-ResNet18 as the repair benchmark (40 epochs are enough for a backdoor to take)
     "gpu": Profile("preactresnet18", "cifar10", 17_500, 2_500, 10_000, 40, 0.01, 256, True, 10,
                    {"nc_batch_size": 32}),
 }
+
+
+# the --tiny scan: a few steps of every detector, enough to run each code path once
+TINY_DETECT = {"nc_steps": 3, "up_steps": 3, "nc_batch_size": 4, "mm_steps": 3, "mm_starts": 1,
+               "unlearn_max_epochs": 1}
 
 
 def build_model(prof: Profile, in_channels: int, num_classes: int) -> nn.Module:
@@ -153,13 +159,22 @@ def machine(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def _nlp(p: float) -> float:
+    return -float(np.log10(max(p, 1e-300)))
+
+
 def row_signals(res) -> dict[str, object]:
     d = res.detectors
-    out: dict[str, object] = {"verdict": res.verdict, "score": res.score, "targets": res.suspected_targets}
-    if "neural_cleanse" in d:
-        nc = d["neural_cleanse"]
-        out.update(nc_index=nc.statistic, nc_targets=nc.suspected_targets,
-                   nc_min_class=int(np.argmin(nc.per_class)), nc_s=nc.seconds)
+    out: dict[str, object] = {"verdict": res.verdict, "score": res.score, "p": res.evidence["p_value"],
+                              "targets": res.suspected_targets}
+    for key, name in (("nc", "neural_cleanse"), ("up", "universal_perturbation")):
+        if name in d:
+            r = d[name]
+            out.update({f"{key}_p": r.statistic, f"{key}_targets": r.suspected_targets,
+                        f"{key}_min_class": r.details["smallest_class"],
+                        f"{key}_score": max(r.details["outlier_score_per_class"]), f"{key}_s": r.seconds})
+            if key == "nc":
+                out["nc_index"] = r.details["anomaly_index"]
     if "max_margin" in d:
         mm = d["max_margin"]
         out.update(mm_p=mm.statistic, mm_class=mm.details["largest_margin_class"],
@@ -168,6 +183,10 @@ def row_signals(res) -> dict[str, object]:
         un = d["unlearning"]
         out.update(nwc_share=un.statistic, nwc_gini=un.details["gini"], un_s=un.seconds)
     return out
+
+
+def _fmt_p(r: dict, key: str) -> str:
+    return "—" if key not in r else f"{r[key]:.2g}"
 
 
 def markdown(report: dict) -> str:
@@ -179,14 +198,21 @@ def markdown(report: dict) -> str:
              f"{report['config']['n_train']} training images, {report['n_defender']} clean defender images "
              f"(all the detectors see), {report['n_test']} test images for ACC/ASR. Detect config: "
              f"`{json.dumps(report['detect_config'])}`.", "",
-             "| model | ACC | ASR | verdict | NC index | NC targets | MM-BD p | MM class | NWC top-5% share "
-             "| target found | scan s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p-values: NC = Neural Cleanse's outlier test on log mask sizes, UP = the universal perturbation's "
+             "on log perturbation norms (each against its simulated null), combined = min(1, 2 x the smaller); "
+             "NC index = Neural Cleanse's classic MAD anomaly index (log sizes, small side), evidence only; "
+             "smallest = the class with the smallest trigger (NC / UP).", "",
+             "| model | ACC | ASR | verdict | combined p | NC p | UP p | NC index | smallest NC/UP | MM-BD p "
+             "(class) | NWC top-5% | target found | scan s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         asr = "—" if r["asr"] is None else f"{r['asr']:.3f}"
         found = {True: "yes", False: "no", None: "—"}[r["target_found"]]
+        mm = "—" if "mm_p" not in r else f"{r['mm_p']:.2g} ({r['mm_class']})"
         lines.append(
-            f"| {r['label']} | {r['acc']:.3f} | {asr} | **{r['verdict']}** | {r.get('nc_index', 0):.2f} | "
-            f"{r.get('nc_targets', [])} | {r.get('mm_p', 1):.2g} | {r.get('mm_class', '—')} | "
+            f"| {r['label']} | {r['acc']:.3f} | {asr} | **{r['verdict']}** {r['targets']} | {r['p']:.2g} | "
+            f"{_fmt_p(r, 'nc_p')} | {_fmt_p(r, 'up_p')} | {r.get('nc_index', float('nan')):.2f} | "
+            f"{r.get('nc_min_class', '—')}/{r.get('up_min_class', '—')} | {mm} | "
             f"{r.get('nwc_share', float('nan')):.3f} | {found} | {r['scan_s']:.1f} |")
     s = report["summary"]
     lines += ["", "| signal | ROC-AUC (backdoored vs clean) |", "|---|---|"]
@@ -195,9 +221,12 @@ def markdown(report: dict) -> str:
     lines += ["", f"- Flagged (verdict suspicious or backdoored): TPR {s['tpr_flagged']:.3f} "
               f"({s['n_flagged_bd']}/{s['n_backdoored']}), false alarms on clean models "
               f"{s['fpr_flagged']:.3f} ({s['n_flagged_clean']}/{s['n_clean']}).",
-              f"- Verdict backdoored: TPR {s['tpr_backdoored']:.3f}, false alarms {s['fpr_backdoored']:.3f}.",
-              f"- Target identified (all-to-one models with an alarm): {s['targets_found']}/"
-              f"{s['targets_possible']}.",
+              f"- Verdict backdoored: TPR {s['tpr_backdoored']:.3f} ({s['n_backdoored_bd']}/{s['n_backdoored']}), "
+              f"false alarms {s['fpr_backdoored']:.3f} ({s['n_backdoored_clean']}/{s['n_clean']}).",
+              f"- Smallest combined p on a clean model: {s['min_clean_p']:.3g}.",
+              f"- Target named (all-to-one models with an alarm): {s['targets_found']}/{s['targets_possible']}; "
+              f"smallest NC / UP trigger on the target (all all-to-one models): {s['nc_smallest_is_target']} / "
+              f"{s['up_smallest_is_target']} of {s['n_all_to_one']}.",
               f"- Mean scan time {s['mean_scan_s']:.1f} s per model (max {s['max_scan_s']:.1f} s); "
               f"total wall time {report['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -208,24 +237,32 @@ def summarise(rows: list[dict]) -> dict:
     cl = [r for r in rows if r["attack"] is None]
 
     def sig(r: dict, key: str) -> float:
-        if key == "mm":
-            return -float(np.log10(max(r.get("mm_p", 1.0), 1e-300)))
+        if key in ("p", "nc_p", "up_p", "mm_p"):
+            return _nlp(r.get(key, 1.0))
         return float(r.get(key, 0.0))
 
-    keys = {"combined score": "score", "NC anomaly index": "nc_index", "MM-BD -log10 p": "mm",
-            "NWC top-5% share": "nwc_share", "NWC Gini": "nwc_gini"}
+    keys = {"combined -log10 p (the verdict's)": "p", "Neural Cleanse -log10 p": "nc_p",
+            "universal perturbation -log10 p": "up_p", "Neural Cleanse MAD anomaly index": "nc_index",
+            "MM-BD -log10 p": "mm_p", "NWC top-5% share": "nwc_share", "NWC Gini": "nwc_gini"}
     au = {name: auroc([sig(r, k) for r in bd], [sig(r, k) for r in cl]) for name, k in keys.items()
-          if all(k == "mm" or k in r for r in rows)}
+          if all(k in r for r in rows)}
     flagged = [r for r in bd if r["verdict"] != "clean"]
     possible = [r for r in flagged if r["target_found"] is not None]
+    one = [r for r in bd if r["target"] is not None]
     times = [r["scan_s"] for r in rows]
     return {"auroc": au, "n_backdoored": len(bd), "n_clean": len(cl), "n_flagged_bd": len(flagged),
             "n_flagged_clean": sum(r["verdict"] != "clean" for r in cl),
             "tpr_flagged": len(flagged) / max(1, len(bd)),
             "fpr_flagged": sum(r["verdict"] != "clean" for r in cl) / max(1, len(cl)),
+            "n_backdoored_bd": sum(r["verdict"] == "backdoored" for r in bd),
+            "n_backdoored_clean": sum(r["verdict"] == "backdoored" for r in cl),
             "tpr_backdoored": sum(r["verdict"] == "backdoored" for r in bd) / max(1, len(bd)),
             "fpr_backdoored": sum(r["verdict"] == "backdoored" for r in cl) / max(1, len(cl)),
+            "min_clean_p": min((r["p"] for r in cl), default=float("nan")),
             "targets_found": sum(bool(r["target_found"]) for r in possible), "targets_possible": len(possible),
+            "n_all_to_one": len(one),
+            "nc_smallest_is_target": sum(r.get("nc_min_class") == r["target"] for r in one),
+            "up_smallest_is_target": sum(r.get("up_min_class") == r["target"] for r in one),
             "mean_scan_s": float(np.mean(times)), "max_scan_s": float(np.max(times))}
 
 
@@ -240,41 +277,45 @@ def time_resnet20(args: argparse.Namespace) -> None:
     train_classifier(model, train_all.subset(np.arange(2000)), CIFAR_NORM, 1, 0.05, 128, args.device)
     train_s = time.perf_counter() - t0
     cfg = DetectConfig(**json.loads(args.detect)) if args.detect else DetectConfig()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = scan_model(model.to(args.device), clean, CIFAR_NORM, cfg, args.device, 10, seed=0)
-    scan_s = time.perf_counter() - t0
+    scan_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     out = {"machine": machine(args.device), "commit": commit(), "command": " ".join(sys.argv),
-           "train_s": train_s, "scan_s": scan_s, "verdict": res.verdict,
+           "train_s": train_s, "scan_s": scan_s, "scan_cpu_s": cpu_s, "verdict": res.verdict,
            "detector_s": {k: v.seconds for k, v in res.detectors.items()}, "config": dataclasses.asdict(cfg)}
     Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=2))
     Path(args.out).write_text(
         f"# One scan of a CIFAR ResNet-20, 2,500 clean images\n\nMachine: {out['machine']}; commit "
-        f"`{out['commit']}`; command: `{out['command']}`.\n\nScan: **{scan_s:.1f} s** (" +
+        f"`{out['commit']}`; command: `{out['command']}`.\n\nScan: **{scan_s:.1f} s** wall, {cpu_s:.1f} s of CPU "
+        f"time (with {torch.get_num_threads()} thread(s), the wall time a quiet machine would need at most) (" +
         ", ".join(f"{k} {v:.1f} s" for k, v in out["detector_s"].items()) +
         f"); verdict {res.verdict} on a model trained for one epoch on 2,000 images.\n")
     print(Path(args.out).read_text())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     ap.add_argument("--data", help="a .npz with x_train, y_train, x_test, y_test (default: the cached set)")
     ap.add_argument("--out", default="bench/results/detect_cpu.md")
     ap.add_argument("--tiny", action="store_true", help="smoke run: 2 clean + badnets + blended, small sizes")
     ap.add_argument("--models", help="comma-separated subset of the subject labels")
-    ap.add_argument("--detectors", default="neural_cleanse,max_margin,unlearning")
+    ap.add_argument("--detectors", default="neural_cleanse,universal_perturbation,max_margin,unlearning")
+    ap.add_argument("--cache", help="where trained models are cached (default .bench-data/detect/<profile>)")
     ap.add_argument("--detect", help="JSON overrides of DetectConfig (on top of the profile's)")
+    ap.add_argument("--rescan", action="store_true", help="scan again even where a kept scan matches")
     ap.add_argument("--train-only", action="store_true", help="train and cache the models, scan nothing")
     ap.add_argument("--time-resnet20", action="store_true", help="only time one ResNet-20 scan (CIFAR-10)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.time_resnet20:
         time_resnet20(args)
         return
     prof = PROFILES[args.profile]
     subjects = SUBJECTS
-    if args.tiny:
-        prof = dataclasses.replace(prof, n_train=2_000, n_defender=200, n_test=500, epochs=3, iab_mask_epochs=1)
+    if args.tiny:  # a smoke run of the code path (any profile, on the CPU too): its numbers mean nothing
+        prof = dataclasses.replace(prof, n_train=256, n_defender=40, n_test=100, epochs=1, iab_mask_epochs=1,
+                                   detect={**prof.detect, **TINY_DETECT})
         subjects = tuple(s for s in SUBJECTS if s.label in ("clean_s0", "clean_s1", "badnets", "blended"))
     if args.models:
         wanted = set(args.models.split(","))
@@ -290,8 +331,13 @@ def main() -> None:
     detect_params = {**prof.detect, "detectors": tuple(args.detectors.split(",")),
                      **(json.loads(args.detect) if args.detect else {})}
     cfg = DetectConfig(**detect_params)
-    cache = CACHE / (args.profile + ("_tiny" if args.tiny else ""))
+    cache = Path(args.cache) if args.cache else CACHE / (args.profile + ("_tiny" if args.tiny else ""))
     cache.mkdir(parents=True, exist_ok=True)
+    # scans are kept per model under a key of the config and the detector code, so that a run split over
+    # several processes (--models) is assembled by one more run, and a code change rescans
+    code = "".join(p.read_text() for p in sorted((ROOT / "core" / "detect").glob("*.py")))
+    scan_key = hashlib.sha256((json.dumps(dataclasses.asdict(cfg), sort_keys=True) + code +
+                               str(len(defender))).encode()).hexdigest()[:12]
     started = time.perf_counter()
     models: dict[str, nn.Module] = {}
     rows = []
@@ -316,24 +362,33 @@ def main() -> None:
             continue
         print(f"[{subj.label}] ACC {meta['acc']:.3f} ASR {meta['asr']} (trained in {meta['train_s']:.0f}s)",
               flush=True)
+        scan_path = cache / f"{subj.label}.scan-{scan_key}.json"
+        if scan_path.exists() and not args.rescan:  # a scan of this model with this config and code, kept
+            row = json.loads(scan_path.read_text())
+            rows.append(row)
+            print(f"[{subj.label}] cached scan: {row['verdict']} p {row['p']:.3g}", flush=True)
+            continue
         t0 = time.perf_counter()
         res = scan_model(model, defender, norm, cfg, args.device, num_classes, seed=0)
         scan_s = time.perf_counter() - t0
         row = {"label": subj.label, "attack": subj.attack, "target": None if subj.attack is None or subj.a2a
                else subj.target, **meta, "scan_s": scan_s, **row_signals(res),
-               "evidence": res.evidence}
+               "evidence": res.evidence, "commit": commit()}
         row["target_found"] = (None if row["target"] is None or res.verdict == "clean"
                                else row["target"] in res.suspected_targets)
         rows.append(row)
-        print(f"[{subj.label}] {res.verdict} score {res.score:.2f} NC {row.get('nc_index', 0):.2f} "
-              f"{row.get('nc_targets')} MM p {row.get('mm_p', 1):.3g} cls {row.get('mm_class')} "
+        scan_path.write_text(json.dumps(row, default=float))
+        print(f"[{subj.label}] {res.verdict} {res.suspected_targets} p {row['p']:.3g} NC p "
+              f"{row.get('nc_p', 1):.3g} (smallest {row.get('nc_min_class')}) UP p {row.get('up_p', 1):.3g} "
+              f"(smallest {row.get('up_min_class')}) MM p {row.get('mm_p', 1):.3g} cls {row.get('mm_class')} "
               f"NWC {row.get('nwc_share', float('nan')):.3f} ({scan_s:.1f}s)", flush=True)
     if args.train_only:
         return
     order = {s.label: i for i, s in enumerate(SUBJECTS)}
     rows.sort(key=lambda r: order[r["label"]])
     report = {"profile": args.profile, "tiny": args.tiny, "machine": machine(args.device), "torch": torch.__version__,
-              "commit": commit(), "command": " ".join(["python", *sys.argv]), "config": dataclasses.asdict(prof),
+              "commit": commit(), "command": " ".join(["python", "bench/detect_bench.py", *(argv or sys.argv[1:])]),
+              "config": dataclasses.asdict(prof),
               "detect_config": dataclasses.asdict(cfg), "n_defender": len(defender), "n_test": len(test),
               "models": rows, "summary": summarise(rows), "wall_s": time.perf_counter() - started}
     out = Path(args.out)

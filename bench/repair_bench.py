@@ -3,6 +3,19 @@
     python bench/repair_bench.py --profile gpu --out BENCHMARKS-repair-gpu.md      # PreAct-ResNet18, CIFAR-10
     python bench/repair_bench.py --profile cpu --out BENCHMARKS-repair-cpu.md      # small CNN, 2 CPU cores
     python bench/repair_bench.py --profile cpu --tiny --out /tmp/smoke.md          # ~1-minute smoke run
+    python bench/repair_bench.py --profile cpu_resnet20 --out BENCHMARKS-repair-r20.md  # ResNet-20, CIFAR-10, CPU
+
+Issue 10's axes: ``--arch`` (small_cnn, resnet20, preactresnet18, vgg19_bn, torchvision.<name>,
+``torchvision_resnet18_32``), IAB and CLB among the attacks, the attack
+``clean`` (a model trained without poisoning), ``--defender-poison 0.02``, ``--retune N`` (the retuning attack on
+the unrepaired model and on every repaired one: N poisoned training images among 4N clean defender images, ASR
+after 1 and 5 epochs), and the variant flag ``"subset_filter"`` (False: TSBD without its poisoned-subset
+filter; True: a baseline with it). The GPU command, one run per architecture:
+
+    for a in preactresnet18 resnet20 vgg19_bn torchvision_resnet18_32; do for p in 0 0.02; do
+      python bench/repair_bench.py --profile gpu --data .carry/cifar10_small.npz --arch $a --defender-poison $p \
+        --attacks badnets,blended,sig,wanet,lowfreq,iab,clb,clean --sweep badnets,blended,sig --retune 25 \
+        --variants '{"tsbd_nofilter": ["tsbd", {"subset_filter": false}]}' --out $OUT/repair_${a}_p$p.md; done; done
 
 Per attack it trains one backdoored model (10% poisoning, target 0), takes a clean defender subset that
 training never saw, runs each repair method through ``core.defenses.registry.repair`` and reports ACC, ASR,
@@ -32,11 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.datasets import load_cifar10, load_mnist, load_npz_pair  # noqa: E402
 from core.attacks.base import make_backdoor_test_set, poison_training_set  # noqa: E402
-from core.attacks.registry import create_attack  # noqa: E402
+from core.attacks.clb import clb_poison_training_set  # noqa: E402
+from core.attacks.registry import TRAINED_ATTACKS, create_attack  # noqa: E402
 from core.data.imageset import ImageSet  # noqa: E402
 from core.data.transforms import Normalization  # noqa: E402
-from core.defenses.registry import repair  # noqa: E402
-from core.defenses.runtime import DeviceImages, cuda_sync, prepare_model, runtime_for  # noqa: E402
+from core.defenses.baselines import fine_pruning, vanilla_finetune  # noqa: E402
+from core.defenses.registry import REPAIR_METHODS, repair, validate_params  # noqa: E402
+from core.defenses.result import RepairResult  # noqa: E402
+from core.defenses.runtime import DeviceImages, cuda_sync, prepare_model, runtime_for, sgd_finetune  # noqa: E402
+from core.defenses.subset_filter import SubsetFilterConfig  # noqa: E402
 from core.defenses.tsbd import (  # noqa: E402
     REFERENCE_N_SWEEP,
     TSBDConfig,
@@ -46,12 +63,13 @@ from core.defenses.tsbd import (  # noqa: E402
     unlearn_clean,
     zero_reinitialize,
 )
+from core.defenses.tsbd.repair import tsbd_repair  # noqa: E402
 from core.metrics import defense_effectiveness_rating, evaluate  # noqa: E402
 from core.models.registry import create_model  # noqa: E402
 from core.progress import Progress  # noqa: E402
 from core.training import train_classifier  # noqa: E402
 
-ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "lowfreq")
+ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "lowfreq")  # the profiles' default; iab and clb by name too
 A2A_SUFFIX = "_a2a"  # "badnets_a2a": the all-to-all variant (label y -> y+1), reported but not in the mean
 ALL_METHODS = ("tsbd", "tsbd_fixed", "fine_pruning", "finetune", "ft_sam")
 CIFAR_NORM = Normalization((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
@@ -85,6 +103,10 @@ PROFILES = {
     "cpu": Profile("small_cnn", "mnist", 6_000, 500, 2_000, 6, 0.05, 128, ALL_ATTACKS,
                    ("badnets", "blended"), {"batch_size": 128, "lr_unlearn": 1e-3, "augment": False},
                    augment=False),
+    # CIFAR ResNet-20 on 2 CPU cores (~120 img/s training): 4,000 training images x 8 epochs ~ 4.5 min per model,
+    # 500 defender images; six models (five attacks + clean) and their repairs fit in well under an hour idle
+    "cpu_resnet20": Profile("resnet20", "cifar10", 4_000, 500, 1_000, 8, 0.05, 128, (*ALL_ATTACKS, "clean"),
+                            (), {"batch_size": 128}),
 }
 
 
@@ -101,9 +123,19 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 16) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
 
 
+TORCHVISION_32 = "torchvision_resnet18_32"  # bench only: torchvision's ResNet-18 with a CIFAR stem (3x3, stride 1)
+
+
 def build_model(profile: Profile, in_channels: int, num_classes: int) -> nn.Module:
     if profile.architecture == "small_cnn":
         return small_cnn(in_channels, num_classes)
+    if profile.architecture == TORCHVISION_32:
+        # torchvision's 7x7 stride-2 stem and max-pool leave a 32x32 image 1x1 before the last stage; the usual
+        # CIFAR adaptation. Not in core.models' registry (its checkpoints would not load as torchvision.resnet18).
+        model = create_model("torchvision.resnet18", num_classes, in_channels)
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
     return create_model(profile.architecture, num_classes, in_channels)
 
 
@@ -163,6 +195,55 @@ def reference_sweep(model: nn.Module, defender: ImageSet, norm: Normalization, c
             "unlearn_epochs": un.epochs, "per_n": per_n}
 
 
+CLEAN_MODEL = "clean"  # the "attack" name of a model trained without poisoning (ASR: its rate on triggered images)
+RETUNE_EPOCHS = (1, 5)  # the retuning attack reports ASR after these epochs
+
+
+def run_method(method: str, model: nn.Module, subset: ImageSet, norm: Normalization, params: dict[str, object],
+               device: str, num_classes: int, seed: int) -> RepairResult:
+    """``repair(method, ...)``, except for a ``"subset_filter"`` flag among ``params``: ``False`` runs TSBD
+    without its poisoned-subset filter, ``True`` runs a baseline (finetune, fine_pruning) with it — the
+    benchmark's comparison rows (the registry always filters for TSBD and never for the baselines)."""
+    params = dict(params)
+    flag = params.pop("subset_filter", None)
+    tsbd = method in ("tsbd", "tsbd_fixed")
+    if flag is None or (tsbd and flag) or method not in ("tsbd", "tsbd_fixed", "finetune", "fine_pruning"):
+        return repair(method, model, subset, norm, params, device, num_classes, seed=seed)
+    cfg = REPAIR_METHODS[method].configure(validate_params(method, params, seed), seed)
+    if tsbd:
+        res = tsbd_repair(model, subset, norm, cfg, device, num_classes=num_classes, subset_filter=None)
+    elif flag:
+        run = vanilla_finetune if method == "finetune" else fine_pruning
+        res = run(model, subset, norm, cfg, device, subset_filter=SubsetFilterConfig())
+    else:
+        return repair(method, model, subset, norm, params, device, num_classes, seed=seed)
+    res.method = method
+    return res
+
+
+def retuning_attack(model: nn.Module, retune: ImageSet, norm: Normalization, device: str, seed: int,
+                    measure) -> dict[str, float]:
+    """The retuning attack of the benchmark (never part of a repair): plain SGD (lr 0.01, momentum 0.9,
+    batch 32) of a copy of ``model`` on ``retune`` (a few poisoned images among clean ones); ACC/ASR after each
+    epoch count of :data:`RETUNE_EPOCHS`. A repair that only hid the backdoor lets ASR return within an
+    epoch or two; one that removed it needs as long as a clean model does to learn the trigger anew."""
+    import copy
+
+    rt = runtime_for(device)
+    m = prepare_model(copy.deepcopy(model), rt)
+    data = DeviceImages(retune, norm, rt)
+    out: dict[str, float] = {}
+    done = 0
+    for epochs in RETUNE_EPOCHS:
+        sgd_finetune(m, data, epochs=epochs - done, lr=0.01, batch_size=32, momentum=0.9, weight_decay=0.0,
+                     augment=False, seed=seed + done)
+        done = epochs
+        m.eval()
+        e = measure(m)
+        out[f"asr_{epochs}"], out[f"acc_{epochs}"] = e["asr"], e["acc"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
@@ -178,6 +259,11 @@ def main() -> None:
                     help="fraction of the defender's 'clean' subset replaced by poisoned samples (issue 4: 0.02)")
     ap.add_argument("--variants", default="{}",
                     help='JSON {"label": ["method", {params}]}: extra rows, e.g. a method with another lr')
+    ap.add_argument("--arch", help="architecture instead of the profile's: small_cnn, a core.models name "
+                    f"(resnet20, preactresnet18, vgg19_bn, torchvision.<name>) or {TORCHVISION_32}")
+    ap.add_argument("--retune", type=int, default=0,
+                    help="retuning attack: fine-tune each repaired (and the unrepaired) model on this many "
+                         "poisoned training images plus 4x as many clean defender images; 0: off")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -189,6 +275,8 @@ def main() -> None:
                                                   "lr_unlearn": 1e-2})
     if args.attacks:
         prof = dataclasses.replace(prof, attacks=tuple(args.attacks.split(",")))
+    if args.arch:
+        prof = dataclasses.replace(prof, architecture=args.arch)
     if args.sweep is not None:
         prof = dataclasses.replace(prof, sweep_attacks=tuple(a for a in args.sweep.split(",") if a))
     variants = {m: (m, {}) for m in args.methods.split(",") if m}
@@ -205,6 +293,7 @@ def main() -> None:
     train, defender, test, defender_source = split_data(train_all, test_all, prof, args.seed)
 
     started = time.perf_counter()
+    cache: dict[str, nn.Module] = {}
     report: dict[str, object] = {
         "profile": args.profile, "tiny": args.tiny, "defender_poison": args.defender_poison,
         "config": dataclasses.asdict(prof), "device": device,
@@ -214,18 +303,39 @@ def main() -> None:
     for attack_name in prof.attacks:
         t0 = time.perf_counter()
         base_name, a2a = attack_name.removesuffix(A2A_SUFFIX), attack_name.endswith(A2A_SUFFIX)
-        attack = create_attack(base_name, target=0, image_shape=train.image_shape, seed=args.seed,
-                               **({"all_to_all": True} if a2a else {}))
-        poisoned = poison_training_set(attack, train, 0.1, num_classes, args.seed)
-        backdoor = make_backdoor_test_set(attack, test, num_classes)
-        clean_subset = defender
-        if args.defender_poison > 0:  # the defender believes these are clean
-            mixed = poison_training_set(attack, defender, args.defender_poison, num_classes, args.seed + 1)
-            clean_subset = mixed.data.subset(np.arange(len(defender)))  # WaNet's noise samples left out
+        clean_model = base_name == CLEAN_MODEL  # measured with BadNets' trigger, trained without poison
+        clb = base_name in ("clb", "lc")
         torch.manual_seed(args.seed)
         model = build_model(prof, train.image_shape[2], num_classes)
-        train_classifier(model, poisoned.data, norm, prof.epochs, prof.lr, prof.batch_size, device,
-                         augment=prof.augment, seed=args.seed)
+        if base_name in TRAINED_ATTACKS:  # IAB: the trigger generator trains with the classifier
+            model, attack = TRAINED_ATTACKS[base_name](
+                model, train, norm, target=0, epochs=prof.epochs, lr=prof.lr, batch_size=prof.batch_size,
+                device=device, seed=args.seed, mask_epochs=min(25, prof.epochs))
+        else:
+            attack = create_attack("badnets" if clean_model else base_name, target=0,
+                                   image_shape=train.image_shape, seed=args.seed,
+                                   **({"all_to_all": True} if a2a else {}))
+        if clb and "surrogate" not in cache:  # CLB's PGD needs a model trained on clean data
+            torch.manual_seed(args.seed + 11)
+            cache["surrogate"] = train_classifier(build_model(prof, train.image_shape[2], num_classes), train,
+                                                  norm, prof.epochs, prof.lr, prof.batch_size, device,
+                                                  augment=prof.augment, seed=args.seed + 11)
+
+        def poison(data: ImageSet, ratio: float, seed: int, _attack=attack, _clb=clb):
+            if _clb:
+                return clb_poison_training_set(_attack, data, ratio, num_classes, seed, cache["surrogate"], norm,
+                                               device)
+            return poison_training_set(_attack, data, ratio, num_classes, seed)
+
+        backdoor = make_backdoor_test_set(attack, test, num_classes)
+        clean_subset = defender
+        if args.defender_poison > 0 and not clean_model:  # the defender believes these are clean
+            mixed = poison(defender, args.defender_poison, args.seed + 1)
+            clean_subset = mixed.data.subset(np.arange(len(defender)))  # WaNet's noise samples left out
+        if base_name not in TRAINED_ATTACKS:
+            poisoned = poison(train, 0.0 if clean_model else 0.1, args.seed)
+            train_classifier(model, poisoned.data, norm, prof.epochs, prof.lr, prof.batch_size, device,
+                             augment=prof.augment, seed=args.seed)
         train_s = time.perf_counter() - t0
         before = evaluate(model, test, backdoor, norm, device)
         print(f"[{attack_name}] trained in {train_s:.1f}s: ACC {before.acc:.3f} ASR {before.asr:.3f}",
@@ -236,6 +346,14 @@ def main() -> None:
             return {"acc": e.acc, "asr": e.asr, "ra": e.ra}
 
         entry: dict[str, object] = {"train_s": train_s, "before": measure(model), "methods": {}}
+        retune_set = None
+        if args.retune > 0:  # poisoned training images (the attacker's), among clean defender images
+            src = poison(train, 0.1, args.seed)
+            pick = np.random.default_rng(args.seed + 7).permutation(len(src.poisoned_index))[: args.retune]
+            clean_part = defender.subset(np.arange(min(len(defender), 4 * args.retune)))
+            retune_set = ImageSet.concat(src.data.subset(src.poisoned_index[pick]), clean_part)
+            entry["retune"] = retuning_attack(model, retune_set, norm, device, args.seed, measure)
+            print(f"[{attack_name}] retuning the unrepaired model: {entry['retune']}", flush=True)
         if device.startswith("cuda") and "warmup_s" not in report:
             # one short untimed repair first, so that the timed ones do not pay for cuDNN autotuning and
             # the first bf16 kernels (the first timed repair took 8 s instead of 5 without it)
@@ -253,11 +371,23 @@ def main() -> None:
                 shared = {("epochs" if k == "finetune_epochs" else k): v for k, v in prof.repair_params.items()
                           if k in ("batch_size", "augment", "finetune_epochs")}
                 params = {**shared, **extra}
-            res = repair(method, model, clean_subset, norm, params, device, num_classes, seed=args.seed)
+            res = run_method(method, model, clean_subset, norm, params, device, num_classes, args.seed)
             after = measure(res.model)
             der = defense_effectiveness_rating(before.acc, before.asr, after["acc"], after["asr"])
             entry["methods"][label] = {**after, "der": der, "timings": res.timings, "chosen": res.chosen,
                                        "params": res.params, "details": res.details}
+            filt = res.details.get("subset_filter", {})
+            if filt.get("applied"):
+                planted = (np.zeros(len(clean_subset), bool) if not args.defender_poison or clean_model else
+                           np.isin(np.arange(len(clean_subset)), mixed.poisoned_index))
+                dropped = np.zeros(len(clean_subset), bool)
+                dropped[np.asarray(filt["dropped_index"], dtype=np.int64)] = True
+                entry["methods"][label]["filter"] = {
+                    "dropped": filt["dropped"], "fraction_dropped": filt["fraction_dropped"],
+                    "planted": int(planted.sum()), "planted_dropped": int((planted & dropped).sum())}
+            if retune_set is not None:
+                entry["methods"][label]["retune"] = retuning_attack(res.model, retune_set, norm, device, args.seed,
+                                                                    measure)
             print(f"[{attack_name}] {label}: ACC {after['acc']:.3f} ASR {after['asr']:.3f} "
                   f"RA {after['ra']:.3f} DER {der:.3f} ({res.timings['total']:.1f}s) {res.chosen}", flush=True)
         if attack_name in prof.sweep_attacks:
@@ -284,6 +414,10 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
+def _retune(r: dict | None) -> str:
+    return "" if not r else " / ".join(_pct(r[f"asr_{e}"]) for e in RETUNE_EPOCHS)
+
+
 def render_markdown(report: dict) -> str:
     """One table (ACC, ASR, RA, DER per attack and method, plus the mean) and the timings."""
     attacks = report["attacks"]
@@ -301,31 +435,39 @@ def render_markdown(report: dict) -> str:
              + (f" (an untimed warm-up repair: {report['warmup_s']:.1f} s)" if "warmup_s" in report else "")
              + ". ASR of `_a2a` (all-to-all) rows: prediction == (true label + 1) mod 10; the means leave them out.",
              "",
-             "| attack | method | ACC | ASR | RA | DER | chosen | time (s) |", "|---|---|---|---|---|---|---|---|"]
+             "Filter: images the poisoned-subset filter dropped (planted poisoned ones among them / planted). "
+             f"Retune: ASR after {' / '.join(str(e) for e in RETUNE_EPOCHS)} epochs of the retuning attack "
+             "(a few poisoned images among clean ones; benchmark only).", "",
+             "| attack | method | ACC | ASR | RA | DER | chosen | filter | retune ASR | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     sums: dict[str, list[dict]] = {m: [] for m in ("none", *methods)}
     for name, e in attacks.items():
         b = e["before"]
-        lines.append(f"| {name} | none | {_pct(b['acc'])} | {_pct(b['asr'])} | {_pct(b['ra'])} | — | | |")
-        in_mean = not name.endswith(A2A_SUFFIX)
+        lines.append(f"| {name} | none | {_pct(b['acc'])} | {_pct(b['asr'])} | {_pct(b['ra'])} | — | | | "
+                     f"{_retune(e.get('retune'))} | |")
+        in_mean = not name.endswith(A2A_SUFFIX) and name != CLEAN_MODEL
         if in_mean:
             sums["none"].append(b)
         for m in methods:
             r = e["methods"][m]
             chosen = ", ".join(f"{k}={v}" for k, v in r["chosen"].items() if k != "rule")
+            f = r.get("filter")
+            filt = f"{f['dropped']} ({f['planted_dropped']}/{f['planted']})" if f else ""
             lines.append(f"| {name} | {m} | {_pct(r['acc'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | "
-                         f"{r['der']:.3f} | {chosen} | {r['timings']['total']:.1f} |")
+                         f"{r['der']:.3f} | {chosen} | {filt} | {_retune(r.get('retune'))} | "
+                         f"{r['timings']['total']:.1f} |")
             if in_mean:
                 sums[m].append(r)
         if "reference_sweep" in e:
             best = max(e["reference_sweep"]["per_n"], key=lambda p: p["der"])
             lines.append(f"| {name} | oracle n={best['n']} (reads poisoned ASR) | {_pct(best['acc'])} | "
-                         f"{_pct(best['asr'])} | {_pct(best['ra'])} | {best['der']:.3f} | | |")
+                         f"{_pct(best['asr'])} | {_pct(best['ra'])} | {best['der']:.3f} | | | | |")
     for m, rows in sums.items():
         if rows:
             mean = {k: float(np.mean([r[k] for r in rows])) for k in ("acc", "asr", "ra")}
             der = f"{np.mean([r['der'] for r in rows]):.3f}" if m != "none" else "—"
             lines.append(f"| **mean of {len(rows)}** | {m} | {_pct(mean['acc'])} | {_pct(mean['asr'])} | "
-                         f"{_pct(mean['ra'])} | {der} | | |")
+                         f"{_pct(mean['ra'])} | {der} | | | | |")
     for name, e in attacks.items():
         if "reference_sweep" not in e:
             continue

@@ -22,7 +22,9 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 
 DIGITS_NORM = Normalization((0.5,), (0.5,))
-DEMO_REPAIR_PARAMS = {"augment": False, "batch_size": 32}
+# augmentation on: crop padding scales to the 8x8 side (1 pixel) and flips are off because the model says a
+# mirrored digit is another digit (core/defenses/tsbd/finetune.py); it needed "augment": false before issue 10
+DEMO_REPAIR_PARAMS = {"batch_size": 32}
 DIGITS_MODEL = {"architecture": "resnet20", "num_classes": 10, "in_channels": 1, "mean": [0.5], "std": [0.5]}
 
 

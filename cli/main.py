@@ -164,7 +164,8 @@ def _build_spec(mode: str, architecture: str | None, num_classes: int | None, in
 FailOn = Annotated[str | None, typer.Option(
     help="fail the gate when the detector's verdict is this or worse: suspicious or backdoored")]
 MaxIndex = Annotated[float | None, typer.Option(
-    help="fail the gate when Neural Cleanse's anomaly index exceeds this (its own flag is 2)")]
+    help="fail the gate when Neural Cleanse's classic anomaly index exceeds this (evidence; ~3.9 is a 5% level "
+         "for 10 classes)")]
 
 
 def _gate(max_asr: float | None, min_acc: float | None, fail_on: str | None,

@@ -170,8 +170,10 @@ def _repair(spec: ScanSpec, model: torch.nn.Module, train_set: ImageSet, norm: A
             stage: Progress, report: dict[str, Any]) -> torch.nn.Module:
     """Mode repair: the backdoor repair on the clean part; its account goes to ``report["repair"]``."""
     try:
+        # the detector's verdict lets the automatic tsbd keep a clean model as it is (its clean_check)
         result = _repair_registry().repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
-                                           spec.model.num_classes, spec.seed, progress=stage)
+                                           spec.model.num_classes, spec.seed, progress=stage,
+                                           verdict=report["verdict"].get("label"))
     except ValueError as exc:  # parameters the method's config refuses
         raise InputError("spec.repair.params", str(exc)) from exc
     report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
@@ -261,8 +263,15 @@ def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, 
         stage.check()  # raises StopRequested itself: the worker maps cancel and the time limit as elsewhere
         return False
 
-    result = scan_model(model, clean, norm, detect_config(spec.detect.params), dev, spec.model.num_classes,
-                        spec.seed, progress=stage.update, should_stop=should_stop)
+    from core.detect.config import ConfigError
+
+    try:
+        result = scan_model(model, clean, norm, detect_config(spec.detect.params), dev, spec.model.num_classes,
+                            spec.seed, progress=stage.update, should_stop=should_stop)
+    except ConfigError as exc:  # a setting refused only once the data are known
+        raise InputError(f"spec.detect.params.{exc.field}", str(exc)) from exc
+    except ValueError as exc:  # data the detector cannot use (too few clean images, labels out of range)
+        raise InputError("clean_data", f"trigger-free detection: {exc}") from exc
     for cls, image in sorted(result.trigger_images.items()):
         artifacts[f"{prefix}_{cls}"] = _write_png(image, work_dir / f"{prefix}_{cls}.png")
     return {"label": result.verdict, "score": result.score, "suspected_targets": list(result.suspected_targets),

@@ -304,6 +304,17 @@ def parameter_reference() -> str:
         defaults = {f.name: f.default for f in dataclasses.fields(builder)}  # type: ignore[arg-type]
         lines += [f"### `{name}`", "", "| parameter | type and range | default |", "| --- | --- | --- |"]
         lines += [row(p, tp, defaults[p]) for p, tp in attack_param_types(name).items()] + [""]
+    from core.detect.config import DetectConfig
+    from core.detect.registry import DETECTORS
+    from core.ranges import field_types
+
+    detect = DetectConfig()
+    lines += ["## `spec.detect.params`", "",
+              "`spec.detect.enabled` (default `true`) switches the trigger-free detector on or off; `params` sets "
+              f"any of these (docs/detect.md). Detector names: {', '.join(f'`{d}`' for d in DETECTORS)}; "
+              "`strong_p_value` must not exceed `p_value`.", "",
+              "| parameter | type and range | default |", "| --- | --- | --- |"]
+    lines += [row(name, tp, getattr(detect, name)) for name, tp in field_types(DetectConfig).items()] + [""]
     return "\n".join(lines)
 
 

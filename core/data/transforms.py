@@ -54,9 +54,11 @@ def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
     raise ValueError(f"normalisation has {len(values)} values for {channels} channels")
 
 
-def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
+                     flip: bool = True) -> torch.Tensor:
     """The CIFAR training augmentation on a float ``N×C×H×W`` batch: random crop after zero padding, and a
-    horizontal flip with probability 1/2, all on the batch's device without a Python loop per image."""
+    horizontal flip with probability 1/2 (``flip=False``: none, e.g. for digits), all on the batch's device
+    without a Python loop per image."""
     n, _, h, w = x.shape
     dev = x.device
     padded = F.pad(x, (padding, padding, padding, padding))
@@ -64,8 +66,9 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generat
     dx = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
     rows = (dy.view(n, 1) + torch.arange(h, device=dev).view(1, h))  # n×h
     cols = (dx.view(n, 1) + torch.arange(w, device=dev).view(1, w))  # n×w
-    flip = torch.rand(n, device=dev, generator=generator) < 0.5
-    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    if flip:
+        flipped = torch.rand(n, device=dev, generator=generator) < 0.5
+        cols = torch.where(flipped.view(n, 1), cols.flip(1), cols)
     idx_n = torch.arange(n, device=dev).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # n×h×w×c
     out = out.permute(0, 3, 1, 2)

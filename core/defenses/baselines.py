@@ -14,6 +14,7 @@ from core.data.transforms import Normalization
 from core.defenses.result import RepairResult
 from core.defenses.runtime import (
     DeviceImages,
+    Runtime,
     cuda_sync,
     forward_all,
     prepare_model,
@@ -21,6 +22,7 @@ from core.defenses.runtime import (
     score,
     sgd_finetune,
 )
+from core.defenses.subset_filter import SubsetFilterConfig, filter_poisoned
 from core.progress import Progress
 from core.ranges import (
     BatchSize,
@@ -68,20 +70,34 @@ class FinePruningConfig:
         check_fields(self, skip=("finetune",))  # the nested config checked itself when it was built
 
 
+def _filtered(model: nn.Module, clean: ImageSet, norm: Normalization, rt: Runtime,
+              subset_filter: SubsetFilterConfig | None) -> tuple[ImageSet, dict[str, object]]:
+    """``clean`` without what :func:`filter_poisoned` drops (when ``subset_filter`` is given), and its report."""
+    if subset_filter is None:
+        return clean, {"applied": False}
+    res = filter_poisoned(model, clean, norm, rt, subset_filter)
+    return clean.subset(res.keep), res.details
+
+
 def vanilla_finetune(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FinetuneConfig,
-                     device: torch.device | str, progress: Progress | None = None) -> RepairResult:
-    """Plain SGD fine-tuning of a copy of ``model`` on the clean subset."""
+                     device: torch.device | str, progress: Progress | None = None,
+                     subset_filter: SubsetFilterConfig | None = None) -> RepairResult:
+    """Plain SGD fine-tuning of a copy of ``model`` on the clean subset (first filtered by
+    :func:`filter_poisoned` when ``subset_filter`` is given; off by default, so the baseline stays the
+    published method)."""
     rt = runtime_for(device)
     progress = progress or Progress()
     progress.sync = cuda_sync(rt)
     progress.stage("setup", 0.0, 0.05)
     repaired = prepare_model(copy.deepcopy(model), rt)
+    clean, filt = _filtered(repaired, clean, norm, rt, subset_filter)
     data = DeviceImages(clean, norm, rt)
     _finetune(repaired, data, cfg, progress.stage("finetune", 0.05, 1.0))
     after = score(repaired, data)
     return RepairResult(model=repaired.eval(), method="finetune", params=dataclasses.asdict(cfg),
                         timings=progress.finish(),
-                        details={"clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})
+                        details={"subset_filter": filt,
+                                 "clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})
 
 
 def _finetune(model: nn.Module, data: DeviceImages, cfg: FinetuneConfig, progress: Progress) -> None:
@@ -123,16 +139,18 @@ def _zero_channels(conv: nn.Conv2d, channels: torch.Tensor) -> None:
 
 
 def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: FinePruningConfig,
-                 device: torch.device | str, progress: Progress | None = None) -> RepairResult:
+                 device: torch.device | str, progress: Progress | None = None,
+                 subset_filter: SubsetFilterConfig | None = None) -> RepairResult:
     """Prune (zero, and keep at zero while fine-tuning) the last conv layer's channels in increasing order of
     mean activation on the clean subset, the most channels whose pruning keeps the subset's accuracy within
     ``accuracy_drop_tolerance`` of the unpruned model's; then fine-tune. Zeroing instead of removing keeps the
-    repaired weights' keys and shapes those of the upload."""
+    repaired weights' keys and shapes those of the upload. ``subset_filter`` as in :func:`vanilla_finetune`."""
     rt = runtime_for(device)
     progress = progress or Progress()
     progress.sync = cuda_sync(rt)
     progress.stage("setup", 0.0, 0.02)
     repaired = prepare_model(copy.deepcopy(model), rt)
+    clean, filt = _filtered(repaired, clean, norm, rt, subset_filter)
     data = DeviceImages(clean, norm, rt)
     layer = last_conv_layer(repaired)
     conv = dict(repaired.named_modules())[layer]
@@ -180,5 +198,5 @@ def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: Fi
         model=repaired.eval(), method="fine_pruning", params=params,
         chosen={"pruned_channels": pruned, "layer_channels": channels},
         timings=progress.finish(),
-        details={"clean_accuracy_unpruned": base, "prune_curve": curve,
+        details={"subset_filter": filt, "clean_accuracy_unpruned": base, "prune_curve": curve,
                  "clean_subset_after": {"accuracy": after.accuracy, "loss": after.loss}})

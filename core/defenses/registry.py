@@ -28,6 +28,11 @@ TSBD_FIXED_DEFAULT_N = 0.3
 # H200 run of BENCHMARKS.md §2.1 (commit 67013e8) it kept 1.5 more ACC points for the same ASR (mean of five
 # attacks: ACC -1.1 / ASR 2.4% against -2.6 / 2.3%). tsbd_fixed stays the reference (constant).
 TSBD_AUTO_SCHEDULE = "cosine"
+# The automatic TSBD's defaults beyond the reference (issue 10, BENCHMARKS.md §2.7): stage 2's epochs and
+# learning rate from the evidence. n stays with the width rule: the recovery rule (auto.py) kept n = 0.1-0.3 on
+# a narrow digits CNN whose BadNets backdoor needs 0.7 (ASR 24-100% left against 7%), and the detector's clean
+# verdict is not the default gate because it called that backdoored model clean (clean_check "off").
+TSBD_AUTO_DEFAULTS: Mapping[str, object] = MappingProxyType({"finetune_adaptive": True})
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ class RepairMethod:
     description: str
     param_types: Mapping[str, Any]
     configure: Callable[[dict[str, Any], int], Any]  # (checked params, seed) -> the method's config
-    run: Callable[[nn.Module, ImageSet, Normalization, Any, torch.device | str, int, Progress], RepairResult]
+    run: Callable[..., RepairResult]  # (model, clean, norm, config, device, num_classes, progress[, verdict])
+    takes_verdict: bool = False  # run() reads the detector's verdict on the model (keyword ``verdict``)
 
 
 def _tsbd_config(auto: bool) -> Callable[[dict[str, Any], int], TSBDConfig]:
@@ -47,6 +53,8 @@ def _tsbd_config(auto: bool) -> Callable[[dict[str, Any], int], TSBDConfig]:
         if auto:
             kw["neuron_ratio"] = None
             kw.setdefault("finetune_schedule", TSBD_AUTO_SCHEDULE)
+            for key, value in TSBD_AUTO_DEFAULTS.items():
+                kw.setdefault(key, value)
         else:
             kw.setdefault("neuron_ratio", TSBD_FIXED_DEFAULT_N)
         return TSBDConfig(**{**kw, "seed": seed})
@@ -56,8 +64,8 @@ def _tsbd_config(auto: bool) -> Callable[[dict[str, Any], int], TSBDConfig]:
 
 def _run_tsbd(auto: bool) -> Callable[..., RepairResult]:
     def run(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSBDConfig, device: torch.device | str,
-            num_classes: int, progress: Progress) -> RepairResult:
-        result = tsbd_repair(model, clean, norm, cfg, device, progress, num_classes)
+            num_classes: int, progress: Progress, verdict: str | None = None) -> RepairResult:
+        result = tsbd_repair(model, clean, norm, cfg, device, progress, num_classes, verdict)
         result.method = "tsbd" if auto else "tsbd_fixed"
         return result
 
@@ -94,7 +102,7 @@ REPAIR_METHODS: Mapping[str, RepairMethod] = MappingProxyType({
     "tsbd": RepairMethod(
         "TSBD with the neuron ratio n chosen automatically from the clean subset",
         {k: v for k, v in _TSBD_TYPES.items() if k != "neuron_ratio"}, _tsbd_config(auto=True),
-        _run_tsbd(auto=True)),
+        _run_tsbd(auto=True), takes_verdict=True),
     "tsbd_fixed": RepairMethod(
         f"reference TSBD with a fixed neuron ratio n (default {TSBD_FIXED_DEFAULT_N})",
         {**_TSBD_TYPES, "neuron_ratio": Ratio}, _tsbd_config(auto=False), _run_tsbd(auto=False)),
@@ -134,10 +142,12 @@ def validate_params(method: str, params: Mapping[str, object], seed: int = 0) ->
 
 def repair(method: str, model: nn.Module, clean: ImageSet, norm: Normalization, params: Mapping[str, object],
            device: torch.device | str, num_classes: int, seed: int = 0,
-           progress: Progress | None = None) -> RepairResult:
+           progress: Progress | None = None, verdict: str | None = None) -> RepairResult:
     """Run repair ``method`` on a copy of ``model`` with the clean subset; ``params`` override the method's
     defaults (see :data:`REPAIR_METHODS` for names and types). Bad values (e.g. a negative learning rate) raise
-    ``ValueError``; ``progress`` gets the method's stages, and its ``check()`` may raise ``StopRequested``."""
+    ``ValueError``; ``progress`` gets the method's stages, and its ``check()`` may raise ``StopRequested``.
+    ``verdict``: the trigger-free detector's verdict on ``model`` ("clean" / "suspicious" / "backdoored"), for
+    the methods that read it (the automatic ``tsbd`` keeps a clean model as it is unless ``force_repair``)."""
     checked = validate_params(method, params, seed)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -148,7 +158,8 @@ def repair(method: str, model: nn.Module, clean: ImageSet, norm: Normalization, 
     if robust:
         last_linear(model)  # refuse before a long repair when there is no head to refit
     entry = REPAIR_METHODS[method]
-    result = entry.run(model, clean, norm, entry.configure(checked, seed), device, num_classes, progress)
+    extra = {"verdict": verdict} if entry.takes_verdict else {}
+    result = entry.run(model, clean, norm, entry.configure(checked, seed), device, num_classes, progress, **extra)
     result.params["robust_hparams"] = robust
     if robust:
         _refit_head(result, clean, norm, head_cfg, device, seed, progress)

@@ -69,11 +69,11 @@ class DeviceImages:
         return int(self.y.shape[0])
 
     def inputs(self, index: torch.Tensor | slice, augment: bool = False,
-               generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
-        """Normalised float ``N×C×H×W`` input for the images at ``index``, optionally crop+flip augmented."""
+               generator: torch.Generator | None = None, padding: int = 4, flip: bool = True) -> torch.Tensor:
+        """Normalised float ``N×C×H×W`` input for the images at ``index``, optionally crop(+flip) augmented."""
         x = to_model_input(self.x[index], self.norm, self.rt.device, self.rt.channels_last)
         if augment:
-            x = random_crop_flip(x, padding=padding, generator=generator)
+            x = random_crop_flip(x, padding=padding, generator=generator, flip=flip)
         return x
 
     def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:

@@ -25,9 +25,11 @@ def register(name: str) -> Callable[[Detector], Detector]:
 def _register_builtins() -> None:
     from core.detect.max_margin import max_margin
     from core.detect.neural_cleanse import neural_cleanse
+    from core.detect.universal_perturbation import universal_perturbation
     from core.detect.unlearning import unlearning_concentration
 
     register("neural_cleanse")(neural_cleanse)
+    register("universal_perturbation")(universal_perturbation)
     register("max_margin")(max_margin)
     register("unlearning")(unlearning_concentration)
 

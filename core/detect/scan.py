@@ -17,6 +17,8 @@ from core.detect.config import DetectConfig
 from core.detect.registry import DETECTORS
 from core.detect.verdict import combine
 
+MIN_IMAGES = 10  # fewer clean images than this cannot estimate an attack success rate of 99%
+
 
 @dataclass
 class DetectionResult:
@@ -37,13 +39,16 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
     ``clean`` images; ``progress(fraction)`` is called as work advances and ``should_stop()`` polled between
     steps (raising :class:`core.detect.DetectionStopped`). The model's modes and gradient flags are restored."""
     cfg = config or DetectConfig()
-    if len(clean) == 0:
-        raise ValueError("the clean subset is empty")
+    if len(clean) < MIN_IMAGES:
+        raise ValueError(f"the detector needs at least {MIN_IMAGES} clean images, got {len(clean)}")
     dev = torch.device(device)
     if num_classes is None:
         num_classes = int(clean.y.max()) + 1
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if int(clean.y.max()) >= num_classes or int(clean.y.min()) < 0:
+        raise ValueError(f"clean labels must lie in [0, {num_classes - 1}], got {int(clean.y.min())}.."
+                         f"{int(clean.y.max())}")
     if len(clean) > cfg.max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(clean), cfg.max_images, replace=False))
         clean = clean.subset(keep)
@@ -66,20 +71,21 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
             torch.cuda.synchronize(dev)
         res.seconds = time.perf_counter() - t0
         results[name] = res
-    verdict, score, targets = combine(list(results.values()), cfg.strong_factor, cfg.strong_detectors,
-                                     cfg.voting_detectors)
+    verdict, score, p, targets = combine(list(results.values()), cfg.p_value, cfg.strong_p_value,
+                                         cfg.voting_detectors)
     triggers: dict[int, np.ndarray] = {}
     for res in results.values():
         for cls, img in res.trigger_images.items() if res.name in cfg.voting_detectors else ():
-            triggers.setdefault(cls, img)
+            if cls in targets:
+                triggers.setdefault(cls, img)
     if progress is not None:
         progress(1.0)
-    evidence = {"verdict": verdict, "score": score, "suspected_targets": targets,
+    voting = [name for name in cfg.voting_detectors if name in results]
+    evidence = {"verdict": verdict, "score": score, "p_value": p, "suspected_targets": targets,
                 "num_classes": num_classes, "clean_images": len(clean),
                 "detectors": {name: {**r.evidence(), "votes": name in cfg.voting_detectors}
                               for name, r in results.items()},
-                "rule": (f"voting detectors {list(cfg.voting_detectors)}; backdoored: two flag, or one of "
-                         f"{list(cfg.strong_detectors)} scores >= {cfg.strong_factor}; suspicious: one flags; a "
-                         "score is the detector's statistic over its threshold")}
+                "rule": (f"p = min(1, {len(voting)} x the smallest p-value of {voting}); backdoored: p < "
+                         f"{cfg.strong_p_value}; suspicious: p < {cfg.p_value}; score = log p / log {cfg.p_value}")}
     return DetectionResult(verdict=verdict, score=score, suspected_targets=targets, evidence=evidence,
                            trigger_images=triggers, detectors=results)

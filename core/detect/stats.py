@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,3 +48,60 @@ def gamma_max_p_value(stat: float, null: list[float]) -> float:
                                        torch.tensor(stat / scale, dtype=torch.float64)))
     # 1 - cdf^n without cancellation for cdf close to 1
     return float(-math.expm1(len(null) * math.log(cdf))) if cdf > 0 else 1.0
+
+
+NULL_DRAWS = 20_000  # Monte-Carlo draws of the outlier statistic's null: p-values resolve down to 5e-5 (fewer
+# for many classes, at least 2,000: 1,000 classes take a second)
+
+
+def small_outlier_scores(values: list[float] | torch.Tensor) -> list[float]:
+    """Per class ``(mean(O) - v_k) / std(O)``: how far below the other classes ``O`` it lies in their own
+    standard deviations, where ``O`` leaves out ``v_k`` and, from ``K >= 6`` classes on, the largest other
+    value (a naturally hard class — MNIST's thin 1 — would otherwise inflate the spread and hide a target;
+    large values carry no backdoor evidence). Works on a ``... x K`` tensor too (the null draws)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    return _outlier_scores(v).tolist()
+
+
+def _outlier_scores(v: torch.Tensor) -> torch.Tensor:
+    k = v.shape[-1]
+    trim = 1 if k >= 6 else 0
+    m = k - 1 - trim
+    if m < 2:
+        return torch.zeros_like(v)
+    total, squares = v.sum(-1, keepdim=True), (v * v).sum(-1, keepdim=True)
+    top2 = v.topk(2, dim=-1).values
+    # the largest of the others: the second largest where v_k is itself the largest
+    removed = torch.where(v >= top2[..., :1], top2[..., 1:2], top2[..., :1]) if trim else torch.zeros_like(v)
+    s = total - v - removed
+    q = squares - v * v - removed * removed
+    mean = s / m
+    var = ((q - m * mean * mean) / (m - 1)).clamp_min(0.0)
+    std = var.sqrt()
+    return torch.where(std > 0, (mean - v) / std.clamp_min(1e-300), torch.zeros_like(v))
+
+
+@functools.cache
+def _null_maxima(k: int) -> torch.Tensor:
+    """Sorted maxima of the outlier score over ``k`` i.i.d. standard normal classes (seeded: reproducible).
+    The score is location- and scale-free, so one standard normal null serves every model."""
+    gen = torch.Generator().manual_seed(20_190_519 + k)
+    draws = torch.randn(max(2_000, min(NULL_DRAWS, 2_000_000 // k)), k, generator=gen, dtype=torch.float64)
+    return _outlier_scores(draws).max(-1).values.sort().values
+
+
+def outlier_p_value(values: list[float]) -> tuple[float, list[float], float]:
+    """(p-value, per-class scores, the score a class needs for significance at 5%): the probability that the
+    largest :func:`small_outlier_scores` of ``K`` classes drawn i.i.d. from one normal is at least the observed
+    largest — the detector's own null, built by simulation for this ``K``, so it accounts for the number of
+    classes and for estimating the spread from ``K - 2`` values. The values are log trigger sizes: one class
+    standing out below the rest is the backdoor's signature."""
+    k = len(values)
+    scores = small_outlier_scores(values)
+    if k < 4:  # too few classes to estimate a spread: no evidence either way
+        return 1.0, scores, math.inf
+    null = _null_maxima(k)
+    top = max(scores)
+    exceed = int(len(null) - torch.searchsorted(null, torch.tensor(top, dtype=torch.float64), right=False))
+    critical = float(null[int(0.95 * len(null))])
+    return (1 + exceed) / (1 + len(null)), scores, critical

@@ -1,29 +1,35 @@
-"""The verdict: clean / suspicious / backdoored, combined from the detectors' threshold-relative scores."""
+"""The verdict: clean / suspicious / backdoored, from the voting detectors' p-values combined by Bonferroni."""
 
 from __future__ import annotations
+
+import math
 
 from core.detect.base import DetectorResult
 
 VERDICTS = ("clean", "suspicious", "backdoored")
 
 
-def combine(results: list[DetectorResult], strong_factor: float, strong_detectors: tuple[str, ...],
-            voting_detectors: tuple[str, ...]) -> tuple[str, float, list[int]]:
-    """(verdict, combined score, suspected targets) from the ``voting_detectors``: ``backdoored`` when two
-    flag or one of ``strong_detectors`` scores >= ``strong_factor``, ``suspicious`` when one flags. The
-    combined score is the largest voting threshold-relative score (> 1: at least one flagged)."""
+def combined_p_value(results: list[DetectorResult]) -> float:
+    """``min(1, m x min p)`` over ``m`` detectors: valid whatever their dependence (two inversions of one
+    model are correlated through the model's naturally easy classes, so independence is not assumed)."""
+    return min(1.0, len(results) * min(r.statistic for r in results)) if results else 1.0
+
+
+def combine(results: list[DetectorResult], p_value: float, strong_p_value: float,
+            voting_detectors: tuple[str, ...]) -> tuple[str, float, float, list[int]]:
+    """(verdict, score, combined p-value, suspected targets) from the ``voting_detectors`` (each reporting a
+    p-value as its statistic): ``backdoored`` when the combined p is below ``strong_p_value``,
+    ``suspicious`` below ``p_value``, else ``clean``. The score is ``log p / log p_value`` (1 at the level).
+    The targets are those of the detectors that pass the level after the correction, strongest first."""
     voting = [r for r in results if r.name in voting_detectors and not r.details.get("informational")]
     if not voting:
-        return "clean", 0.0, []
-    flagged = [r for r in voting if r.flagged]
-    combined = max(r.score for r in voting)
-    if len(flagged) >= 2 or any(r.score >= strong_factor and r.name in strong_detectors for r in flagged):
-        verdict = "backdoored"
-    elif flagged:
-        verdict = "suspicious"
-    else:
-        verdict = "clean"
+        return "clean", 0.0, 1.0, []
+    p = combined_p_value(voting)
+    verdict = "backdoored" if p < strong_p_value else "suspicious" if p < p_value else "clean"
+    score = math.log(max(p, 1e-300)) / math.log(p_value)
     targets: list[int] = []
-    for r in sorted(flagged, key=lambda r: -r.score):
-        targets.extend(t for t in r.suspected_targets if t not in targets)
-    return verdict, combined, targets
+    if verdict != "clean":
+        for r in sorted(voting, key=lambda r: r.statistic):
+            if len(voting) * r.statistic < p_value:
+                targets.extend(t for t in r.suspected_targets if t not in targets)
+    return verdict, score, p, targets

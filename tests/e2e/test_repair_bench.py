@@ -40,3 +40,36 @@ def test_tiny_cpu_run_writes_the_whole_report(tmp_path: Path) -> None:
     assert "of which 2% replaced by poisoned ones" in text and "| badnets_a2a | ft_sam |" in text
     assert text.count("| **mean of 1** |") == 1 + len(report["methods"])  # the all-to-all row is left out
     assert "warm-up" not in text  # only CUDA runs warm up
+
+
+def test_tiny_run_with_clean_model_retuning_and_filter_rows(tmp_path: Path) -> None:
+    """The issue-10 columns: a clean model among the attacks, the retuning attack on every row, TSBD without
+    its filter and a baseline with it, and the filter's drop counts; ``--arch`` picks the architecture."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "random.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (2400, 28, 28, 1), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 2400), x_test=rng.integers(0, 256, (800, 28, 28, 1), dtype=np.uint8),
+             y_test=rng.integers(0, 10, 800))
+    out = tmp_path / "report.md"
+    variants = json.dumps({"tsbd_nofilter": ["tsbd", {"subset_filter": False}],
+                           "finetune_filter": ["finetune", {"subset_filter": True}]})
+    proc = subprocess.run(
+        [sys.executable, "bench/repair_bench.py", "--profile", "cpu", "--tiny", "--data", str(data),
+         "--arch", "small_cnn", "--attacks", "badnets,clean", "--defender-poison", "0.02", "--sweep", "",
+         "--methods", "tsbd", "--variants", variants, "--retune", "10", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["attacks"]) == {"badnets", "clean"}
+    for entry in report["attacks"].values():
+        assert set(entry["retune"]) == {"asr_1", "acc_1", "asr_5", "acc_5"}
+        assert all(set(m["retune"]) == set(entry["retune"]) for m in entry["methods"].values())
+    bad = report["attacks"]["badnets"]["methods"]
+    assert bad["tsbd"]["details"]["subset_filter"]["applied"] and "filter" in bad["tsbd"]
+    assert bad["tsbd"]["filter"]["planted"] == 6  # 2% of the 300 defender images
+    assert bad["tsbd_nofilter"]["details"]["subset_filter"] == {"applied": False}
+    assert bad["finetune_filter"]["details"]["subset_filter"]["applied"]
+    assert report["attacks"]["clean"]["methods"]["tsbd"]["filter"]["planted"] == 0
+    text = out.read_text()
+    assert "| clean | tsbd |" in text and "retune ASR" in text
+    assert text.count("| **mean of 1** |") == 1 + len(report["methods"])  # the clean model is left out

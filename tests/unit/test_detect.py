@@ -1,5 +1,5 @@
-"""The trigger-free detectors on tiny models of real digits: the batched inversion finds a planted patch, the
-statistics equal their formulas, a clean model is judged clean, MM-BD flags a blended trigger."""
+"""The trigger-free detectors on tiny models of real digits: the batched inversions find a planted patch and a
+blend, the statistics equal their formulas and their nulls hold their level, a clean model is judged clean."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from core.detect import (
     register,
     scan_model,
 )
-from core.detect.stats import small_side_anomalies
+from core.detect.stats import outlier_p_value, small_outlier_scores, small_side_anomalies
+from core.detect.verdict import combine
 from core.training import train_classifier
 
 NORM = Normalization((0.5,), (0.5,))
-FAST = {"nc_steps": 150, "nc_batch_size": 8, "mm_steps": 60, "mm_starts": 4}
+FAST = {"nc_steps": 150, "nc_batch_size": 8, "up_steps": 150, "mm_steps": 60, "mm_starts": 4}
 
 
 @functools.cache
@@ -86,6 +87,45 @@ def test_gamma_p_value_is_the_order_statistic_of_the_fitted_gamma() -> None:
     assert gamma_max_p_value(9.0, null) < 1e-6 < gamma_max_p_value(3.4, null)
 
 
+def test_outlier_score_is_the_deleted_t_against_the_others_less_the_largest() -> None:
+    values = [3.0, 3.2, 2.9, 3.1, 3.3, 5.0, 3.0, 3.05, 3.15, 1.0]
+    others = sorted(values[:9])[:-1]  # class 9 left out, and the largest other (the 5.0) trimmed
+    expected = (np.mean(others) - 1.0) / np.std(others, ddof=1)
+    scores = small_outlier_scores(values)
+    assert scores[9] == pytest.approx(expected)
+    p, _, critical = outlier_p_value(values)
+    assert p < 0.001 and scores[9] > critical and max(scores[:9]) < critical
+    assert outlier_p_value([1.0, 2.0, 3.0])[0] == 1.0  # too few classes to estimate a spread
+
+
+def test_outlier_p_value_holds_its_level_on_normal_classes() -> None:
+    """The simulated null is the statistic's own: on fresh i.i.d. normal 'classes' (any location and scale)
+    about 5% of draws fall below 0.05, not the 30% Neural Cleanse's fixed index 2 gives with 10 classes."""
+    rng = np.random.default_rng(1)
+    for k in (10, 43):
+        ps = [outlier_p_value(list(rng.normal(4.0, 0.3, k)))[0] for _ in range(600)]
+        assert 0.025 < np.mean(np.array(ps) < 0.05) < 0.08, k
+    draws = rng.standard_normal((600, 10))
+    index_fa = np.mean([max(small_side_anomalies(list(d), 2.0)[0]) > 2.0 for d in draws])
+    assert index_fa > 0.2  # why the fixed threshold was replaced
+
+
+def test_the_verdict_combines_p_values_by_bonferroni() -> None:
+    from core.detect.base import DetectorResult
+
+    def res(name: str, p: float, targets: list[int]) -> DetectorResult:
+        return DetectorResult(name, 0.0, p < 0.05, p, "p_value", 0.05, [], targets)
+
+    voting = ("a", "b")
+    assert combine([res("a", 0.03, [1]), res("b", 0.5, [])], 0.05, 0.01, voting)[:3] == ("clean", pytest.approx(
+        math.log(0.06) / math.log(0.05)), 0.06)  # 2 x 0.03 is not below 0.05
+    verdict, _, p, targets = combine([res("a", 0.02, [1]), res("b", 0.004, [2])], 0.05, 0.01, voting)
+    assert (verdict, p, targets) == ("backdoored", 0.008, [2, 1])
+    verdict, _, p, targets = combine([res("a", 0.2, [1]), res("b", 0.015, [2]), res("c", 1e-9, [3])], 0.05,
+                                     0.01, voting)  # c does not vote
+    assert (verdict, p, targets) == ("suspicious", 0.03, [2])
+
+
 def test_batched_inversion_finds_the_planted_patch_in_one_pass_per_step() -> None:
     model = _model("badnets")
     batch_sizes: list[int] = []
@@ -104,11 +144,19 @@ def test_batched_inversion_finds_the_planted_patch_in_one_pass_per_step() -> Non
     assert res.verdict in ("suspicious", "backdoored") and 0 in res.suspected_targets
 
 
+def test_the_universal_perturbation_finds_a_blended_target() -> None:
+    cfg = DetectConfig(detectors=("universal_perturbation",), voting_detectors=("universal_perturbation",), **FAST)
+    res = scan_model(_model("blended"), _clean(), NORM, cfg, "cpu", 10)
+    up = res.detectors["universal_perturbation"]
+    assert int(np.argmin(up.per_class)) == 0 and up.flagged and up.suspected_targets == [0], up.evidence()
+    assert res.verdict in ("suspicious", "backdoored") and res.suspected_targets == [0]
+
+
 def test_a_clean_model_is_judged_clean() -> None:
     res = scan_model(_model(None), _clean(), NORM, DetectConfig(**FAST), "cpu", 10)
     assert res.verdict == "clean", res.evidence
     assert res.trigger_images == {} and res.suspected_targets == []
-    assert set(res.evidence["detectors"]) == {"neural_cleanse", "max_margin"}
+    assert set(res.evidence["detectors"]) == {"neural_cleanse", "universal_perturbation"}
 
 
 def test_max_margin_flags_a_blended_trigger() -> None:
@@ -117,20 +165,21 @@ def test_max_margin_flags_a_blended_trigger() -> None:
     mm = res.detectors["max_margin"]
     assert res.evidence["detectors"]["max_margin"]["votes"] is True
     assert mm.flagged and mm.suspected_targets == [0], mm.evidence()
-    assert res.verdict == "suspicious"  # MM-BD alone never convicts (not a strong detector)
-    # by default MM-BD is evidence only: the same flag leaves the verdict to Neural Cleanse
+    assert res.verdict == ("backdoored" if mm.statistic < 0.01 else "suspicious")
+    # MM-BD is evidence only unless it votes: the same flag leaves the verdict to Neural Cleanse
     cfg = DetectConfig(detectors=("neural_cleanse", "max_margin"), **{**FAST, "nc_steps": 1})
     res = scan_model(_model("blended"), _clean(), NORM, cfg, "cpu", 10)
     assert res.detectors["max_margin"].flagged and res.evidence["detectors"]["max_margin"]["votes"] is False
     nc = res.detectors["neural_cleanse"]
-    assert res.verdict == ("clean" if not nc.flagged else "backdoored" if nc.score >= 1.5 else "suspicious")
-    assert res.suspected_targets == nc.suspected_targets
+    assert res.evidence["p_value"] == nc.statistic  # one voting detector: no correction
+    assert res.verdict == ("clean" if nc.statistic >= 0.05 else "backdoored" if nc.statistic < 0.01
+                           else "suspicious")
 
 
 def test_scan_reports_progress_and_stops_on_request() -> None:
     model = _model(None)
     seen: list[float] = []
-    scan_model(model, _clean(), NORM, DetectConfig(nc_steps=5, mm_steps=5, mm_starts=1), "cpu", 10,
+    scan_model(model, _clean(), NORM, DetectConfig(nc_steps=5, up_steps=5), "cpu", 10,
                progress=seen.append)
     assert seen == sorted(seen) and seen[-1] == 1.0
     calls = iter(range(100))
@@ -141,28 +190,29 @@ def test_scan_reports_progress_and_stops_on_request() -> None:
 
 
 def test_registry_names_and_a_registered_detector_runs() -> None:
-    assert {"neural_cleanse", "max_margin", "unlearning"} <= set(DETECTORS)
+    assert {"neural_cleanse", "universal_perturbation", "max_margin", "unlearning"} <= set(DETECTORS)
     with pytest.raises(ValueError, match="already registered"):
         register("max_margin")(lambda ctx: None)  # type: ignore[arg-type,return-value]
     from core.detect.base import DetectorResult
 
     @register("constant_for_test")
     def constant(ctx):  # noqa: ANN001, ANN202 - a throwaway detector
-        return DetectorResult("constant_for_test", 3.0, True, 6.0, "x", 2.0, [0.0] * ctx.num_classes, [4])
+        return DetectorResult("constant_for_test", 1.1, True, 0.03, "p_value", 0.05, [0.0] * ctx.num_classes, [4])
 
     try:
         cfg = DetectConfig(detectors=("constant_for_test",), voting_detectors=("constant_for_test",))
         res = scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10)
-        assert res.verdict == "suspicious" and res.suspected_targets == [4]  # one flag, not a strong detector
+        assert res.verdict == "suspicious" and res.suspected_targets == [4]  # p 0.03: below 0.05, not 0.01
         cfg = DetectConfig(detectors=("constant_for_test",), voting_detectors=("constant_for_test",),
-                           strong_detectors=("constant_for_test",))
-        assert scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10).verdict == "backdoored"  # 3 >= 1.5
+                           strong_p_value=0.05)
+        assert scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10).verdict == "backdoored"
     finally:
         del DETECTORS["constant_for_test"]
 
 
 @pytest.mark.parametrize(("params", "field"), [
-    ({"nc_steps": 0}, "nc_steps"), ({"p_value": 0.9}, "p_value"), ({"anomaly_threshold": -1}, "anomaly_threshold"),
+    ({"nc_steps": 0}, "nc_steps"), ({"p_value": 0.9}, "p_value"), ({"up_lr": -1.0}, "up_lr"),
+    ({"strong_p_value": 0.2}, "strong_p_value"), ({"nc_steps": 2.5}, "nc_steps"),
     ({"mm_starts": 2.5e9}, "mm_starts"), ({"nc_lr": True}, "nc_lr"), ({"detectors": ("nope",)}, "detectors"),
     ({"max_images": 5}, "max_images"), ({"detectors": ()}, "detectors"),
     ({"detectors": ("max_margin",)}, "voting_detectors"),
@@ -171,6 +221,13 @@ def test_config_ranges_are_refused_naming_the_field(params: dict, field: str) ->
     with pytest.raises(ConfigError) as err:
         DetectConfig(**params)
     assert err.value.field == field and field in str(err.value)
+
+
+def test_unusable_clean_data_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="at least 10 clean images"):
+        scan_model(_tiny_cnn(0), _clean().subset(np.arange(5)), NORM, DetectConfig(), "cpu", 10)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\]"):
+        scan_model(_tiny_cnn(0), _clean(), NORM, DetectConfig(), "cpu", 5)
 
 
 def test_config_from_dict_refuses_unknown_keys() -> None:

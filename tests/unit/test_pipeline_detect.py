@@ -34,10 +34,11 @@ def _spec(**extra: object) -> ScanSpec:
 def test_scan_reports_a_verdict_with_evidence_and_writes_triggers_as_png(tmp_path: Path) -> None:
     result = run_pipeline(_spec(), _inputs(tmp_path), tmp_path, device="cpu")
     verdict = result.report["verdict"]
-    # on 8x8 digits the 3x3 patch is 14% of the image and Neural Cleanse does not single class 0 out (it
-    # flags classes whose masks are small anyway); what the pipeline owes is a verdict with its evidence and
-    # one trigger PNG per suspected class
+    # on 8x8 digits the 3x3 patch is 14% of the image, no smaller than a natural class's mask: Neural Cleanse
+    # does not single class 0 out, and its outlier test must then not convict a wrong class either; what the
+    # pipeline owes is a verdict with its evidence and one trigger PNG per suspected class
     assert verdict["label"] in ("clean", "suspicious", "backdoored"), verdict
+    assert verdict["label"] != "backdoored" or 0 in verdict["suspected_targets"], verdict
     assert verdict["label"] == verdict["evidence"]["verdict"] and verdict["score"] == verdict["evidence"]["score"]
     print("timings", result.report["timings"])
     assert verdict["evidence"]["detectors"]["neural_cleanse"]["votes"] is True
@@ -79,3 +80,17 @@ def test_repair_judges_the_uploaded_and_the_repaired_model(tmp_path: Path) -> No
     assert {"detect", "repair", "detect_after"} <= set(result.report["timings"])
     assert set(result.artifacts) == ({"repaired_model"} | {f"trigger_class_{k}" for k in before["suspected_targets"]}
                                      | {f"repaired_trigger_class_{k}" for k in after["suspected_targets"]})
+
+
+def test_clean_data_the_detector_cannot_use_is_an_input_error_naming_the_field(tmp_path: Path) -> None:
+    """scan_model's ValueError (here: 6 clean images, fewer than the 10 it needs) reaches the client as an
+    InputError at ``clean_data`` (a 4xx answer), not as a failed scan."""
+    from core.inputs import InputError
+
+    state, clean, test = backdoored_digits()
+    inputs = ScanInputs(model=UploadedFile(write_safetensors(tmp_path / "m.safetensors", state), "m.safetensors"),
+                        clean_data=UploadedFile(write_npz(tmp_path / "c.npz", clean.subset(np.arange(6))), "c.npz"),
+                        test_data=UploadedFile(write_npz(tmp_path / "t.npz", test), "t.npz"))
+    with pytest.raises(InputError) as err:
+        run_pipeline(_spec(), inputs, tmp_path, device="cpu")
+    assert err.value.field == "clean_data" and "at least 10 clean images" in err.value.message

@@ -1,5 +1,32 @@
 """Choosing the neuron ratio ``n`` from the clean subset alone (no poisoned data, no trigger, no target).
 
+The ``recovery`` rule (issue 10; selectable, not the default) reads the model's own evidence instead of its
+size: how much of a reset its clean function recovers from.
+
+1. Hold out ``auto_holdout`` (20%) of the clean subset.
+2. For ``n`` in ``auto_probes`` (0.1, 0.3, 0.5, 0.7), smallest first: zero the original model for that ``n``
+   (stage 1c), run ``auto_probe_epochs`` (2) epochs of stage 2 on the rest with the learning rate stage 2
+   itself would use (``finetune.stage2_schedule``), and score the held-out part.
+3. Stop at the first ``n`` whose held-out accuracy falls more than ``max(auto_tolerance, one binomial
+   standard error)`` below the best probe so far; ``n`` = the last probe that held.
+
+Why: a larger ``n`` resets more of the channels clean unlearning moved most — where TSBD finds the backdoor —
+so the largest reset the clean function shrugs off is the strongest repair that does not cost accuracy. It
+reads the one thing the width rule guessed from the channel count: whether this network can spare the reset
+(issue 10: on a CIFAR ResNet-20 the width rule's n = 0.5 cost 6-11 points where n = 0.05-0.3 removed the same
+backdoors). The held-out part has never been trained on by the probes, so a drop there is lost clean function, not noise
+(below one standard error it is treated as noise, and ties go to the larger ``n``: erring large leaves no
+backdoor). Cost: at most ``len(auto_probes) * auto_probe_epochs`` short epochs on 80% of the subset, on top
+of the one full stage 2 (the report's ``details.auto.probe_steps``).
+
+Why it is not the default (BENCHMARKS.md §2.7): held-out clean accuracy sees what a reset costs, not what it
+removes. Where the backdoor goes at a small reset it keeps 1-3 points more accuracy than ``width`` (digits
+ResNet-20, MNIST BadNets), but on backdoors that need a costly reset it stops early and leaves them: a
+24-channel digits CNN's BadNets (n = 0.3, 24% ASR; width's 0.7: 7%), MNIST Blended (96%) and SIG (39%; width
+1%). On small subsets 2 probe epochs are a handful of steps and the probes sit near chance (noise).
+
+The sweep rules below (``width``, the default; ``collapse``, ``retention``) cost forward passes only.
+
 Everything here runs after stage 1 at the cost of forward passes only (~0.5 s for PreAct-ResNet18 + 2,500
 images on an H200, against one fine-tuning per tried ``n`` in the reference's loop):
 
@@ -42,15 +69,20 @@ another architecture can check it; ``auto_rule`` selects either rule directly.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from core.defenses.runtime import DeviceImages, score
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.defenses.runtime import DeviceImages, runtime_for, score
 from core.defenses.tsbd.config import TSBDConfig
 from core.defenses.tsbd.nwc import NWC
-from core.defenses.tsbd.reinit import apply_zero_masks, zero_masks
+from core.defenses.tsbd.reinit import apply_zero_masks, zero_masks, zero_reinitialize
 from core.defenses.tsbd.unlearn import chance_accuracy
 from core.progress import Progress
 
@@ -172,3 +204,110 @@ def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSB
     return AutoChoice(n=n, rule=why + text, branch=branch, channels=channels, n_retention_rule=n_retention,
                       n_collapse_rule=n_collapse, reference_accuracy=base, collapse_accuracy=floor,
                       collapse_n=collapse, nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points))
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    """One probe of the recovery rule: ``n`` zeroed, a short stage 2 on the fit part, scored on the held-out
+    part (``accuracy``, ``loss``); ``kept`` whether it stayed within tolerance of the best probe so far."""
+
+    n: float
+    accuracy: float
+    loss: float
+    lr: float
+    kept: bool
+
+
+@dataclass(frozen=True)
+class RecoveryChoice:
+    """The recovery rule's ``n``, its text, and the probes it ran (in order; it stops at the first that falls)."""
+
+    n: float
+    rule: str
+    held_out_images: int
+    fit_images: int
+    tolerance: float  # the accuracy drop from the best probe so far that still counts as "held"
+    probe_epochs: int
+    probe_steps: int  # optimiser steps spent probing (each is two forward and two backward passes)
+    probes: tuple[ProbePoint, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        out = dataclasses.asdict(self)
+        out["probes"] = [dataclasses.asdict(p) for p in self.probes]
+        return out
+
+
+def recovery_tolerance(best_accuracy: float, held_out: int, floor: float) -> float:
+    """The drop in held-out accuracy that still counts as "held": ``floor`` or one binomial standard error of
+    the best accuracy on ``held_out`` images, whichever is larger (below one standard error a drop is noise)."""
+    p = min(max(best_accuracy, 0.0), 1.0)
+    return max(floor, math.sqrt(p * (1.0 - p) / max(1, held_out)))
+
+
+def escalate(probes: tuple[float, ...], probe: Callable[[float], tuple[float, float, float]], held_out: int,
+             floor: float) -> tuple[float, list[ProbePoint], float]:
+    """Raise ``n`` through ``probes`` (sorted) while the clean function recovers: ``probe(n)`` returns
+    (held-out accuracy, loss, lr) after the short stage 2; stop at the first ``n`` whose accuracy falls more
+    than :func:`recovery_tolerance` below the best so far and keep the last one that held. Returns (the
+    chosen n, the probes run, the tolerance at the end)."""
+    points: list[ProbePoint] = []
+    best, chosen, tol = -1.0, probes[0], floor
+    for n in probes:
+        acc, loss, lr = probe(n)
+        best = max(best, acc)
+        tol = recovery_tolerance(best, held_out, floor)
+        kept = acc >= best - tol - 1e-12
+        points.append(ProbePoint(n=n, accuracy=acc, loss=loss, lr=lr, kept=kept))
+        if not kept:
+            break
+        chosen = n
+    return chosen, points, tol
+
+
+def split_holdout(n_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, held-out indices): a seeded random ``fraction`` of the subset held out (at least one
+    image on each side)."""
+    order = np.random.default_rng(seed).permutation(n_images)
+    k = min(n_images - 1, max(1, round(fraction * n_images)))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def choose_by_recovery(original: nn.Module, nwc: NWC, clean: ImageSet, norm: Normalization, cfg: TSBDConfig,
+                       num_classes: int, device: torch.device | str, flip: bool,
+                       progress: Progress | None = None) -> RecoveryChoice:
+    """The ``recovery`` rule (this module's docstring): hold out ``cfg.auto_holdout`` of the clean subset; for
+    ``n`` in ``cfg.auto_probes`` (increasing), zero ``original`` for that ``n``, run ``cfg.auto_probe_epochs``
+    of stage 2 on the rest with the learning rate stage 2 itself would use, score the held-out part, and
+    stop where its accuracy falls (:func:`escalate`). ``original`` is not modified."""
+    from core.defenses.tsbd.finetune import activeness_aware_finetune, stage2_schedule
+
+    progress = progress or Progress()
+    rt = runtime_for(device)
+    fit_idx, held_idx = split_holdout(len(clean), cfg.auto_holdout, cfg.seed + 5)
+    fit, held = DeviceImages(clean.subset(fit_idx), norm, rt), DeviceImages(clean.subset(held_idx), norm, rt)
+    side = int(min(clean.x.shape[1], clean.x.shape[2]))
+    loss_original = score(original, fit).loss
+    probes = tuple(sorted(cfg.auto_probes))
+    probe_cfg = dataclasses.replace(cfg, finetune_schedule="constant")
+    steps = 0
+
+    def probe(n: float) -> tuple[float, float, float]:
+        nonlocal steps
+        i = probes.index(n)
+        model, _ = zero_reinitialize(original, nwc, n, cfg.weight_ratio)
+        sched = stage2_schedule(len(fit), side, loss_original, score(model, fit).loss, num_classes, cfg, flip)
+        sched = dataclasses.replace(sched, epochs=cfg.auto_probe_epochs)
+        ft = activeness_aware_finetune(model, fit, norm, probe_cfg, device,
+                                       progress.span(i / len(probes), (i + 1) / len(probes)), sched)
+        steps += ft.steps
+        s = score(model, held)
+        return s.accuracy, s.loss, sched.lr
+
+    n, points, tol = escalate(probes, probe, len(held), cfg.auto_tolerance)
+    progress.update(1.0)
+    text = (f"recovery: n raised through {list(probes)}, each zeroed and fine-tuned for {cfg.auto_probe_epochs} "
+            f"epoch(s) on {len(fit)} images, scored on {len(held)} held-out ones; kept the largest n whose "
+            f"held-out accuracy stayed within max({cfg.auto_tolerance:g}, one standard error) = {tol:.3f} of the "
+            f"best so far")
+    return RecoveryChoice(n=n, rule=text, held_out_images=len(held), fit_images=len(fit), tolerance=tol,
+                          probe_epochs=cfg.auto_probe_epochs, probe_steps=steps, probes=tuple(points))

@@ -15,6 +15,7 @@ from core.ranges import (
     Flag,
     LearningRate,
     Momentum,
+    PositiveRatio,
     Ratio,
     check_fields,
     float_in,
@@ -24,7 +25,9 @@ from core.ranges import (
 # The reference's sweep over the neuron ratio n (tsbd.py loops over it; its user reads the poisoned ASR).
 REFERENCE_N_SWEEP: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
 
-AUTO_RULES = ("width", "collapse", "retention")
+AUTO_RULES = ("recovery", "width", "collapse", "retention")
+# the reference's stage 2 sees 21 epochs x 2,500 images (5% of CIFAR-10): the budget the adaptive schedule keeps
+REFERENCE_FINETUNE_IMAGES = 21 * 2_500
 # each candidate costs one forward pass over the clean subset
 Candidates = Annotated[tuple[Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)], ...],
                        Field(min_length=1, max_length=32)]
@@ -37,7 +40,11 @@ class TSBDConfig:
 
     batch_size: BatchSize = 256  # tsbd/config.yaml: batch_size=256
     augment: Flag = True  # reference: training transform (random crop, padding 4, horizontal flip)
-    crop_padding: CropPadding = 4  # reference: RandomCrop(32, padding=4)
+    # reference: RandomCrop(32, padding=4); None: scaled to the image, round(side / 8), at least 1 (8x8 -> 1)
+    crop_padding: CropPadding | None = None
+    # "auto": flip only when the model itself is flip-invariant on the clean subset (finetune.flip_sensible:
+    # CIFAR yes, digits no); "on" is the reference
+    augment_flip: Literal["auto", "on", "off"] = "auto"
     # Stage 1a, clean unlearning
     lr_unlearn: LearningRate = 1e-4  # tsbd/config.yaml: lr_un=1e-4 (SGD, momentum 0.9, no weight decay)
     unlearn_momentum: Momentum = 0.9  # tsbd.py: SGD momentum 0.9
@@ -63,18 +70,41 @@ class TSBDConfig:
     # auto_wide_channels covered channels and a collapse point >= auto_redundant_from), the collapse rule on
     # the others (auto.py has the evidence: PreAct-ResNet18 3,904 channels, collapse 0.25-0.7, wants small n;
     # a 6-layer CNN with 224 channels (collapse 0.01-0.15) and a 24-channel CNN (collapse 0.7) want n >= 0.5)
-    auto_rule: Literal["width", "collapse", "retention"] = "width"
+    # "recovery" (not in the reference; auto.py): probe n = auto_probes in increasing order, each with a short
+    # stage 2 (auto_probe_epochs) on 1 - auto_holdout of the subset, and keep the largest n whose held-out
+    # accuracy stays within max(auto_tolerance, one standard error) of the best probe so far
+    auto_rule: Literal["recovery", "width", "collapse", "retention"] = "width"
     auto_wide_channels: int_in(0, 10**7) = 1000
     auto_redundant_from: Ratio = 0.2
     auto_retention: Ratio = 0.75
     auto_retention_min_n: Ratio = 0.05
     auto_retention_max_n: Ratio = 0.3
+    auto_probes: Candidates = (0.1, 0.3, 0.5, 0.7)
+    auto_probe_epochs: int_in(1, 50) = 2
+    auto_holdout: float_in(0.05, 0.5) = 0.2
+    auto_tolerance: Ratio = 0.01
+    # "given" / "scan": a model the detector calls clean (core.detect's verdict, given by the pipeline, or
+    # scanned here) is returned unrepaired unless force_repair. Off by default: the detector called a BadNets
+    # digits CNN with 100% ASR clean (BENCHMARKS.md §2.7), and a gate that trusts it leaves that backdoor in place
+    clean_check: Literal["off", "given", "scan"] = "off"
+    force_repair: Flag = False
+    # not in the reference: drop the subset's images that sit apart from their class before stage 1
+    # (core/defenses/subset_filter.py), so poisoned images in a not-quite-clean subset cannot teach the backdoor
+    # back in stage 2 (BENCHMARKS.md §2.8); a clean subset loses about 1% of its images
+    subset_filter: Flag = True
     # Stage 2, activeness-aware fine-tuning
     lr_finetune: LearningRate = 0.01  # tsbd/config.yaml: lr_ft=0.01 (SGD, momentum 0.9, no weight decay)
     finetune_momentum: Momentum = 0.9  # tsbd.py: SGD momentum 0.9
     finetune_epochs: Epochs = 21  # tsbd/config.yaml: ft_epoch=20, and tsbd.py's loop runs ft_epoch + 1 = 21
     # tsbd.py: constant lr; "cosine" decays it to 0 over stage 2
     finetune_schedule: Literal["constant", "cosine"] = "constant"
+    # not in the reference: epochs = min(finetune_epochs, max(finetune_min_epochs, REFERENCE_FINETUNE_IMAGES /
+    # subset size)) and lr = lr_finetune * clip(damage, finetune_lr_floor, 1), damage = how far zeroing moved
+    # the clean subset's loss from the original model's towards chance (finetune.stage2_schedule)
+    finetune_adaptive: Flag = False
+    finetune_min_epochs: Epochs = 5
+    # 0.5: lr 0.005 kept ASR on PreAct-ResNet18 (BENCHMARKS.md §2.1, 2.6% vs 2.3%); 0.001 kept a digits BadNets
+    finetune_lr_floor: PositiveRatio = 0.5
     # not in the reference: share of each batch's highest-loss images stage 2
     finetune_trim: float_in(0.0, 0.5, open_high=True) = 0.0
     # leaves out (0 = the reference); against a "clean" subset with poisoned images in it (BENCHMARKS.md §3)

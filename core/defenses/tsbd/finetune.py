@@ -7,8 +7,9 @@ gradient-norm penalty of Zhao et al. (ICML 2022) with ``lambda = alpha * r`` and
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -22,11 +23,15 @@ from core.defenses.runtime import (
     make_generator,
     prepare_model,
     runtime_for,
+    score,
 )
-from core.defenses.tsbd.config import TSBDConfig
+from core.defenses.tsbd.config import REFERENCE_FINETUNE_IMAGES, TSBDConfig
 from core.progress import Progress
 
 _NORM_EPS = 1e-12  # guards the per-tensor normalisation against an all-zero gradient
+
+
+_FLIP_KEEP = 0.9  # flips are sensible when flipped images keep >= 90% of the model's above-chance accuracy
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,86 @@ class FinetuneResult:
     epochs: int
     steps: int
     last_loss: float
+    lr: float = 0.0
+    crop_padding: int = 0
+    flip: bool = False
+
+
+def crop_padding_for(side: int, padding: int | None) -> int:
+    """The random crop's padding: ``padding`` when given, else scaled to the image, ``round(side / 8)`` and at
+    least 1 (the reference's 4 on 32x32; 1 on 8x8 digits, where 4 would crop away half a digit)."""
+    return padding if padding is not None else max(1, round(side / 8))
+
+
+def image_side(data: DeviceImages) -> int:
+    """The shorter side of the subset's images (stored N×H×W×C)."""
+    return int(min(data.x.shape[1], data.x.shape[2]))
+
+
+def flip_sensible(model: nn.Module, data: DeviceImages, num_classes: int) -> tuple[bool, float, float]:
+    """Whether horizontal flips are a sensible augmentation for this task, read from the model itself:
+    (sensible, accuracy on the subset, accuracy on its mirror images). Sensible when the mirrored images keep
+    at least 90% of the model's above-chance accuracy: a CIFAR model does, a digit model does not (a mirrored
+    2 is no 2). Two forward passes."""
+    plain = score(model, data).accuracy
+    mirrored = _MirroredView(data)
+    flipped = score(model, mirrored).accuracy  # type: ignore[arg-type]
+    chance = 1.0 / num_classes
+    return flipped - chance >= _FLIP_KEEP * (plain - chance), plain, flipped
+
+
+class _MirroredView:
+    """``data`` with every image mirrored left-right (what :func:`score` reads: ``rt``, ``y``, ``inputs``)."""
+
+    def __init__(self, data: DeviceImages) -> None:
+        self.data, self.rt, self.y = data, data.rt, data.y
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def inputs(self, index: torch.Tensor | slice) -> torch.Tensor:
+        return self.data.inputs(index).flip(3)
+
+
+@dataclass(frozen=True)
+class Stage2Schedule:
+    """Stage 2's epochs, learning rate and augmentation, and the evidence they were set from."""
+
+    epochs: int
+    lr: float
+    crop_padding: int
+    flip: bool
+    damage: float  # how far zeroing moved the subset's loss towards chance (0: not at all, 1: all the way)
+    why: str
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def stage2_schedule(n_images: int, side: int, loss_original: float, loss_zeroed: float, num_classes: int,
+                    cfg: TSBDConfig, flip: bool | None = None) -> Stage2Schedule:
+    """Stage 2's schedule from the evidence rather than CIFAR constants (``cfg.finetune_adaptive``; else the
+    configured values). Epochs keep the reference's budget of image presentations (21 x 2,500), at least
+    ``finetune_min_epochs`` and at most ``finetune_epochs`` (the cap wins): a larger subset needs fewer passes.
+    The learning rate is ``lr_finetune`` times the *damage* zeroing did, measured on the clean subset (which the
+    original model never trained on, so its loss is a held-out loss): ``(loss_zeroed - loss_original) / (ln K -
+    loss_original)``, clipped to ``[finetune_lr_floor, 1]`` — a model zeroing barely touched is not shaken by
+    the full rate."""
+    padding = crop_padding_for(side, cfg.crop_padding)
+    do_flip = (cfg.augment_flip == "on") if flip is None or cfg.augment_flip != "auto" else flip
+    chance_loss = math.log(num_classes)
+    span = chance_loss - loss_original
+    damage = 1.0 if span <= 1e-9 else min(1.0, max(0.0, (loss_zeroed - loss_original) / span))
+    if not cfg.finetune_adaptive:
+        return Stage2Schedule(cfg.finetune_epochs, cfg.lr_finetune, padding, do_flip, damage,
+                              "configured epochs and learning rate (finetune_adaptive is off)")
+    hi = cfg.finetune_epochs  # the user's (or the reference's) epochs stay the cap
+    epochs = min(hi, max(cfg.finetune_min_epochs, round(REFERENCE_FINETUNE_IMAGES / max(1, n_images))))
+    factor = min(1.0, max(cfg.finetune_lr_floor, damage))
+    why = (f"epochs = clip({REFERENCE_FINETUNE_IMAGES} / {n_images} images, {cfg.finetune_min_epochs}, {hi}) = "
+           f"{epochs}; lr = {cfg.lr_finetune:g} x clip(damage {damage:.3f}, {cfg.finetune_lr_floor:g}, 1), damage ="
+           f" (zeroed loss {loss_zeroed:.3f} - original {loss_original:.3f}) / (ln {num_classes} - original)")
+    return Stage2Schedule(epochs, cfg.lr_finetune * factor, padding, do_flip, damage, why)
 
 
 class _FrozenBatchNormStats:
@@ -113,19 +198,26 @@ def activeness_aware_step(model: nn.Module, params: list[torch.nn.Parameter], x:
 
 def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization,
                               cfg: TSBDConfig, device: torch.device | str,
-                              progress: Progress | None = None) -> FinetuneResult:
-    """Fine-tune ``model`` in place on ``clean`` for ``cfg.finetune_epochs`` epochs, every parameter trained,
-    SGD(lr_finetune, momentum, no weight decay), each step along the activeness-aware
-    gradient of :func:`activeness_aware_step`; polls ``progress`` between batches."""
+                              progress: Progress | None = None,
+                              schedule: Stage2Schedule | None = None) -> FinetuneResult:
+    """Fine-tune ``model`` in place on ``clean`` for ``schedule.epochs`` epochs (default: ``cfg``'s
+    configured schedule), every parameter trained, SGD(lr, momentum, no weight decay), each step along the
+    activeness-aware gradient of :func:`activeness_aware_step`; polls ``progress`` between batches."""
     progress = progress or Progress()
     rt = runtime_for(device)
     data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
     prepare_model(model, rt)
+    if schedule is None:
+        flip = cfg.augment_flip == "on"
+        if cfg.augment and cfg.augment_flip == "auto":
+            flip = flip_sensible(model, data, int(data.y.max()) + 1)[0]
+        schedule = replace(stage2_schedule(len(data), image_side(data), 0.0, 0.0, 2, replace(
+            cfg, finetune_adaptive=False)), flip=flip)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr_finetune, momentum=cfg.finetune_momentum, weight_decay=0.0)
+    opt = torch.optim.SGD(params, lr=schedule.lr, momentum=cfg.finetune_momentum, weight_decay=0.0)
     order_gen = make_generator(cfg.seed + 2)
     aug_gen = augment_generator(rt, cfg.seed + 3)
-    epochs = cfg.finetune_epochs
+    epochs = schedule.epochs
     total = epochs * -(-len(data) // cfg.batch_size)
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / total)))
              if cfg.finetune_schedule == "cosine" and total > 0 else None)
@@ -134,7 +226,8 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
     for epoch in range(epochs):
         for idx in data.batches(cfg.batch_size, order_gen):
             progress.check()
-            x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
+            x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=schedule.crop_padding,
+                            flip=schedule.flip)
             last = activeness_aware_step(model, params, x, data.y[idx], cfg.rho, cfg.alpha, rt.autocast,
                                          cfg.finetune_trim)
             opt.step()
@@ -143,4 +236,5 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
             steps += 1
         progress.update((epoch + 1) / epochs)
     model.eval()
-    return FinetuneResult(epochs=epochs, steps=steps, last_loss=float(last))
+    return FinetuneResult(epochs=epochs, steps=steps, last_loss=float(last), lr=schedule.lr,
+                          crop_padding=schedule.crop_padding if cfg.augment else 0, flip=cfg.augment and schedule.flip)

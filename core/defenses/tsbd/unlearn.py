@@ -25,6 +25,7 @@ from core.defenses.runtime import (
     score,
 )
 from core.defenses.tsbd.config import TSBDConfig
+from core.defenses.tsbd.finetune import crop_padding_for, image_side
 from core.progress import Progress
 
 
@@ -57,11 +58,13 @@ def unlearn_threshold(num_classes: int, margin: float, labels: torch.Tensor | No
 
 def unlearn_clean(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization, cfg: TSBDConfig,
                   device: torch.device | str, num_classes: int | None = None,
-                  progress: Progress | None = None, seed: int | None = None) -> UnlearnResult:
+                  progress: Progress | None = None, seed: int | None = None,
+                  flip: bool | None = None) -> UnlearnResult:
     """Gradient ascent on cross-entropy over ``clean`` on a copy of ``model`` (train mode, so BN statistics
     update as in the reference), SGD(lr_unlearn, momentum, no weight decay), epoch by epoch until the
     eval-mode accuracy on ``clean`` is <= chance (:func:`chance_accuracy`) + ``cfg.unlearn_margin``, or
-    ``cfg.unlearn_max_epochs`` is hit. ``model`` itself is not modified."""
+    ``cfg.unlearn_max_epochs`` is hit. ``model`` itself is not modified. ``flip``: whether flips are sensible
+    (:func:`~core.defenses.tsbd.finetune.flip_sensible`), read when ``cfg.augment_flip`` is "auto"."""
     progress = progress or Progress()
     rt = runtime_for(device)
     data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
@@ -79,11 +82,13 @@ def unlearn_clean(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normal
                               weight_decay=0.0)
         order_gen = make_generator(seed)
         aug_gen = augment_generator(rt, seed + 1)
+        padding = crop_padding_for(image_side(data), cfg.crop_padding)
+        flip = cfg.augment_flip == "on" if flip is None or cfg.augment_flip != "auto" else flip
         while epochs < cfg.unlearn_max_epochs and acc > threshold:
             unlearned.train()
             for idx in data.batches(cfg.batch_size, order_gen):
                 progress.check()
-                x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=cfg.crop_padding)
+                x = data.inputs(idx, augment=cfg.augment, generator=aug_gen, padding=padding, flip=flip)
                 with rt.autocast():
                     loss = -F.cross_entropy(unlearned(x), data.y[idx])  # ascent: minimise the negative
                 opt.zero_grad(set_to_none=True)

@@ -1,0 +1,184 @@
+"""The batched smallest-trigger search both inversion detectors share: per class the smallest trigger of one
+family (a mask + pattern patch, or an additive perturbation) that sends clean images to that class.
+
+All K classes are optimised at once: K triggers applied to K copies of one clean batch make one forward pass of
+``K x batch`` images. The loss per class is ``CE(f(x'), k) + cost_k * size_k`` with Neural Cleanse's cost
+schedule per class (cost 0 until the class first reaches the target success, then ``init_cost``, raised after
+``patience`` successful steps, lowered faster after ``patience`` failing ones); the best size reached with the
+target success is kept, and the search stops early when no class's best has shrunk 1% for a while.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from core.detect.base import DetectContext
+
+
+@dataclass
+class Schedule:
+    """One search's optimiser and cost schedule (NC's defaults in :class:`core.detect.DetectConfig`)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    init_cost: float
+    target_success: float
+    patience: int
+    cost_multiplier: float
+    early_stop_patience: int
+
+
+class Family:
+    """A trigger family: its parameters, how it stamps an image, its size (what must be small)."""
+
+    name = ""
+
+    def init(self, k: int, c: int, h: int, w: int, gen: torch.Generator, device: torch.device
+             ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def apply(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``K x B x C x H x W`` stamped images from ``B x C x H x W`` clean ones."""
+        raise NotImplementedError
+
+    def size(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Per class the penalised size (the loss's unit)."""
+        raise NotImplementedError
+
+    def normalised(self, size: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+        """The size per image area (comparable across image sizes)."""
+        raise NotImplementedError
+
+    def picture(self, params: list[torch.Tensor], cls: int):  # noqa: ANN201 - a tensor C x H x W in [0, 1]
+        raise NotImplementedError
+
+
+class Patch(Family):
+    """Neural Cleanse's ``(1 - m) x + m p`` with ``m, p = tanh(.)/2 + 1/2``; size: the mask's L1 norm."""
+
+    name = "patch"
+
+    def init(self, k: int, c: int, h: int, w: int, gen: torch.Generator, device: torch.device
+             ) -> list[torch.Tensor]:
+        mask_p = torch.zeros(k, 1, h, w)
+        pattern_p = (torch.rand(k, c, h, w, generator=gen) * 2 - 1).mul(0.999).atanh()
+        return [mask_p.to(device), pattern_p.to(device)]
+
+    @staticmethod
+    def _mp(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tanh(params[0]) / 2 + 0.5, torch.tanh(params[1]) / 2 + 0.5
+
+    def apply(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        mask, pattern = self._mp(params)
+        return (1 - mask[:, None]) * x[None] + (mask * pattern)[:, None]
+
+    def size(self, params: list[torch.Tensor]) -> torch.Tensor:
+        return self._mp(params)[0].flatten(1).sum(1)
+
+    def normalised(self, size: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+        return size / (h * w)  # the fraction of the image the mask covers
+
+    def picture(self, params: list[torch.Tensor], cls: int) -> torch.Tensor:
+        mask, pattern = self._mp(params)
+        return (mask[cls] * pattern[cls]).clamp(0, 1)
+
+
+class Additive(Family):
+    """A universal additive perturbation ``clip(x + d, 0, 1)``; size: ``||d||_2``. It assumes no patch: a
+    blend, a warp, a sinusoid or low-frequency noise is a full-image change that a backdoored model answers
+    with its target class, so the target needs an abnormally small universal perturbation."""
+
+    name = "additive"
+
+    def init(self, k: int, c: int, h: int, w: int, gen: torch.Generator, device: torch.device
+             ) -> list[torch.Tensor]:
+        return [(torch.randn(k, c, h, w, generator=gen) * 1e-3).to(device)]
+
+    def apply(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return (x[None] + params[0][:, None]).clamp(0, 1)
+
+    def size(self, params: list[torch.Tensor]) -> torch.Tensor:
+        return params[0].flatten(1).norm(dim=1)
+
+    def normalised(self, size: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+        return size / (c * h * w) ** 0.5  # the root-mean-square change per pixel value
+
+    def picture(self, params: list[torch.Tensor], cls: int) -> torch.Tensor:
+        d = params[0][cls]
+        return (d / (2 * d.abs().max().clamp_min(1e-8)) + 0.5).clamp(0, 1)  # 0.5 grey is no change
+
+
+@dataclass
+class Inversion:
+    """Per class the best size reached with the target success (the final size where never reached), the
+    matching parameters, the steps run and the classes that never reached the target success."""
+
+    sizes: list[float]
+    normalised: list[float]
+    params: list[torch.Tensor]
+    steps: int
+    never_reached: list[int]
+
+
+def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_offset: int = 0) -> Inversion:
+    """Search every class's smallest trigger of ``family`` at once (see the module docstring)."""
+    k = ctx.num_classes
+    n, c, h, w = ctx.pixels.shape
+    gen = torch.Generator(device="cpu").manual_seed(ctx.seed + seed_offset)
+    params = [p.requires_grad_(True) for p in family.init(k, c, h, w, gen, ctx.device)]
+    opt = torch.optim.Adam(params, lr=sch.lr, betas=(0.5, 0.9))
+    targets = torch.arange(k, device=ctx.device).repeat_interleave(sch.batch_size)
+    cost = torch.zeros(k, device=ctx.device)
+    cost_set = torch.zeros(k, dtype=torch.bool, device=ctx.device)
+    up = torch.zeros(k, device=ctx.device)
+    down = torch.zeros(k, device=ctx.device)
+    best = torch.full((k,), float("inf"), device=ctx.device)
+    best_params = [p.detach().clone() for p in params]
+    since_improved = 0
+    steps = 0
+    for steps in range(1, sch.steps + 1):
+        idx = torch.randint(0, n, (sch.batch_size,), generator=gen).to(ctx.device)
+        x_adv = family.apply(params, ctx.pixels[idx])
+        logits = ctx.logits(x_adv.reshape(k * sch.batch_size, c, h, w))
+        ce = F.cross_entropy(logits, targets, reduction="none").view(k, -1).mean(1)
+        size = family.size(params)
+        opt.zero_grad(set_to_none=True)
+        (ce + cost * size).sum().backward()
+        with torch.no_grad():
+            # the success and size of the parameters this step evaluated (before the update)
+            success = (logits.argmax(1) == targets).float().view(k, -1).mean(1)
+            reached = success >= sch.target_success
+            better = reached & (size < best)
+            improved_much = reached & (size < best * 0.99)
+            best = torch.where(better, size, best)
+            for bp, p in zip(best_params, params, strict=True):
+                bp[better] = p[better]
+            new = reached & ~cost_set
+            cost = torch.where(new, torch.full_like(cost, sch.init_cost), cost)
+            cost_set |= reached
+            up = torch.where(reached, up + 1, torch.zeros_like(up))
+            down = torch.where(reached, torch.zeros_like(down), down + 1)
+            raise_ = cost_set & (up >= sch.patience)
+            lower = cost_set & (down >= sch.patience)
+            cost = torch.where(raise_, cost * sch.cost_multiplier, cost)
+            cost = torch.where(lower, cost / sch.cost_multiplier ** 1.5, cost)
+            up = torch.where(raise_, torch.zeros_like(up), up)
+            down = torch.where(lower, torch.zeros_like(down), down)
+        opt.step()
+        since_improved = 0 if bool(improved_much.any()) else since_improved + 1
+        ctx.step(steps / sch.steps)
+        if bool(cost_set.all()) and since_improved >= sch.early_stop_patience:
+            break
+    with torch.no_grad():
+        never = ~torch.isfinite(best)  # never reached the target success: the final trigger counts
+        final = family.size(params)
+        for bp, p in zip(best_params, params, strict=True):
+            bp[never] = p.detach()[never]
+        best = torch.where(never, final, best)
+    return Inversion(sizes=best.double().cpu().tolist(),
+                     normalised=family.normalised(best, c, h, w).double().cpu().tolist(),
+                     params=best_params, steps=steps, never_reached=never.nonzero().flatten().cpu().tolist())

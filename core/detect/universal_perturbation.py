@@ -1,0 +1,25 @@
+"""A shape-free second inversion: per class the smallest universal additive perturbation that sends clean
+inputs to it (targeted universal adversarial perturbations as a backdoor test, as in USB, Xu et al. 2023).
+
+Neural Cleanse's patch family cannot express a blend, a warp, a sinusoid or low-frequency noise with a small
+mask. An additive perturbation ``clip(x + d, 0, 1)`` can approximate all of them, and a backdoored model has
+learned to answer that full-image change with its target, so the target's smallest ``||d||_2`` stands out
+below the other classes'. Same batched search, cost schedule and outlier test as Neural Cleanse.
+"""
+
+from __future__ import annotations
+
+from core.detect.base import DetectContext, DetectorResult
+from core.detect.inversion import Additive, Schedule, smallest_triggers
+from core.detect.neural_cleanse import outlier_result
+
+
+def universal_perturbation(ctx: DetectContext) -> DetectorResult:
+    """Per class the smallest universal perturbation (L2, per-pixel RMS), all classes in one batch; flag the
+    model when the smallest log size is an outlier at ``config.p_value`` under the simulated null."""
+    cfg = ctx.config
+    sch = Schedule(steps=cfg.up_steps, batch_size=cfg.nc_batch_size, lr=cfg.up_lr, init_cost=cfg.up_init_cost,
+                   target_success=cfg.nc_target_success, patience=cfg.nc_patience,
+                   cost_multiplier=cfg.nc_cost_multiplier, early_stop_patience=cfg.nc_early_stop_patience)
+    inv = smallest_triggers(ctx, Additive(), sch, seed_offset=11)
+    return outlier_result(ctx, "universal_perturbation", Additive(), inv, "rms_per_pixel_per_class")
