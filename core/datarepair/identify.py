@@ -22,6 +22,17 @@ sample is flagged when its score exceeds the null's ``null_quantile``. This cont
 harmless samples at about ``1 - null_quantile`` without knowing how much of the training set is corrupt. It is
 conservative: the given model already fitted its training samples (including their given labels), so harmless
 training samples score lower than unseen clean ones.
+
+Scratch reference (``scratch_reference``, scorer ``loss``): a model fine-tuned from the given one keeps what the
+clean set does not contradict, a backdoor included: BadNets samples (trigger + target label) get a LOWER loss
+than clean ones under it (AUROC 0.10 on Fashion-MNIST, docs/datarepair.md). So each fold also trains the
+architecture from re-initialised weights on the fitting folds only: a model that never saw the training data, to
+which the trigger means nothing, so a poisoned sample's given (target) label is as unlikely as a wrong label. Both
+references' out-of-fold losses are put on one scale against their own clean null,
+u_r = (s_r - median(null_r)) / (quantile_r - median(null_r)) with quantile_r the null's 1 - (1 - null_quantile)/2
+quantile (Bonferroni over the two references, so the false-alarm rate on clean samples stays <= 1 - null_quantile);
+the harm score is max_r u_r and a sample is flagged when it exceeds 1. Step 2 relabels each flagged sample with
+the probabilities of the reference that raised its score (``Identification.reference``).
 """
 
 from __future__ import annotations
@@ -38,10 +49,12 @@ import torch.nn.functional as F
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
+from core.datarepair.repair import reinitialised
 from core.defenses.robust_head import last_linear
 from core.defenses.runtime import DeviceImages, Runtime, augment_generator, make_generator
 from core.progress import Progress
 from core.ranges import BatchSize, Flag, LearningRate, check_fields, float_in, int_in
+from core.training import train_classifier
 
 Scorer = Literal["tracin", "loss", "cleanlab"]
 
@@ -58,6 +71,9 @@ class IdentifyConfig:
     null_quantile: float_in(0.5, 1.0, open_high=True) = 0.95  # flag above this quantile of the clean null
     calib_augment: Flag = True  # crop + flip while calibrating
     score_batch_size: BatchSize = 512
+    scratch_reference: Flag = True  # scorer loss: also score with models trained from scratch on the clean folds
+    scratch_epochs: int_in(1, 500) = 60  # epochs of that from-scratch training (per fold)
+    scratch_lr: LearningRate = 0.05
     seed: int_in(0, 2**31 - 1) = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +91,11 @@ class Identification:
     clean_probs: np.ndarray  # float32 (N_clean, K): each from the fold's model that never fine-tuned on it
     null_scores: np.ndarray  # float64 (N_clean,)
     details: dict[str, object]
+    # with the scratch reference: per training sample which reference's probabilities ``probs`` holds (0 = the
+    # clean-calibrated fine-tuned model, 1 = the from-scratch one) and each reference's out-of-fold clean probs
+    reference: np.ndarray | None = None
+    reference_clean_probs: list[np.ndarray] | None = None
+    reference_probs: list[np.ndarray] | None = None  # each reference's training-sample probabilities
 
 
 def _head_outputs(model: nn.Module, data: DeviceImages, head: nn.Linear, batch_size: int):
@@ -146,6 +167,32 @@ def fold_index(n: int, folds: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, folds)]
 
 
+def _probs(model: nn.Module, data: DeviceImages, batch_size: int) -> np.ndarray:
+    """Class probabilities of ``data`` under ``model`` (eval mode), float64."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode(), data.rt.autocast():
+            for start in range(0, len(data), batch_size):
+                out.append(model(data.inputs(slice(start, min(start + batch_size, len(data))))).float().softmax(1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out).double().cpu().numpy()
+
+
+def _label_loss(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).astype(np.float64)
+
+
+def null_scaled(scores: np.ndarray, null: np.ndarray, quantile: float) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` and ``null`` on the null's scale: 0 at its median, 1 at its ``quantile``."""
+    med = float(np.median(null))
+    hi = float(np.quantile(null, quantile, method="higher"))
+    scale = max(hi - med, 1e-6)
+    return (scores - med) / scale, (null - med) / scale
+
+
 def _check_finite(values: np.ndarray, what: str) -> None:
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
@@ -165,10 +212,15 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     train_probs = np.zeros((n, k), dtype=np.float64)
     clean_probs = np.zeros((len(clean), k), dtype=np.float32)
     null_tracin = np.zeros(len(clean))
+    use_scratch = cfg.scratch_reference and cfg.scorer == "loss"
+    scratch_train = np.zeros((n, k), dtype=np.float64)
+    scratch_clean = np.zeros((len(clean), k), dtype=np.float64)
+    calib_share = 0.6 if use_scratch else 1.0
     marks = checkpoint_epochs(cfg.calib_epochs, cfg.checkpoints)
     parts = fold_index(len(clean), cfg.folds, cfg.seed)
     for f, held in enumerate(parts):
-        stage = progress.span(f / cfg.folds, (f + 1) / cfg.folds)
+        fold_stage = progress.span(f / cfg.folds, (f + 1) / cfg.folds)
+        stage = fold_stage.span(0.0, calib_share)
         fit_idx = np.setdiff1d(np.arange(len(clean)), held)
         fit = DeviceImages(clean.subset(fit_idx), norm, rt)
         null = DeviceImages(clean.subset(held), norm, rt)
@@ -191,6 +243,14 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
         train_probs += p_train / cfg.folds  # the last mark is the end of the trajectory
         clean_probs[held] = p_null
         del calib, opt
+        if use_scratch:  # a model that never saw the training data (module docstring)
+            fresh = reinitialised(model, cfg.seed + 7 * f + 3)
+            train_classifier(fresh, clean.subset(fit_idx), norm, cfg.scratch_epochs, cfg.scratch_lr, batch_size,
+                             rt.device, augment=cfg.calib_augment, seed=cfg.seed + 7 * f + 3,
+                             progress=fold_stage.span(calib_share, 1.0))
+            scratch_train += _probs(fresh, train_data, cfg.score_batch_size) / cfg.folds
+            scratch_clean[held] = _probs(fresh, null, cfg.score_batch_size)
+            del fresh
     _check_finite(train_probs.sum(1), "training samples' calibrated probabilities")
     train_probs = train_probs.astype(np.float32)
     y = training.y.astype(np.int64)
@@ -202,7 +262,26 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     _check_finite(scores, "training samples")
     _check_finite(null_scores, "clean samples")
     details: dict[str, object] = {"scorer": cfg.scorer, "checkpoint_epochs": marks, "folds": cfg.folds}
-    if cfg.scorer == "cleanlab":
+    reference, ref_clean, ref_train = None, None, None
+    if use_scratch:
+        _check_finite(scratch_train.sum(1), "training samples' from-scratch reference probabilities")
+        q = 1 - (1 - cfg.null_quantile) / 2
+        u_f, nu_f = null_scaled(scores, null_scores, q)
+        u_s, nu_s = null_scaled(_label_loss(scratch_train, y), _label_loss(scratch_clean, clean.y), q)
+        reference = (u_s > u_f).astype(np.int8)
+        scores, null_scores = np.maximum(u_f, u_s), np.maximum(nu_f, nu_s)
+        ref_train = [train_probs, scratch_train.astype(np.float32)]
+        train_probs = np.where(reference[:, None] == 1, scratch_train, train_probs).astype(np.float32)
+        ref_clean = [clean_probs, scratch_clean.astype(np.float32)]
+        _check_finite(scores, "training samples (with the scratch reference)")
+        details["threshold"] = 1.0
+        details["threshold_rule"] = (
+            f"max over the fine-tuned and the from-scratch reference of the out-of-fold loss scaled to 0 at the "
+            f"median and 1 at the {q:g} quantile of {len(clean)} held-out clean samples scored the same way; flagged "
+            f"above 1 (Bonferroni: at most {1 - cfg.null_quantile:g} of clean samples)")
+        details["n_flagged_by_scratch"] = int(((u_s > 1) & (u_f <= 1)).sum())
+        flagged = scores > 1.0
+    elif cfg.scorer == "cleanlab":
         flagged, scores = _cleanlab_flags(y, train_probs)
         details["threshold_rule"] = "cleanlab.filter.find_label_issues (confident learning, per-class thresholds)"
     else:
@@ -214,7 +293,8 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     details["null_flag_rate"] = float(np.mean(null_scores > details.get("threshold", math.inf)))
     details["n_flagged"] = int(flagged.sum())
     return Identification(scores=scores, flagged=flagged, probs=train_probs, clean_probs=clean_probs,
-                          null_scores=null_scores, details=details)
+                          null_scores=null_scores, details=details, reference=reference,
+                          reference_clean_probs=ref_clean, reference_probs=ref_train)
 
 
 def _cleanlab_flags(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

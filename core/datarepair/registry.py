@@ -34,7 +34,7 @@ from core.datarepair.separate import separate
 from core.defenses.baselines import FinetuneConfig, vanilla_finetune
 from core.defenses.runtime import cuda_sync, prepare_model, runtime_for
 from core.progress import Progress
-from core.ranges import check_params, field_types, float_in
+from core.ranges import Flag, check_params, field_types, float_in
 
 DEFAULT_DATA_REPAIR_METHOD = "retain"
 
@@ -45,6 +45,9 @@ class RetainExtra:
 
     relabel_precision: float_in(0.5, 1.0) = 0.9  # clean-set precision the relabelling confidence must reach
     unlearn_weight: float_in(0.0, 100.0) = 0.5  # weight of the complementary-label loss on what is unlearned
+    # with the scratch reference: unlearn a dropped sample only when both references find its label < chance
+    # (off: it lowers the harm of low-precision flags but leaves more of a backdoor, docs/datarepair.md)
+    unlearn_when_all_agree: Flag = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,8 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     ident = _identify_stage(model, training, clean, norm, cfgs["identify"], rt, num_classes, progress, 0.6)
     progress.stage("separate", 0.6, 0.62)
     sep = separate(ident.flagged, training.y, ident.probs, ident.clean_probs, clean.y,
-                   cfgs["extra"].relabel_precision, num_classes)
+                   cfgs["extra"].relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
+                   ident.reference_probs if cfgs["extra"].unlearn_when_all_agree else None)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     anchored_finetune(repaired, kept_set(training, sep.new_labels), clean, unlearn, norm, cfgs["train"],

@@ -7,8 +7,11 @@ BadNets sample, that the trigger means nothing). "Confident" is calibrated on th
 threshold is the lowest confidence at which the calibrated models' out-of-fold predictions on held-out clean
 samples are right at least ``relabel_precision`` of the time. A flagged sample the models confidently agree with
 is kept as it is (a false alarm of the score). The rest (no confident class: its label is untrusted and its
-input unknown, e.g. a corrupted image) is dropped; those whose given label the calibrated models find less likely
-than chance are also unlearned (step 3), the detrimental part being the association of that input with that label.
+input unknown, e.g. a corrupted image) is dropped (with the scratch reference of step 1, the probabilities and the
+threshold are those of the reference that flagged the sample: a backdoored model "confirms" its poisoned samples,
+the from-scratch model relabels them to the class their content shows); those whose given label the calibrated
+models find less likely than chance are also unlearned (step 3), the detrimental part being the association of
+that input with that label.
 """
 
 from __future__ import annotations
@@ -47,21 +50,36 @@ def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: f
 
 
 def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs: np.ndarray,
-             clean_y: np.ndarray, precision: float, num_classes: int) -> Separation:
-    """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label."""
+             clean_y: np.ndarray, precision: float, num_classes: int, reference: np.ndarray | None = None,
+             reference_clean_probs: list[np.ndarray] | None = None,
+             reference_probs: list[np.ndarray] | None = None) -> Separation:
+    """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label.
+    With ``reference`` (per sample, which of ``reference_clean_probs``' models gave its ``probs``), each sample's
+    confidence threshold is calibrated on that model's own held-out clean probabilities; with ``reference_probs``
+    (every reference's probabilities), a dropped sample is unlearned only when every reference finds its given
+    label less likely than chance."""
     y = y.astype(np.int64)
-    tau = relabel_threshold(clean_probs, clean_y, precision)
     pred = probs.argmax(1).astype(np.int64)
-    confident = probs.max(1) >= tau
+    if reference is None or reference_clean_probs is None:
+        tau = relabel_threshold(clean_probs, clean_y, precision)
+        confident = probs.max(1) >= tau
+        taus = [tau]
+    else:
+        taus = [relabel_threshold(cp, clean_y, precision) for cp in reference_clean_probs]
+        confident = probs.max(1) >= np.asarray(taus)[reference]
+        tau = taus[0]
     relabelled = flagged & confident & (pred != y)
     confirmed = flagged & confident & (pred == y)
     dropped = flagged & ~relabelled & ~confirmed
-    unlearn = dropped & (probs[np.arange(len(y)), y] < 1.0 / num_classes)
+    every = [probs] if reference_probs is None else reference_probs
+    unlearn = dropped & np.all([p[np.arange(len(y)), y] < 1.0 / num_classes for p in every], axis=0)
     new_labels = y.copy()
     new_labels[relabelled] = pred[relabelled]
     new_labels[dropped] = -1
     details = {
         "relabel_confidence": tau if np.isfinite(tau) else None,
+        **({"relabel_confidence_scratch": taus[1] if np.isfinite(taus[1]) else None} if len(taus) > 1 else {}),
+        **({"n_relabelled_by_scratch": int((relabelled & (reference == 1)).sum())} if len(taus) > 1 else {}),
         "relabel_rule": (f"flagged and the calibrated models' max probability >= the lowest confidence at which "
                          f"held-out clean predictions are >= {precision:g} precise"),
         "n_relabelled": int(relabelled.sum()), "n_confirmed": int(confirmed.sum()),

@@ -160,7 +160,8 @@ def test_repair_data_client_downloads_the_weights_and_the_scores(server: Server,
     np.savez(tmp_path / "train.npz", x=training.x, y=np.where(flipped, (training.y + 1) % 10, training.y),
              is_corrupt=flipped)
     spec = json.loads(_spec_file(tmp_path).read_text()) | {"repair_data": {"params": {
-        "calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False}}}
+        "calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False,
+        "scratch_epochs": 2}}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out, scores = tmp_path / "repaired.safetensors", tmp_path / "scores.csv"
     run = _cli("repair-data", "--model", str(write_safetensors(tmp_path / "m.safetensors", state)),

@@ -190,7 +190,8 @@ def test_repair_data_scan_reports_the_flags_and_serves_a_consistent_csv(
     training, corrupt = _poisoned_digits_training()
     np.savez(tmp_path / "train.npz", x=training.x, y=training.y, is_corrupt=corrupt.astype(np.uint8))
     files = {**_digits_parts(tmp_path), "training_data": ("train.npz", (tmp_path / "train.npz").read_bytes())}
-    params = {"calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False}
+    params = {"calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False,
+              "scratch_epochs": 2}
     spec = spec_json("repair_data", attack={"type": "badnets", "target": 0}, repair_data={"params": params})
     scan_id = _run_to_success(prod_client, prod_settings, auth, files, spec, 300, tmp_path)
     report = prod_client.get(f"/scans/{scan_id}/report", headers=auth).json()

@@ -247,3 +247,69 @@ def test_progress_goes_through_the_stages_and_stops_when_asked(noisy_digits: dic
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     with pytest.raises(StopRequested):
         repair_data("retain", *args, FAST, "cpu", 10, progress=Progress(_Sink(stop_after=3)))
+
+
+@pytest.fixture(scope="module")
+def poisoned_digits() -> dict[str, object]:
+    """8x8 digits, 600 training images of which 10% carry a BadNets trigger relabelled to class 0."""
+    from core.attacks.base import make_backdoor_test_set, poison_training_set
+    from core.attacks.registry import create_attack
+
+    torch.set_num_threads(1)
+    d = load_digits()
+    x = (d.images * 255 / 16).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    tr, cl, te = order[:600], order[600:900], order[900:]
+    attack = create_attack("badnets", target=0, image_shape=(8, 8, 1))
+    poisoned = poison_training_set(attack, ImageSet(x[tr], y[tr]), 0.1, 10, 0)
+    bad = np.zeros(600, bool)
+    bad[poisoned.poisoned_index] = True
+    model = train_classifier(tiny_net(), poisoned.data, NORM, 25, 0.05, 64, "cpu", augment=False)
+    test = ImageSet(x[te], y[te])
+    return {"model": model, "training": poisoned.data, "clean": ImageSet(x[cl], y[cl]), "test": test, "bad": bad,
+            "backdoor": make_backdoor_test_set(attack, test, 10)}
+
+
+def _asr(model: nn.Module, backdoor: object) -> float:
+    return float((predict(model, backdoor.x, NORM) == backdoor.y_target).mean())
+
+
+def test_scratch_reference_flags_planted_backdoor_samples_and_retain_removes_the_backdoor(
+        poisoned_digits: dict) -> None:
+    """The fine-tuned reference keeps the backdoor (poisoned samples score low); the from-scratch one does not."""
+    p = poisoned_digits
+    without = identify(p["model"], p["training"], p["clean"], NORM, IdentifyConfig(
+        calib_epochs=4, calib_augment=False, scratch_reference=False), runtime_for("cpu"), 10, Progress())
+    ident = identify(p["model"], p["training"], p["clean"], NORM, IdentifyConfig(
+        calib_epochs=4, calib_augment=False), runtime_for("cpu"), 10, Progress())
+    bad = p["bad"]
+    assert roc_auc_score(bad, without.scores) < 0.5  # the blind spot: the backdoored copy fits its poison
+    assert roc_auc_score(bad, ident.scores) > 0.85
+    assert (bad & ident.flagged).sum() > 0.5 * bad.sum()
+    assert ident.reference is not None and ident.reference[bad & ident.flagged].mean() > 0.9  # scratch raised them
+    assert ident.details["null_flag_rate"] <= 1 - 0.95 + 0.01
+    before = _asr(p["model"], p["backdoor"])
+    result = repair_data("retain", p["model"], p["training"], p["clean"], NORM, FAST,
+                         "cpu", 10, seed=0)
+    assert before > 0.8 and _asr(result.model, p["backdoor"]) < 0.5 * before
+
+
+def test_separation_uses_the_flagging_reference_and_can_require_every_reference_to_unlearn() -> None:
+    """Sample 0 was flagged by the scratch reference (1): relabelled with its probabilities and threshold although
+    the fine-tuned reference "confirms" it; sample 1 is dropped and unlearned only if both find y < chance."""
+    y = np.array([0, 0])
+    fine = np.array([[0.99, 0.01], [0.6, 0.4]], dtype=np.float32)
+    scratch = np.array([[0.05, 0.95], [0.4, 0.6]], dtype=np.float32)
+    reference = np.array([1, 1])
+    composite = np.where(reference[:, None] == 1, scratch, fine)
+    clean_y = np.tile([0, 1], 10)
+    clean_fine = np.tile(np.array([[0.99, 0.01], [0.01, 0.99]], dtype=np.float32), (10, 1))
+    clean_scratch = np.tile(np.array([[0.1, 0.9], [0.1, 0.9]], dtype=np.float32), (10, 1))  # 50% right at 0.9
+    clean_scratch[::2] = [0.9, 0.1]  # right on every class-0 sample at 0.9 as well: precision 1.0 from 0.9 on
+    flagged = np.array([True, True])
+    sep = separate(flagged, y, composite, clean_fine, clean_y, 0.9, 2, reference, [clean_fine, clean_scratch])
+    assert sep.new_labels.tolist() == [1, -1] and sep.unlearn.tolist() == [False, True]
+    strict = separate(flagged, y, composite, clean_fine, clean_y, 0.9, 2, reference, [clean_fine, clean_scratch],
+                      [fine, scratch])
+    assert strict.new_labels.tolist() == [1, -1] and strict.unlearn.tolist() == [False, False]

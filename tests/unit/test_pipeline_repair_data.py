@@ -17,7 +17,8 @@ from core.spec import ScanSpec
 from tests.helpers import backdoored_digits, spec_json, write_npz, write_safetensors
 
 # a few seconds on 2 cores; the method's defaults are for real data sets
-CHEAP = {"calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False}
+CHEAP = {"calib_epochs": 2, "checkpoints": 1, "epochs": 1, "augment": False, "calib_augment": False,
+          "scratch_epochs": 2}
 
 
 def _inputs(tmp: Path) -> ScanInputs:
