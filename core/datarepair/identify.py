@@ -51,7 +51,7 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.datarepair.repair import reinitialised
 from core.defenses.robust_head import last_linear
-from core.defenses.runtime import DeviceImages, Runtime, augment_generator, make_generator
+from core.defenses.runtime import DeviceImages, Runtime, augment_generator, make_generator, sgd_epoch
 from core.progress import Progress
 from core.ranges import BatchSize, Flag, LearningRate, check_fields, float_in, int_in
 from core.training import train_classifier
@@ -140,19 +140,6 @@ def tracin_dots(model: nn.Module, data: DeviceImages, head: nn.Linear, gbar: tor
     return torch.cat(dots).numpy(), torch.cat(probs).numpy()
 
 
-def _finetune_epoch(model: nn.Module, data: DeviceImages, opt: torch.optim.Optimizer, batch_size: int,
-                    augment: bool, order_gen: torch.Generator, aug_gen: torch.Generator, progress: Progress) -> None:
-    model.train()
-    for idx in data.batches(batch_size, order_gen):
-        progress.check()
-        x = data.inputs(idx, augment=augment, generator=aug_gen)
-        with data.rt.autocast():
-            loss = F.cross_entropy(model(x), data.y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
 def checkpoint_epochs(epochs: int, checkpoints: int) -> list[int]:
     """The epochs (0 = before any fine-tuning) after which TracIn scores: evenly spaced from 0 (the given
     model) to ``epochs`` (the calibrated model, always included: its probabilities are step 2's)."""
@@ -238,7 +225,7 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
                 null_tracin[held] -= cfg.calib_lr * null_dots
             if epoch == cfg.calib_epochs:
                 break
-            _finetune_epoch(calib, fit, opt, batch_size, cfg.calib_augment, order_gen, aug_gen, stage)
+            sgd_epoch(calib, fit, opt, batch_size, cfg.calib_augment, order_gen, aug_gen, stage)
             stage.update((epoch + 1) / cfg.calib_epochs)
         train_probs += p_train / cfg.folds  # the last mark is the end of the trajectory
         clean_probs[held] = p_null

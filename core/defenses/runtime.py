@@ -161,15 +161,23 @@ def sgd_finetune(model: nn.Module, data: DeviceImages, *, epochs: int, lr: float
     order_gen = make_generator(seed)
     aug_gen = augment_generator(data.rt, seed + 1)
     for epoch in range(epochs):
-        for idx in data.batches(batch_size, order_gen):
-            progress.check()
-            x = data.inputs(idx, augment=augment, generator=aug_gen)
-            with data.rt.autocast():
-                loss = F.cross_entropy(model(x), data.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        sgd_epoch(model, data, opt, batch_size, augment, order_gen, aug_gen, progress)
         progress.update((epoch + 1) / epochs)
+
+
+def sgd_epoch(model: nn.Module, data: DeviceImages, opt: torch.optim.Optimizer, batch_size: int, augment: bool,
+              order_gen: torch.Generator, aug_gen: torch.Generator, progress: Progress) -> None:
+    """One epoch of plain cross-entropy steps in train mode, polling ``progress`` between batches (the one
+    supervised loop that fine-tuning baselines and data repair's calibration share)."""
+    model.train()
+    for idx in data.batches(batch_size, order_gen):
+        progress.check()
+        x = data.inputs(idx, augment=augment, generator=aug_gen)
+        with data.rt.autocast():
+            loss = F.cross_entropy(model(x), data.y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def cuda_sync(rt: Runtime) -> Callable[[], None] | None:
