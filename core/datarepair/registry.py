@@ -126,12 +126,20 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     return _result("retain", repaired, cfgs, ident, sep.new_labels, sep.details, progress, len(training))
 
 
-def _run_drop(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normalization, cfgs: dict[str, Any],
-              device: torch.device | str, num_classes: int, progress: Progress) -> DataRepairResult:
+def _flag_and_copy(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normalization, cfgs: dict[str, Any],
+                   device: torch.device | str, num_classes: int, progress: Progress) -> tuple[Any, Any, np.ndarray,
+                                                                                              nn.Module]:
+    """Step 1 for the baselines that only drop or erase what is flagged: (runtime, identification, labels with
+    -1 for every flagged sample, a copy of the model to repair)."""
     rt = runtime_for(device)
     ident = _identify_stage(model, training, clean, norm, cfgs["identify"], rt, num_classes, progress, 0.6)
     new_labels = np.where(ident.flagged, -1, training.y).astype(np.int64)
-    repaired = prepare_model(copy.deepcopy(model), rt)
+    return rt, ident, new_labels, prepare_model(copy.deepcopy(model), rt)
+
+
+def _run_drop(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normalization, cfgs: dict[str, Any],
+              device: torch.device | str, num_classes: int, progress: Progress) -> DataRepairResult:
+    rt, ident, new_labels, repaired = _flag_and_copy(model, training, clean, norm, cfgs, device, num_classes, progress)
     anchored_finetune(repaired, kept_set(training, new_labels), clean, None, norm, cfgs["train"], 0.0, rt,
                       cfgs["identify"].seed, progress.stage("repair", 0.6, 1.0))
     return _result("drop_flagged", repaired, cfgs, ident, new_labels, {}, progress, len(training))
@@ -139,10 +147,7 @@ def _run_drop(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Norma
 
 def _run_erase(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normalization, cfgs: dict[str, Any],
                device: torch.device | str, num_classes: int, progress: Progress) -> DataRepairResult:
-    rt = runtime_for(device)
-    ident = _identify_stage(model, training, clean, norm, cfgs["identify"], rt, num_classes, progress, 0.6)
-    new_labels = np.where(ident.flagged, -1, training.y).astype(np.int64)
-    repaired = prepare_model(copy.deepcopy(model), rt)
+    rt, ident, new_labels, repaired = _flag_and_copy(model, training, clean, norm, cfgs, device, num_classes, progress)
     ft: FinetuneConfig = cfgs["finetune"]
     gradient_ascent(repaired, training.subset(np.flatnonzero(ident.flagged)), norm, cfgs["erase"], ft.batch_size,
                     rt, ft.seed, progress.stage("erase", 0.6, 0.7))

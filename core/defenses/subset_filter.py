@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.defenses.runtime import DeviceImages, Runtime
+from core.defenses.runtime import DeviceImages, Runtime, forward_all
 from core.ranges import check_fields, float_in, int_in
 
 _MAD_TO_SIGMA = 1.4826  # MAD * 1.4826 estimates the standard deviation of a normal distribution
@@ -75,16 +75,11 @@ def conv_features(model: nn.Module, data: DeviceImages, batch_size: int = 512) -
         return record
 
     hooks = [conv.register_forward_hook(hook(i)) for i, conv in enumerate(convs)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), data.rt.autocast():
-            for start in range(0, len(data), batch_size):
-                model(data.inputs(slice(start, start + batch_size)))
+        forward_all(model, data, batch_size)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return [torch.cat(c) for c in chunks] + [torch.cat(p) for p in peaks]
 
 
