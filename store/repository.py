@@ -88,12 +88,20 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def request_cancel(session: Session, scan: Scan) -> None:
-    """A queued scan is canceled at once; a running one when the worker next reports progress."""
-    if scan.status == ScanStatus.queued.value:
-        scan.status = ScanStatus.canceled.value
-        scan.finished_at = utcnow()
-    scan.cancel_requested = True
+    """A queued scan is canceled at once; a running one when the worker next reports progress.
+
+    The status is changed by a conditional UPDATE, not from the ``scan`` the caller read: a worker may have
+    claimed the scan since (queued -> running), and a stale read must not mark a running scan canceled
+    under it. ``scan`` is refreshed to what was written."""
+    canceled = session.execute(
+        update(Scan).where(Scan.id == scan.id, Scan.status == ScanStatus.queued.value)
+        .values(status=ScanStatus.canceled.value, finished_at=utcnow(), cancel_requested=True)
+        .execution_options(synchronize_session=False)).rowcount
+    if not canceled:
+        session.execute(update(Scan).where(Scan.id == scan.id).values(cancel_requested=True)
+                        .execution_options(synchronize_session=False))
     session.commit()
+    session.refresh(scan)
 
 
 def delete_scan(session: Session, scan: Scan) -> None:

@@ -92,6 +92,31 @@ def test_cancel_while_running(ctx: WorkerContext, tmp_path: Path) -> None:
     assert _scan(ctx.sessions, scan_id).status == "canceled"
 
 
+def test_cancel_from_a_stale_read_does_not_overwrite_a_claim(ctx: WorkerContext, tmp_path: Path) -> None:
+    """DELETE read the scan as queued, a worker claimed it before the cancel was written: the scan stays
+    running with the cancel requested (the worker ends it), instead of a running scan marked canceled."""
+    scan_id = _queue_scan(ctx, tmp_path)
+    with ctx.sessions() as api_session:
+        stale = api_session.get(Scan, scan_id)
+        assert stale is not None and stale.status == "queued"
+        with ctx.sessions() as worker_session:
+            assert repository.claim_scan(worker_session, scan_id, MAX_ATTEMPTS) is not None
+        repository.request_cancel(api_session, stale)
+        assert stale.status == "running" and stale.cancel_requested and stale.finished_at is None
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.status == "running" and scan.cancel_requested
+
+
+def test_cancel_of_a_queued_scan_is_immediate(ctx: WorkerContext, tmp_path: Path) -> None:
+    scan_id = _queue_scan(ctx, tmp_path)
+    with ctx.sessions() as session:
+        scan = session.get(Scan, scan_id)
+        assert scan is not None
+        repository.request_cancel(session, scan)
+        assert scan.status == "canceled" and scan.finished_at is not None
+    assert execute_scan(ctx, scan_id) == "skipped"
+
+
 def test_time_limit_fails_with_an_actionable_message(ctx: WorkerContext, tmp_path: Path) -> None:
     scan_id = _queue_scan(ctx, tmp_path)
     ctx.settings = ctx.settings.model_copy(update={"scan_time_limit_s": 1})
