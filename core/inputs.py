@@ -64,6 +64,41 @@ class LoadedInputs:
     training_is_corrupt: np.ndarray | None = None
 
 
+HOLDOUT_FRACTION = 0.2  # share of clean_data held out for evaluation when no test_data is uploaded
+
+
+def evaluation_split(loaded: LoadedInputs, seed: int) -> tuple[ImageSet, ImageSet, str]:
+    """(evaluation set, data the repair and the detector may learn from, where ACC comes from)."""
+    if loaded.test is not None:
+        return loaded.test, loaded.clean, "test_data"
+    rest, held_out = loaded.clean.split(HOLDOUT_FRACTION, seed)
+    return held_out, rest, f"clean_data_holdout ({HOLDOUT_FRACTION:.0%} of clean_data, seed {seed})"
+
+
+def _check_learning_set(spec: ScanSpec, clean: ImageSet, has_test: bool) -> None:
+    """Refuse at upload a clean set too small for what the spec runs on it (the detector, a data repair's
+    identification), counted as the worker will see it: without test_data, 20% is held out for evaluation."""
+    n = len(clean) if has_test else len(clean) - ImageSet.held_out_count(len(clean), HOLDOUT_FRACTION)
+    seen = "" if has_test else (f" ({len(clean)} uploaded less the {HOLDOUT_FRACTION:.0%} held out for "
+                                "evaluation because no test_data was given)")
+    if spec.detect.enabled:
+        from core.detect.scan import MIN_IMAGES
+
+        if n < MIN_IMAGES:
+            raise InputError("clean_data", f"the trigger-free detector needs at least {MIN_IMAGES} clean images to "
+                             f"learn from, got {n}{seen}; upload more, or set \"detect\": {{\"enabled\": false}}")
+    if spec.mode == "repair_data":
+        from core.datarepair.registry import min_clean_images
+
+        try:
+            need = min_clean_images(spec.repair_data.method, spec.repair_data.params, spec.seed)
+        except ValueError as exc:  # parameters refused together (the spec checked each one)
+            raise InputError("spec.repair_data", str(exc)) from exc
+        if n < need:
+            raise InputError("clean_data", f"data-repair method {spec.repair_data.method!r} needs at least {need} "
+                             f"clean images (2 per identification fold), got {n}{seen}")
+
+
 def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> LoadedInputs:
     """Load every part and check it against the spec and the other parts; raises ``InputError``."""
     if inputs.training_data is not None and spec.mode != "repair_data":
@@ -116,6 +151,7 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
                           seed=spec.seed, **spec.attack.params)
         except (ValueError, TypeError) as exc:
             raise InputError("spec.attack", str(exc)) from exc
+    _check_learning_set(spec, clean, sets["test_data"] is not None)
     return LoadedInputs(checkpoint, clean, sets["test_data"], sets["poisoned_data"], sets["training_data"],
                         tuple(f.as_dict() for f in findings), mask)
 

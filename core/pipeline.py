@@ -20,14 +20,13 @@ import torch
 
 from core.data.formats import DataLimits
 from core.data.imageset import ImageSet
-from core.inputs import InputError, LoadedInputs, ScanInputs, load_inputs
+from core.inputs import InputError, LoadedInputs, ScanInputs, evaluation_split, load_inputs
 from core.metrics import evaluate
 from core.models.registry import create_model
 from core.models.weights import load_weights
 from core.progress import Progress
 from core.spec import ScanSpec
 
-HOLDOUT_FRACTION = 0.2
 # share of the whole scan that each stage takes, for the progress bar (a repair method splits its own span)
 _STAGE_SPANS = {
     "scan": {"load": (0.0, 0.1), "evaluate_before": (0.1, 0.3), "detect": (0.3, 0.95), "report": (0.95, 1.0)},
@@ -96,7 +95,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     model = create_model(spec.model.architecture, spec.model.num_classes, spec.model.in_channels)
     load_weights(model, loaded.checkpoint.state_dict)
     model.to(dev).eval()
-    eval_set, train_set, acc_source = _evaluation_split(loaded, spec.seed)
+    eval_set, train_set, acc_source = evaluation_split(loaded, spec.seed)
     backdoor = _backdoor_set(spec, loaded, eval_set)
     norm = spec.model.normalization()
 
@@ -285,14 +284,6 @@ def _write_png(image: np.ndarray, path: Path) -> Path:
     pixels = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
     Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(path, format="PNG")
     return path
-
-
-def _evaluation_split(loaded: LoadedInputs, seed: int) -> tuple[ImageSet, ImageSet, str]:
-    """(evaluation set, data the repair may learn from, where ACC comes from)."""
-    if loaded.test is not None:
-        return loaded.test, loaded.clean, "test_data"
-    rest, held_out = loaded.clean.split(HOLDOUT_FRACTION, seed)
-    return held_out, rest, f"clean_data_holdout ({HOLDOUT_FRACTION:.0%} of clean_data, seed {seed})"
 
 
 @dataclass(frozen=True)

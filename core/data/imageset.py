@@ -46,8 +46,13 @@ class ImageSet:
         if len(self) < 2:
             raise ValueError("need at least 2 images to split")
         order = np.random.default_rng(seed).permutation(len(self))
-        n_out = min(len(self) - 1, max(1, round(fraction * len(self))))
+        n_out = ImageSet.held_out_count(len(self), fraction)
         return self.subset(np.sort(order[n_out:])), self.subset(np.sort(order[:n_out]))
+
+    @staticmethod
+    def held_out_count(n: int, fraction: float) -> int:
+        """How many of ``n`` images :meth:`split` holds out: ``round(fraction * n)``, at least 1, at most n - 1."""
+        return min(n - 1, max(1, round(fraction * n)))
 
     @staticmethod
     def concat(*sets: ImageSet) -> ImageSet:

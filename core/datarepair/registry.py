@@ -216,6 +216,14 @@ def default_params(method: str) -> dict[str, object]:
     return {name: flat[name] for name in entry.param_types}
 
 
+def min_clean_images(method: str, params: Mapping[str, object], seed: int = 0) -> int:
+    """The fewest clean images ``method`` can work with: identification splits the clean set into ``folds``
+    and needs two images per fold (a held-out null score and a reference to train); 1 for the rest."""
+    configs = DATA_REPAIR_METHODS[method].configure(validate_params(method, params, seed), seed)
+    ident = configs.get("identify")
+    return 2 * ident.folds if isinstance(ident, IdentifyConfig) else 1
+
+
 def _check_data(training: ImageSet, clean: ImageSet, num_classes: int) -> None:
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")

@@ -20,7 +20,7 @@ from core.models.registry import create_model
 from store.db import make_engine, make_session_factory
 from store.models import Scan
 from store.settings import Settings
-from tests.helpers import spec_json, write_npz, write_safetensors
+from tests.helpers import SPEC_MODEL, spec_json, write_npz, write_safetensors
 from tests.integration.conftest import new_key
 
 pytestmark = pytest.mark.integration
@@ -148,6 +148,7 @@ def _bad_cases(files: dict[str, Path], tmp: Path,
     write_safetensors(wrong_arch, create_model("preactresnet18", 10, 1).state_dict())
     rng = np.random.default_rng(1)
     x8 = rng.integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    x12 = rng.integers(0, 256, (12, 8, 8), dtype=np.uint8)
     return [
         ("pickle that runs code", {"model": ("evil.pt", pickle_pt.read_bytes())}, None, 422, "model", ""),
         ("truncated safetensors", {"model": ("m.safetensors", good_st[: 8 + hdr_len + 100])}, None, 422, "model", ""),
@@ -188,6 +189,14 @@ def _bad_cases(files: dict[str, Path], tmp: Path,
         ("training_data in scan mode", {"training_data": ("t.npz", files["clean"].read_bytes())}, None, 422,
          "training_data", "only used by mode repair_data"),
         *_repair_data_cases(limit),
+        ("too few clean images for the detector", {"clean_data": ("c.npz", _npz(x=x12[:11], y=np.arange(11) % 10))},
+         json.dumps({"mode": "scan", "model": SPEC_MODEL}), 422, "clean_data",
+         "needs at least 10 clean images to learn from, got 9 (11 uploaded less the 20% held out"),
+        ("too few clean images for identification", {
+            "clean_data": ("c.npz", _npz(x=x8[:5], y=np.arange(5))),
+            "training_data": ("t.npz", _npz(x=x8, y=np.arange(10)))},
+         spec_json("repair_data", repair_data={"method": "retain", "params": {"folds": 3}}), 422, "clean_data",
+         "needs at least 6 clean images (2 per identification fold), got 4"),
         ("unknown part", {"weights": ("w.bin", b"x")}, None, 422, "weights", ""),
     ]
 
