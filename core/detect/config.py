@@ -56,7 +56,10 @@ class DetectConfig:
     strong_p_value: float_in(1e-12, 0.5) = 0.01
     # the detectors whose p-values make the verdict; the others are run and reported as evidence only. MM-BD
     # does not vote: on the CPU benchmark it flagged 4 of 5 clean models (MNIST's naturally wide class 8)
-    voting_detectors: DetectorNames = ("neural_cleanse", "universal_perturbation", "untargeted")
+    # The untargeted test runs by default as evidence but does not vote: on the CPU benchmark it flagged no
+    # clean model (p = 1 on all 10) and the all-to-all model at its own level (p 0.026), but a third Bonferroni
+    # term lifts that to 0.078 (still clean) and costs two models their "backdoored" (docs/detect.md)
+    voting_detectors: DetectorNames = ("neural_cleanse", "universal_perturbation")
     # TSBD's cheap signal (not run by default: it adds no information on the benchmark, docs/detect.md)
     unlearn_lr: float_in(1e-6, 1.0) = 1e-3
     unlearn_max_epochs: int_in(1, 1000) = 20
