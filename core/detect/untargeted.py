@@ -116,11 +116,18 @@ def untargeted(ctx: DetectContext) -> DetectorResult:
         u = ut.normalised[0]
         logs = [math.log(max(s, 1e-12)) for s in inv.normalised]
         p, score = untargeted_p_value(math.log(max(u, 1e-12)), logs)
+        # a size that never reached the target success is not a smallest trigger: no comparison, no evidence
+        # (e.g. a targeted search cut short by its step limit while the cheaper untargeted one converged)
+        comparable = not ut.never_reached and not inv.never_reached
+        if not comparable:
+            p = 1.0
         per[name] = {"targeted_sizes": inv.normalised, "p_value": p, "score": score, "untargeted_size": u,
                      "smallest_targeted_size": min(inv.normalised),
                      "ratio_to_smallest": u / max(min(inv.normalised), 1e-12),
                      "smallest_targeted_class": int(np.argmin(inv.normalised)), "steps": ut.steps,
-                     "reached_target_success": not ut.never_reached, **flip_map(ctx, family, ut.params)}
+                     "reached_target_success": not ut.never_reached, "comparable": comparable,
+                     "targeted_classes_never_reaching_target_success": inv.never_reached,
+                     **flip_map(ctx, family, ut.params)}
         pictures[name] = family.picture(ut.params, 0)
     best = min(fams, key=lambda f: per[f]["p_value"])
     p = min(1.0, len(fams) * per[best]["p_value"])
