@@ -42,9 +42,10 @@ class DetectConfig:
     # the untargeted (all-to-all) test: the smallest trigger shared by all images that moves each off its label,
     # per family, with that family's targeted schedule; its size against the family's targeted class sizes
     ut_families: FamilyNames = ("patch",)
-    # its step limit: this x its family's. One trigger costs 1/K of a targeted step, and at 1x the search ran
-    # to the limit on the benchmark's models (not ended by the early stop); at 4x the early stop ends it
-    ut_steps_factor: int_in(1, 20) = 4
+    # its step limit: this x its family's. 1 gives u the targeted triggers' budget, which the null's comparison
+    # assumes; more steps (one trigger costs 1/K of a targeted step) shrink u against step-limited s_k — on the
+    # CPU benchmark 4x turned the all-to-all model's p 0.20 into 0.026, a bias the null does not know
+    ut_steps_factor: int_in(1, 20) = 1
     # MM-BD (Wang et al. 2024): maximum achievable logit margin per class from random starts
     mm_starts: int_in(1, 1024) = 8  # random starting images per class (the paper uses 30)
     mm_steps: int_in(1, 100_000) = 150  # Adam steps per start
@@ -57,8 +58,8 @@ class DetectConfig:
     # the detectors whose p-values make the verdict; the others are run and reported as evidence only. MM-BD
     # does not vote: on the CPU benchmark it flagged 4 of 5 clean models (MNIST's naturally wide class 8)
     # The untargeted test runs by default as evidence but does not vote: on the CPU benchmark it flagged no
-    # clean model (p = 1 on all 10) and the all-to-all model at its own level (p 0.026), but a third Bonferroni
-    # term lifts that to 0.078 (still clean) and costs two models their "backdoored" (docs/detect.md)
+    # clean model (p = 1 on all 10) and the all-to-all model not at equal step budgets (p 0.20; 0.026 with 4x
+    # the steps, still clean after a third Bonferroni term, which costs two models their "backdoored")
     voting_detectors: DetectorNames = ("neural_cleanse", "universal_perturbation")
     # TSBD's cheap signal (not run by default: it adds no information on the benchmark, docs/detect.md)
     unlearn_lr: float_in(1e-6, 1.0) = 1e-3

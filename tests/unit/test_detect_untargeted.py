@@ -110,7 +110,7 @@ def test_a_clean_model_is_not_flagged_by_the_untargeted_test() -> None:
 
 def test_sizes_that_never_reached_the_target_success_give_no_evidence() -> None:
     """3 targeted steps: the classes never reach 99% success (their sizes are the start's), while the untargeted
-    search (4x the steps, one trigger) may; the comparison is void and p is 1 (unguarded, the benchmark's 3-step
+    search (one trigger, the same steps) may; the comparison is void and p is 1 (unguarded, the benchmark's 3-step
     --tiny smoke run gave p 5e-5 on its clean models)."""
     cfg = DetectConfig(**{**UT, "nc_steps": 3})
     fam = scan_model(_model(None), _clean(), NORM, cfg, "cpu", 10).detectors["untargeted"].details["families"]["patch"]
