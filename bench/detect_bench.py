@@ -175,6 +175,16 @@ def row_signals(res) -> dict[str, object]:
                         f"{key}_score": max(r.details["outlier_score_per_class"]), f"{key}_s": r.seconds})
             if key == "nc":
                 out["nc_index"] = r.details["anomaly_index"]
+    if "untargeted" in d:
+        ut = d["untargeted"]
+        fam = ut.details["families"][ut.details["family"]]
+        out.update(ut_p=ut.statistic, ut_score=fam["score"], ut_ratio=fam["ratio_to_smallest"],
+                   ut_distinct=fam["distinct_targets"], ut_success=fam["success"], ut_steps=fam["steps"],
+                   ut_map={s: (m["to"], round(m["share"], 2)) for s, m in fam["mapping"].items()}, ut_s=ut.seconds)
+    # the two inversions' verdict alone (m = 2), to see what adding a voting detector costs them
+    two = [out[k] for k in ("nc_p", "up_p") if k in out]
+    if two:
+        out["p_nc_up"] = min(1.0, len(two) * min(two))
     if "max_margin" in d:
         mm = d["max_margin"]
         out.update(mm_p=mm.statistic, mm_class=mm.details["largest_margin_class"],
@@ -199,19 +209,23 @@ def markdown(report: dict) -> str:
              f"(all the detectors see), {report['n_test']} test images for ACC/ASR. Detect config: "
              f"`{json.dumps(report['detect_config'])}`.", "",
              "p-values: NC = Neural Cleanse's outlier test on log mask sizes, UP = the universal perturbation's "
-             "on log perturbation norms (each against its simulated null), combined = min(1, 2 x the smaller); "
+             "on log perturbation norms (each against its simulated null), UT = the untargeted (all-to-all) test "
+             "(its untargeted patch size u against the targeted ones; u/min s its ratio to the smallest; map: the "
+             "distinct labels the sources go to under it), combined = min(1, m x the smallest) over the m voting "
+             "detectors (NC+UP: the same over NC and UP only); "
              "NC index = Neural Cleanse's classic MAD anomaly index (log sizes, small side), evidence only; "
              "smallest = the class with the smallest trigger (NC / UP).", "",
-             "| model | ACC | ASR | verdict | combined p | NC p | UP p | NC index | smallest NC/UP | MM-BD p "
-             "(class) | NWC top-5% | target found | scan s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | ACC | ASR | verdict | combined p | NC+UP p | NC p | UP p | UT p | u/min s | UT map distinct "
+             "| NC index | smallest NC/UP | MM-BD p (class) | NWC top-5% | target found | scan s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         asr = "—" if r["asr"] is None else f"{r['asr']:.3f}"
         found = {True: "yes", False: "no", None: "—"}[r["target_found"]]
         mm = "—" if "mm_p" not in r else f"{r['mm_p']:.2g} ({r['mm_class']})"
         lines.append(
             f"| {r['label']} | {r['acc']:.3f} | {asr} | **{r['verdict']}** {r['targets']} | {r['p']:.2g} | "
-            f"{_fmt_p(r, 'nc_p')} | {_fmt_p(r, 'up_p')} | {r.get('nc_index', float('nan')):.2f} | "
+            f"{_fmt_p(r, 'p_nc_up')} | {_fmt_p(r, 'nc_p')} | {_fmt_p(r, 'up_p')} | {_fmt_p(r, 'ut_p')} | "
+            f"{_fmt_p(r, 'ut_ratio')} | {r.get('ut_distinct', '—')} | {r.get('nc_index', float('nan')):.2f} | "
             f"{r.get('nc_min_class', '—')}/{r.get('up_min_class', '—')} | {mm} | "
             f"{r.get('nwc_share', float('nan')):.3f} | {found} | {r['scan_s']:.1f} |")
     s = report["summary"]
@@ -224,6 +238,8 @@ def markdown(report: dict) -> str:
               f"- Verdict backdoored: TPR {s['tpr_backdoored']:.3f} ({s['n_backdoored_bd']}/{s['n_backdoored']}), "
               f"false alarms {s['fpr_backdoored']:.3f} ({s['n_backdoored_clean']}/{s['n_clean']}).",
               f"- Smallest combined p on a clean model: {s['min_clean_p']:.3g}.",
+              f"- NC+UP alone (m = 2): flagged {s['n_flagged_bd_nc_up']}/{s['n_backdoored']} backdoored "
+              f"({s['n_backdoored_bd_nc_up']} at p < 0.01), {s['n_flagged_clean_nc_up']}/{s['n_clean']} clean.",
               f"- Target named (all-to-one models with an alarm): {s['targets_found']}/{s['targets_possible']}; "
               f"smallest NC / UP trigger on the target (all all-to-one models): {s['nc_smallest_is_target']} / "
               f"{s['up_smallest_is_target']} of {s['n_all_to_one']}.",
@@ -237,15 +253,19 @@ def summarise(rows: list[dict]) -> dict:
     cl = [r for r in rows if r["attack"] is None]
 
     def sig(r: dict, key: str) -> float:
-        if key in ("p", "nc_p", "up_p", "mm_p"):
+        if key in ("p", "nc_p", "up_p", "mm_p", "ut_p", "p_nc_up"):
             return _nlp(r.get(key, 1.0))
+        if key == "ut_neg_ratio":
+            return -float(r["ut_ratio"])
         return float(r.get(key, 0.0))
 
-    keys = {"combined -log10 p (the verdict's)": "p", "Neural Cleanse -log10 p": "nc_p",
-            "universal perturbation -log10 p": "up_p", "Neural Cleanse MAD anomaly index": "nc_index",
+    keys = {"combined -log10 p (the verdict's)": "p", "NC+UP combined -log10 p (m = 2)": "p_nc_up",
+            "Neural Cleanse -log10 p": "nc_p", "universal perturbation -log10 p": "up_p",
+            "untargeted -log10 p": "ut_p", "untargeted u/min s (smaller: more suspicious)": "ut_neg_ratio",
+            "Neural Cleanse MAD anomaly index": "nc_index",
             "MM-BD -log10 p": "mm_p", "NWC top-5% share": "nwc_share", "NWC Gini": "nwc_gini"}
     au = {name: auroc([sig(r, k) for r in bd], [sig(r, k) for r in cl]) for name, k in keys.items()
-          if all(k in r for r in rows)}
+          if all((k if k != "ut_neg_ratio" else "ut_ratio") in r for r in rows)}
     flagged = [r for r in bd if r["verdict"] != "clean"]
     possible = [r for r in flagged if r["target_found"] is not None]
     one = [r for r in bd if r["target"] is not None]
@@ -259,6 +279,9 @@ def summarise(rows: list[dict]) -> dict:
             "tpr_backdoored": sum(r["verdict"] == "backdoored" for r in bd) / max(1, len(bd)),
             "fpr_backdoored": sum(r["verdict"] == "backdoored" for r in cl) / max(1, len(cl)),
             "min_clean_p": min((r["p"] for r in cl), default=float("nan")),
+            "n_flagged_clean_nc_up": sum(r.get("p_nc_up", 1.0) < 0.05 for r in cl),
+            "n_flagged_bd_nc_up": sum(r.get("p_nc_up", 1.0) < 0.05 for r in bd),
+            "n_backdoored_bd_nc_up": sum(r.get("p_nc_up", 1.0) < 0.01 for r in bd),
             "targets_found": sum(bool(r["target_found"]) for r in possible), "targets_possible": len(possible),
             "n_all_to_one": len(one),
             "nc_smallest_is_target": sum(r.get("nc_min_class") == r["target"] for r in one),

@@ -40,6 +40,7 @@ class DetectContext:
     progress: ProgressFn | None = None
     should_stop: StopFn | None = None
     _span: tuple[float, float] = (0.0, 1.0)
+    memo: dict[str, Any] = field(default_factory=dict)  # results one detector computes and another reuses
 
     @property
     def amp(self) -> bool:
@@ -64,6 +65,12 @@ class DetectContext:
         with self.autocast():
             out = self.model(x)
         return out.float()
+
+    def shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per scan under ``key``: the targeted inversions the untargeted test reuses."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     def step(self, fraction: float) -> None:
         """Report ``fraction`` of the current detector done and honour a stop request."""

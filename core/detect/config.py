@@ -10,9 +10,12 @@ from pydantic import Field, ValidationError
 
 from core.ranges import check_fields, float_in, int_in
 
-DEFAULT_DETECTORS: tuple[str, ...] = ("neural_cleanse", "universal_perturbation")
+DEFAULT_DETECTORS: tuple[str, ...] = ("neural_cleanse", "universal_perturbation", "untargeted")
 DetectorNames = Annotated[tuple[str, ...], Field(max_length=16)]
 """Registered detector names (core/detect/registry.py)."""
+FamilyNames = Annotated[tuple[str, ...], Field(min_length=1, max_length=2)]
+"""Trigger families of the untargeted test: ``patch`` (Neural Cleanse's), ``additive`` (the universal
+perturbation's)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,13 @@ class DetectConfig:
     up_steps: int_in(1, 100_000) = 300
     up_lr: float_in(1e-5, 10.0) = 0.02
     up_init_cost: float_in(0.0, 10.0) = 1e-2
+    # the untargeted (all-to-all) test: the smallest trigger shared by all images that moves each off its label,
+    # per family, with that family's targeted schedule; its size against the family's targeted class sizes
+    ut_families: FamilyNames = ("patch",)
+    # its step limit: this x its family's. 1 gives u the targeted triggers' budget, which the null's comparison
+    # assumes; more steps (one trigger costs 1/K of a targeted step) shrink u against step-limited s_k — on the
+    # CPU benchmark 4x turned the all-to-all model's p 0.20 into 0.026, a bias the null does not know
+    ut_steps_factor: int_in(1, 20) = 1
     # MM-BD (Wang et al. 2024): maximum achievable logit margin per class from random starts
     mm_starts: int_in(1, 1024) = 8  # random starting images per class (the paper uses 30)
     mm_steps: int_in(1, 100_000) = 150  # Adam steps per start
@@ -47,6 +57,9 @@ class DetectConfig:
     strong_p_value: float_in(1e-12, 0.5) = 0.01
     # the detectors whose p-values make the verdict; the others are run and reported as evidence only. MM-BD
     # does not vote: on the CPU benchmark it flagged 4 of 5 clean models (MNIST's naturally wide class 8)
+    # The untargeted test runs by default as evidence but does not vote: on the CPU benchmark it flagged no
+    # clean model (p = 1 on all 10) and the all-to-all model not at equal step budgets (p 0.20; 0.026 with 4x
+    # the steps, still clean after a third Bonferroni term, which costs two models their "backdoored")
     voting_detectors: DetectorNames = ("neural_cleanse", "universal_perturbation")
     # TSBD's cheap signal (not run by default: it adds no information on the benchmark, docs/detect.md)
     unlearn_lr: float_in(1e-6, 1.0) = 1e-3
@@ -55,10 +68,10 @@ class DetectConfig:
     def __post_init__(self) -> None:
         from core.detect.registry import DETECTORS  # late: the registry imports the detectors, which import us
 
-        for name in ("detectors", "voting_detectors"):
+        for name in ("detectors", "voting_detectors", "ut_families"):
             value = getattr(self, name)
             if not isinstance(value, list | tuple) or not all(isinstance(x, str) for x in value):
-                raise ConfigError(name, f"must be a list of detector names, got {value!r}")
+                raise ConfigError(name, f"must be a list of names, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         try:
             check_fields(self)
@@ -66,6 +79,10 @@ class DetectConfig:
             err = exc.errors()[0]
             field = str(err["loc"][0]) if err.get("loc") else "detect"
             raise ConfigError(field, f"{err['msg']}, got {err.get('input')!r}") from None
+        bad = [f for f in self.ut_families if f not in ("patch", "additive")]
+        if bad or len(set(self.ut_families)) != len(self.ut_families):
+            raise ConfigError("ut_families", f"name each of 'patch', 'additive' at most once, got "
+                                             f"{list(self.ut_families)}")
         unknown = [d for d in (*self.detectors, *self.voting_detectors) if d not in DETECTORS]
         if unknown:
             raise ConfigError("detectors", f"unknown detector(s) {unknown}; valid: {sorted(DETECTORS)}")

@@ -112,6 +112,47 @@ class Additive(Family):
         return (d / (2 * d.abs().max().clamp_min(1e-8)) + 0.5).clamp(0, 1)  # 0.5 grey is no change
 
 
+class Objective:
+    """What a search's triggers must make the model answer: how many triggers it optimises and, per trigger,
+    the loss to minimise and the success rate on one batch (the cost schedule's target success applies to it)."""
+
+    def count(self, num_classes: int) -> int:
+        raise NotImplementedError
+
+    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per trigger (loss, success) from ``t x B`` logits (trigger-major) and the batch's ``B`` true labels."""
+        raise NotImplementedError
+
+
+class Targeted(Objective):
+    """One trigger per class ``k``, each sending the images to ``k``: cross-entropy towards ``k`` (Neural
+    Cleanse's objective; the images of class ``k`` itself count as successes)."""
+
+    def count(self, num_classes: int) -> int:
+        return num_classes
+
+    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = torch.arange(t, device=logits.device).repeat_interleave(labels.numel())
+        ce = F.cross_entropy(logits, targets, reduction="none").view(t, -1).mean(1)
+        return ce, (logits.argmax(1) == targets).float().view(t, -1).mean(1)
+
+
+class Untargeted(Objective):
+    """One trigger shared by every image, sending each image to any class but its own: the loss is
+    ``-log(1 - p_y)`` (the cross-entropy of "not the true label"), success is ``argmax != y``. An all-to-all
+    backdoor is one such trigger whose effect depends on the source class."""
+
+    def count(self, num_classes: int) -> int:
+        return 1
+
+    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = labels.repeat(t)
+        true = F.one_hot(y, logits.shape[1]).bool()
+        # log(1 - p_y) = logsumexp over the other classes - logsumexp over all
+        loss = logits.logsumexp(1) - logits.masked_fill(true, float("-inf")).logsumexp(1)
+        return loss.view(t, -1).mean(1), (logits.argmax(1) != y).float().view(t, -1).mean(1)
+
+
 @dataclass
 class Inversion:
     """Per class the best size reached with the target success (the final size where never reached), the
@@ -124,14 +165,16 @@ class Inversion:
     never_reached: list[int]
 
 
-def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_offset: int = 0) -> Inversion:
-    """Search every class's smallest trigger of ``family`` at once (see the module docstring)."""
-    k = ctx.num_classes
+def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_offset: int = 0,
+                      objective: Objective | None = None) -> Inversion:
+    """Search every class's smallest trigger of ``family`` at once (see the module docstring); with an
+    ``objective`` other than :class:`Targeted` (the default) its triggers instead, e.g. one untargeted one."""
+    objective = objective or Targeted()
+    k = objective.count(ctx.num_classes)
     n, c, h, w = ctx.pixels.shape
     gen = torch.Generator(device="cpu").manual_seed(ctx.seed + seed_offset)
     params = [p.requires_grad_(True) for p in family.init(k, c, h, w, gen, ctx.device)]
     opt = torch.optim.Adam(params, lr=sch.lr, betas=(0.5, 0.9))
-    targets = torch.arange(k, device=ctx.device).repeat_interleave(sch.batch_size)
     cost = torch.zeros(k, device=ctx.device)
     cost_set = torch.zeros(k, dtype=torch.bool, device=ctx.device)
     up = torch.zeros(k, device=ctx.device)
@@ -144,13 +187,12 @@ def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_of
         idx = torch.randint(0, n, (sch.batch_size,), generator=gen).to(ctx.device)
         x_adv = family.apply(params, ctx.pixels[idx])
         logits = ctx.logits(x_adv.reshape(k * sch.batch_size, c, h, w))
-        ce = F.cross_entropy(logits, targets, reduction="none").view(k, -1).mean(1)
+        ce, success = objective.loss_success(logits, ctx.labels[idx], k)
         size = family.size(params)
         opt.zero_grad(set_to_none=True)
         (ce + cost * size).sum().backward()
         with torch.no_grad():
             # the success and size of the parameters this step evaluated (before the update)
-            success = (logits.argmax(1) == targets).float().view(k, -1).mean(1)
             reached = success >= sch.target_success
             better = reached & (size < best)
             improved_much = reached & (size < best * 0.99)

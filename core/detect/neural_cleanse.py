@@ -27,8 +27,12 @@ def nc_schedule(ctx: DetectContext) -> Schedule:
 def neural_cleanse(ctx: DetectContext) -> DetectorResult:
     """Reverse-engineer one patch trigger per class, all classes in one batch; flag the model when the
     smallest log mask size is an outlier at ``config.p_value`` under the simulated null."""
-    inv = smallest_triggers(ctx, Patch(), nc_schedule(ctx))
-    return outlier_result(ctx, "neural_cleanse", Patch(), inv, "mask_l1_fraction_per_class")
+    return outlier_result(ctx, "neural_cleanse", Patch(), patch_inversion(ctx), "mask_l1_fraction_per_class")
+
+
+def patch_inversion(ctx: DetectContext) -> Inversion:
+    """The per-class patch search, once per scan (the untargeted test reuses its sizes)."""
+    return ctx.shared("targeted:patch", lambda: smallest_triggers(ctx, Patch(), nc_schedule(ctx)))
 
 
 def outlier_result(ctx: DetectContext, name: str, family: Family, inv: Inversion, size_key: str) -> DetectorResult:

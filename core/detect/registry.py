@@ -27,9 +27,11 @@ def _register_builtins() -> None:
     from core.detect.neural_cleanse import neural_cleanse
     from core.detect.universal_perturbation import universal_perturbation
     from core.detect.unlearning import unlearning_concentration
+    from core.detect.untargeted import untargeted
 
     register("neural_cleanse")(neural_cleanse)
     register("universal_perturbation")(universal_perturbation)
+    register("untargeted")(untargeted)
     register("max_margin")(max_margin)
     register("unlearning")(unlearning_concentration)
 

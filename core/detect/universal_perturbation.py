@@ -10,16 +10,24 @@ below the other classes'. Same batched search, cost schedule and outlier test as
 from __future__ import annotations
 
 from core.detect.base import DetectContext, DetectorResult
-from core.detect.inversion import Additive, Schedule, smallest_triggers
+from core.detect.inversion import Additive, Inversion, Schedule, smallest_triggers
 from core.detect.neural_cleanse import outlier_result
 
 
 def universal_perturbation(ctx: DetectContext) -> DetectorResult:
     """Per class the smallest universal perturbation (L2, per-pixel RMS), all classes in one batch; flag the
     model when the smallest log size is an outlier at ``config.p_value`` under the simulated null."""
+    return outlier_result(ctx, "universal_perturbation", Additive(), additive_inversion(ctx),
+                          "rms_per_pixel_per_class")
+
+
+def up_schedule(ctx: DetectContext) -> Schedule:
     cfg = ctx.config
-    sch = Schedule(steps=cfg.up_steps, batch_size=cfg.nc_batch_size, lr=cfg.up_lr, init_cost=cfg.up_init_cost,
-                   target_success=cfg.nc_target_success, patience=cfg.nc_patience,
-                   cost_multiplier=cfg.nc_cost_multiplier, early_stop_patience=cfg.nc_early_stop_patience)
-    inv = smallest_triggers(ctx, Additive(), sch, seed_offset=11)
-    return outlier_result(ctx, "universal_perturbation", Additive(), inv, "rms_per_pixel_per_class")
+    return Schedule(steps=cfg.up_steps, batch_size=cfg.nc_batch_size, lr=cfg.up_lr, init_cost=cfg.up_init_cost,
+                    target_success=cfg.nc_target_success, patience=cfg.nc_patience,
+                    cost_multiplier=cfg.nc_cost_multiplier, early_stop_patience=cfg.nc_early_stop_patience)
+
+
+def additive_inversion(ctx: DetectContext) -> Inversion:
+    """The per-class additive search, once per scan (the untargeted test reuses its sizes)."""
+    return ctx.shared("targeted:additive", lambda: smallest_triggers(ctx, Additive(), up_schedule(ctx), seed_offset=11))

@@ -156,7 +156,7 @@ def test_a_clean_model_is_judged_clean() -> None:
     res = scan_model(_model(None), _clean(), NORM, DetectConfig(**FAST), "cpu", 10)
     assert res.verdict == "clean", res.evidence
     assert res.trigger_images == {} and res.suspected_targets == []
-    assert set(res.evidence["detectors"]) == {"neural_cleanse", "universal_perturbation"}
+    assert set(res.evidence["detectors"]) == {"neural_cleanse", "universal_perturbation", "untargeted"}
 
 
 def test_max_margin_flags_a_blended_trigger() -> None:
@@ -190,7 +190,7 @@ def test_scan_reports_progress_and_stops_on_request() -> None:
 
 
 def test_registry_names_and_a_registered_detector_runs() -> None:
-    assert {"neural_cleanse", "universal_perturbation", "max_margin", "unlearning"} <= set(DETECTORS)
+    assert {"neural_cleanse", "universal_perturbation", "untargeted", "max_margin", "unlearning"} <= set(DETECTORS)
     with pytest.raises(ValueError, match="already registered"):
         register("max_margin")(lambda ctx: None)  # type: ignore[arg-type,return-value]
     from core.detect.base import DetectorResult
