@@ -36,6 +36,15 @@ class DetectConfig:
     up_steps: int_in(1, 100_000) = 300
     up_lr: float_in(1e-5, 10.0) = 0.02
     up_init_cost: float_in(0.0, 10.0) = 1e-2
+    # feature-space inversion (FeatureRE / BTI-DBF's idea): the smallest universal additive change of the
+    # feature map before global pooling (fi_depth 1.0; a smaller fraction picks an earlier 4-D map), size in
+    # units of the clean activations' RMS there
+    fi_steps: int_in(1, 100_000) = 300
+    fi_batch_size: int_in(1, 1024) = 32  # clean images per step, shared by the K classes (the K x this changed
+    # activations past the layer cost far less than NC's K x nc_batch_size full passes, so more images fit)
+    fi_lr: float_in(1e-5, 10.0) = 0.05
+    fi_init_cost: float_in(0.0, 10.0) = 0.1
+    fi_depth: float_in(0.0, 1.0) = 1.0
     # MM-BD (Wang et al. 2024): maximum achievable logit margin per class from random starts
     mm_starts: int_in(1, 1024) = 8  # random starting images per class (the paper uses 30)
     mm_steps: int_in(1, 100_000) = 150  # Adam steps per start
