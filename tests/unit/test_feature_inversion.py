@@ -36,6 +36,8 @@ def _no_hooks(model: nn.Module) -> bool:
     ("small_cnn", 1, 28, "19", (8, 7, 7)),  # the last ReLU, before AdaptiveAvgPool2d
     ("resnet20", 3, 32, "layer3", (64, 8, 8)),  # the last stage, before avgpool
     ("preactresnet18", 3, 32, "layer4", (512, 4, 4)),
+    ("torchvision.resnet18", 3, 64, "layer4", (512, 2, 2)),
+    ("torchvision.resnet18", 3, 32, "layer3", (256, 2, 2)),  # its layer4 is 1x1 there: no spatial map
 ])
 def test_the_layer_is_the_feature_map_before_global_pooling(arch: str, channels: int, size: int, expected: str,
                                                             shape: tuple[int, int, int]) -> None:
@@ -114,6 +116,8 @@ def test_the_planted_feature_backdoor_has_the_smallest_shift(skip: bool) -> None
     assert len(fi.per_class) == K and fi.details["classes_never_reaching_target_success"] == []
     assert fi.details["layer"] == "relu" and fi.details["kept_non_negative"]
     assert int(np.argmin(fi.per_class)) == 0 and fi.per_class[0] < 0.5 * sorted(fi.per_class)[1], fi.per_class
+    assert fi.flagged and fi.suspected_targets == [0] and res.verdict != "clean"
+    assert res.trigger_images[0].shape == (8, 8, 1) and res.trigger_images[0].dtype == np.uint8  # the bars
     # every step is one forward pass of all K classes: K x B activations past the layer; without a skip the
     # B images run up to the layer once, with one they are copied K times (the fallback, after one failed try)
     assert seen["fc"].count(K * B) == steps + (1 if skip else 0)
