@@ -167,7 +167,7 @@ def row_signals(res) -> dict[str, object]:
     d = res.detectors
     out: dict[str, object] = {"verdict": res.verdict, "score": res.score, "p": res.evidence["p_value"],
                               "targets": res.suspected_targets}
-    for key, name in (("nc", "neural_cleanse"), ("up", "universal_perturbation")):
+    for key, name in (("nc", "neural_cleanse"), ("up", "universal_perturbation"), ("fi", "feature_inversion")):
         if name in d:
             r = d[name]
             out.update({f"{key}_p": r.statistic, f"{key}_targets": r.suspected_targets,
@@ -209,25 +209,29 @@ def markdown(report: dict) -> str:
              f"(all the detectors see), {report['n_test']} test images for ACC/ASR. Detect config: "
              f"`{json.dumps(report['detect_config'])}`.", "",
              "p-values: NC = Neural Cleanse's outlier test on log mask sizes, UP = the universal perturbation's "
-             "on log perturbation norms (each against its simulated null), UT = the untargeted (all-to-all) test "
+             "on log perturbation norms, FI = the feature inversion's on log feature-shift sizes (each against its "
+             "simulated null), UT = the untargeted (all-to-all) test "
              "(its untargeted patch size u against the targeted ones; u/min s its ratio to the smallest; map: the "
              "distinct labels the sources go to under it), combined = min(1, m x the smallest) over the m voting "
-             "detectors (NC+UP: the same over NC and UP only); "
-             "NC index = Neural Cleanse's classic MAD anomaly index (log sizes, small side), evidence only; "
-             "smallest = the class with the smallest trigger (NC / UP).", "",
-             "| model | ACC | ASR | verdict | combined p | NC+UP p | NC p | UP p | UT p | u/min s | UT map distinct "
-             "| NC index | smallest NC/UP | MM-BD p (class) | NWC top-5% | target found | scan s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"detectors ({', '.join(report['detect_config']['voting_detectors'])}; NC+UP: the same over NC and UP "
+             "only); NC index = Neural Cleanse's classic MAD anomaly index (log sizes, small side), evidence only; "
+             "smallest = the class with the smallest trigger (NC / UP / FI).", "",
+             "| model | ACC | ASR | verdict | combined p | NC+UP p | NC p | UP p | FI p | UT p | u/min s "
+             "| UT map distinct | NC index | smallest NC/UP/FI | MM-BD p (class) | NWC top-5% | target found "
+             "| scan s (FI s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         asr = "—" if r["asr"] is None else f"{r['asr']:.3f}"
         found = {True: "yes", False: "no", None: "—"}[r["target_found"]]
         mm = "—" if "mm_p" not in r else f"{r['mm_p']:.2g} ({r['mm_class']})"
         lines.append(
             f"| {r['label']} | {r['acc']:.3f} | {asr} | **{r['verdict']}** {r['targets']} | {r['p']:.2g} | "
-            f"{_fmt_p(r, 'p_nc_up')} | {_fmt_p(r, 'nc_p')} | {_fmt_p(r, 'up_p')} | {_fmt_p(r, 'ut_p')} | "
-            f"{_fmt_p(r, 'ut_ratio')} | {r.get('ut_distinct', '—')} | {r.get('nc_index', float('nan')):.2f} | "
-            f"{r.get('nc_min_class', '—')}/{r.get('up_min_class', '—')} | {mm} | "
-            f"{r.get('nwc_share', float('nan')):.3f} | {found} | {r['scan_s']:.1f} |")
+            f"{_fmt_p(r, 'p_nc_up')} | {_fmt_p(r, 'nc_p')} | {_fmt_p(r, 'up_p')} | {_fmt_p(r, 'fi_p')} | "
+            f"{_fmt_p(r, 'ut_p')} | {_fmt_p(r, 'ut_ratio')} | {r.get('ut_distinct', '—')} | "
+            f"{r.get('nc_index', float('nan')):.2f} | "
+            f"{r.get('nc_min_class', '—')}/{r.get('up_min_class', '—')}/{r.get('fi_min_class', '—')} | {mm} | "
+            f"{r.get('nwc_share', float('nan')):.3f} | {found} | {r['scan_s']:.1f} "
+            f"({r.get('fi_s', float('nan')):.1f}) |")
     s = report["summary"]
     lines += ["", "| signal | ROC-AUC (backdoored vs clean) |", "|---|---|"]
     for k, v in s["auroc"].items():
@@ -241,8 +245,8 @@ def markdown(report: dict) -> str:
               f"- NC+UP alone (m = 2): flagged {s['n_flagged_bd_nc_up']}/{s['n_backdoored']} backdoored "
               f"({s['n_backdoored_bd_nc_up']} at p < 0.01), {s['n_flagged_clean_nc_up']}/{s['n_clean']} clean.",
               f"- Target named (all-to-one models with an alarm): {s['targets_found']}/{s['targets_possible']}; "
-              f"smallest NC / UP trigger on the target (all all-to-one models): {s['nc_smallest_is_target']} / "
-              f"{s['up_smallest_is_target']} of {s['n_all_to_one']}.",
+              f"smallest NC / UP / FI trigger on the target (all all-to-one models): {s['nc_smallest_is_target']} / "
+              f"{s['up_smallest_is_target']} / {s.get('fi_smallest_is_target', 0)} of {s['n_all_to_one']}.",
               f"- Mean scan time {s['mean_scan_s']:.1f} s per model (max {s['max_scan_s']:.1f} s); "
               f"total wall time {report['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -253,7 +257,7 @@ def summarise(rows: list[dict]) -> dict:
     cl = [r for r in rows if r["attack"] is None]
 
     def sig(r: dict, key: str) -> float:
-        if key in ("p", "nc_p", "up_p", "mm_p", "ut_p", "p_nc_up"):
+        if key in ("p", "nc_p", "up_p", "fi_p", "mm_p", "ut_p", "p_nc_up"):
             return _nlp(r.get(key, 1.0))
         if key == "ut_neg_ratio":
             return -float(r["ut_ratio"])
@@ -261,6 +265,7 @@ def summarise(rows: list[dict]) -> dict:
 
     keys = {"combined -log10 p (the verdict's)": "p", "NC+UP combined -log10 p (m = 2)": "p_nc_up",
             "Neural Cleanse -log10 p": "nc_p", "universal perturbation -log10 p": "up_p",
+            "feature inversion -log10 p": "fi_p",
             "untargeted -log10 p": "ut_p", "untargeted u/min s (smaller: more suspicious)": "ut_neg_ratio",
             "Neural Cleanse MAD anomaly index": "nc_index",
             "MM-BD -log10 p": "mm_p", "NWC top-5% share": "nwc_share", "NWC Gini": "nwc_gini"}
@@ -286,6 +291,7 @@ def summarise(rows: list[dict]) -> dict:
             "n_all_to_one": len(one),
             "nc_smallest_is_target": sum(r.get("nc_min_class") == r["target"] for r in one),
             "up_smallest_is_target": sum(r.get("up_min_class") == r["target"] for r in one),
+            "fi_smallest_is_target": sum(r.get("fi_min_class") == r["target"] for r in one),
             "mean_scan_s": float(np.mean(times)), "max_scan_s": float(np.max(times))}
 
 

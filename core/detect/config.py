@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError
 
 from core.ranges import check_fields, float_in, int_in
 
-DEFAULT_DETECTORS: tuple[str, ...] = ("neural_cleanse", "universal_perturbation", "untargeted")
+DEFAULT_DETECTORS: tuple[str, ...] = ("neural_cleanse", "universal_perturbation", "untargeted", "feature_inversion")
 DetectorNames = Annotated[tuple[str, ...], Field(max_length=16)]
 """Registered detector names (core/detect/registry.py)."""
 FamilyNames = Annotated[tuple[str, ...], Field(min_length=1, max_length=2)]
@@ -46,6 +46,15 @@ class DetectConfig:
     # assumes; more steps (one trigger costs 1/K of a targeted step) shrink u against step-limited s_k — on the
     # CPU benchmark 4x turned the all-to-all model's p 0.20 into 0.026, a bias the null does not know
     ut_steps_factor: int_in(1, 20) = 1
+    # feature-space inversion (FeatureRE / BTI-DBF's idea): the smallest universal additive change of the
+    # feature map before global pooling (fi_depth 1.0; a smaller fraction picks an earlier 4-D map), size in
+    # units of the clean activations' RMS there
+    fi_steps: int_in(1, 100_000) = 300
+    fi_batch_size: int_in(1, 1024) = 32  # clean images per step, shared by the K classes (the K x this changed
+    # activations past the layer cost far less than NC's K x nc_batch_size full passes, so more images fit)
+    fi_lr: float_in(1e-5, 10.0) = 0.05
+    fi_init_cost: float_in(0.0, 10.0) = 0.1
+    fi_depth: float_in(0.0, 1.0) = 1.0
     # MM-BD (Wang et al. 2024): maximum achievable logit margin per class from random starts
     mm_starts: int_in(1, 1024) = 8  # random starting images per class (the paper uses 30)
     mm_steps: int_in(1, 100_000) = 150  # Adam steps per start

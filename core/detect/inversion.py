@@ -56,6 +56,12 @@ class Family:
     def picture(self, params: list[torch.Tensor], cls: int):  # noqa: ANN201 - a tensor C x H x W in [0, 1]
         raise NotImplementedError
 
+    def logits(self, ctx: DetectContext, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The ``K*B`` logits of the stamped images, class-major (an input-space family stamps pixels; a
+        feature-space one overrides this to act on a hooked activation instead)."""
+        k, b = params[0].shape[0], x.shape[0]
+        return ctx.logits(self.apply(params, x).reshape(k * b, *x.shape[1:]))
+
 
 class Patch(Family):
     """Neural Cleanse's ``(1 - m) x + m p`` with ``m, p = tanh(.)/2 + 1/2``; size: the mask's L1 norm."""
@@ -185,8 +191,7 @@ def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_of
     steps = 0
     for steps in range(1, sch.steps + 1):
         idx = torch.randint(0, n, (sch.batch_size,), generator=gen).to(ctx.device)
-        x_adv = family.apply(params, ctx.pixels[idx])
-        logits = ctx.logits(x_adv.reshape(k * sch.batch_size, c, h, w))
+        logits = family.logits(ctx, params, ctx.pixels[idx])
         ce, success = objective.loss_success(logits, ctx.labels[idx], k)
         size = family.size(params)
         opt.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ def register(name: str) -> Callable[[Detector], Detector]:
 
 
 def _register_builtins() -> None:
+    from core.detect.feature_inversion import feature_inversion
     from core.detect.max_margin import max_margin
     from core.detect.neural_cleanse import neural_cleanse
     from core.detect.universal_perturbation import universal_perturbation
@@ -33,6 +34,7 @@ def _register_builtins() -> None:
     register("universal_perturbation")(universal_perturbation)
     register("untargeted")(untargeted)
     register("max_margin")(max_margin)
+    register("feature_inversion")(feature_inversion)
     register("unlearning")(unlearning_concentration)
 
 

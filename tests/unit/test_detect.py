@@ -156,7 +156,9 @@ def test_a_clean_model_is_judged_clean() -> None:
     res = scan_model(_model(None), _clean(), NORM, DetectConfig(**FAST), "cpu", 10)
     assert res.verdict == "clean", res.evidence
     assert res.trigger_images == {} and res.suspected_targets == []
-    assert set(res.evidence["detectors"]) == {"neural_cleanse", "universal_perturbation", "untargeted"}
+    assert set(res.evidence["detectors"]) == {"neural_cleanse", "universal_perturbation", "untargeted",
+                                              "feature_inversion"}
+    assert not res.evidence["detectors"]["feature_inversion"]["votes"]
 
 
 def test_max_margin_flags_a_blended_trigger() -> None:
