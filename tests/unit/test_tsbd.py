@@ -225,6 +225,35 @@ def test_width_rule_picks_the_branch_from_width_and_collapse_point(trained) -> N
         assert choose_neuron_ratio(model, nwc, data, dataclasses.replace(cfg, auto_rule=rule), 10).branch == rule
 
 
+def test_sweep_stops_once_n_is_settled_and_chooses_as_the_full_sweep(trained) -> None:
+    """The zeroing sweep ends at the first collapsed candidate (or the first at auto_max_n) where the rule's n
+    cannot change any more; the chosen n and the points measured equal the full sweep's."""
+    from core.defenses.tsbd.auto import _collapse_rule, choose_neuron_ratio, zeroing_sweep
+    from core.defenses.tsbd.unlearn import chance_accuracy
+
+    model, _, test = trained
+    data = DeviceImages(test.subset(np.arange(200)), NORM, runtime_for("cpu"))
+    cfg = TSBDConfig(lr_unlearn=0.01, batch_size=64, augment=False)
+    unlearned = unlearn_clean(model, data, NORM, cfg, "cpu", 10)
+    nwc = neuron_weight_change(model, unlearned.model, covered_conv_layers(model, cfg.layer_exclude))
+    candidates = tuple(sorted(cfg.auto_candidates))
+    full = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio)
+    base = score(model, data).accuracy
+    chance = chance_accuracy(data.y, 10)
+    floor = chance + cfg.auto_collapse_fraction * (base - chance)
+    for max_n in (cfg.auto_max_n, 0.15):  # 0.15: a cap below this model's collapse point ends the sweep there
+        c = dataclasses.replace(cfg, auto_max_n=max_n, auto_min_n=min(cfg.auto_min_n, max_n))
+        last = next(i for i, p in enumerate(full) if p.accuracy <= floor or p.n >= max_n - 1e-9)
+        collapse = next((p.n for p in full if p.accuracy <= floor), None)
+        narrow = choose_neuron_ratio(model, nwc, data, c, 10)  # 24 channels: the collapse branch
+        assert narrow.n == _collapse_rule(candidates, collapse, c)[0]
+        assert narrow.sweep == tuple(full[: last + 1])
+        assert bool(narrow.sweep_stopped) == (last + 1 < len(candidates))
+        assert choose_neuron_ratio(model, nwc, data, c, 10, base_accuracy=base).n == narrow.n
+    retention = choose_neuron_ratio(model, nwc, data, dataclasses.replace(cfg, auto_rule="retention"), 10)
+    assert retention.sweep == tuple(full) and retention.sweep_stopped == ""
+
+
 def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:
     """BadNets on 8x8 digits; the defender's subset is clean and poisoned data only measure."""
     from core.attacks.base import make_backdoor_test_set, poison_training_set
@@ -245,7 +274,9 @@ def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:
     asr_after = attack_success_rate(predict(res.model, backdoor.x, NORM), backdoor.y_target)
     acc_after = accuracy(predict(res.model, held.x, NORM), held.y)
     auto = res.details["auto"]
-    assert len(auto["sweep"]) == len(cfg.auto_candidates)
+    # the sweep ends once the collapse rule's n is settled: at the first collapsed candidate or at auto_max_n
+    assert auto["sweep"][-1]["n"] == auto["collapse_n"] or auto["sweep"][-1]["n"] >= cfg.auto_max_n - 1e-9
+    assert bool(auto["sweep_stopped"]) == (len(auto["sweep"]) < len(cfg.auto_candidates))
     # the width rule: a 24-channel CNN is narrow, so the collapse rule sets n (the retention rule's 0.1 left
     # 99% ASR here although the collapse point, 0.7, says the clean function survives zeroing)
     assert auto["channels"] == 24 and auto["branch"] == "collapse" and "24 covered channels" in auto["rule"]

@@ -99,10 +99,12 @@ class SweepPoint:
 
 
 def zeroing_sweep(model: nn.Module, nwc: NWC, data: DeviceImages, candidates: tuple[float, ...],
-                  m: float, batch_size: int = 1024, progress: Progress | None = None) -> list[SweepPoint]:
+                  m: float, batch_size: int = 1024, progress: Progress | None = None,
+                  stop: Callable[[list[SweepPoint]], bool] | None = None) -> list[SweepPoint]:
     """For each candidate ``n``, zero the TSBD-selected weights of ``model`` and score it on ``data`` in eval
     mode. Works in place on ``model``'s covered conv weights and restores them afterwards (one copy of the
-    covered conv weights, not of the model, per sweep)."""
+    covered conv weights, not of the model, per sweep). ``stop(points)``, asked after each point: end the
+    sweep there (the caller's rule no longer depends on the candidates left)."""
     modules = dict(model.named_modules())
     saved = [modules[name].weight.detach().clone() for name in nwc.layer_names]
     points = []
@@ -118,6 +120,8 @@ def zeroing_sweep(model: nn.Module, nwc: NWC, data: DeviceImages, candidates: tu
             with torch.no_grad():
                 for name, w in zip(nwc.layer_names, saved, strict=True):
                     modules[name].weight.copy_(w)
+            if stop is not None and stop(points):
+                break
     finally:
         with torch.no_grad():
             for name, w in zip(nwc.layer_names, saved, strict=True):
@@ -133,13 +137,16 @@ class AutoChoice:
     rule: str  # the rule as text, with the branch taken and why
     branch: str  # "collapse" or "retention": the sweep rule that set n
     channels: int  # output channels of the covered conv layers (the width rule reads it)
-    n_retention_rule: float  # what each sweep rule gives (both cost nothing more once the sweep is done)
+    n_retention_rule: float  # what each sweep rule gives on the points measured (no extra cost)
     n_collapse_rule: float
     reference_accuracy: float  # the unzeroed model's accuracy on the clean subset
     collapse_accuracy: float  # the accuracy at or below which the zeroed model counts as collapsed
     collapse_n: float | None  # the smallest candidate that collapsed (None: none did)
     nwc_half_mass_n: float  # the fraction of channels holding half the total NWC (recorded, not used)
     sweep: tuple[SweepPoint, ...]
+    # why the sweep ended before the last candidate ("" when it measured them all): the rule's n could no
+    # longer change, so the remaining forward passes were skipped (n_retention_rule then reads fewer points)
+    sweep_stopped: str = ""
 
     def as_dict(self) -> dict[str, object]:
         out = dataclasses.asdict(self)
@@ -179,18 +186,49 @@ def _retention_rule(candidates: tuple[float, ...], points: list[SweepPoint], bas
                f"clean accuracy, {cfg.auto_retention_min_n}, {cfg.auto_retention_max_n})")
 
 
+def sweep_stop(cfg: TSBDConfig, channels: int, floor: float) -> Callable[[list[SweepPoint]], bool] | None:
+    """When the zeroing sweep (candidates in increasing order) can end without changing the chosen ``n``:
+    the collapse rule reads only the first collapsed candidate and clips it to ``auto_max_n``, so it needs
+    nothing past the first candidate that collapsed or that reached ``auto_max_n``; the width rule on a narrow
+    network (below ``auto_wide_channels``) always takes that branch; on a wide one it takes it when a candidate
+    below ``auto_redundant_from`` collapsed. The retention rule (and a wide network whose clean function has
+    not collapsed early) reads every point. ``None``: measure them all. Why: each point is one forward pass
+    over the clean subset, the automatic repair's only work beyond the fixed-n run (issue 10)."""
+    if cfg.auto_rule not in ("width", "collapse"):
+        return None
+    wide = cfg.auto_rule == "width" and channels >= cfg.auto_wide_channels
+
+    def stop(points: list[SweepPoint]) -> bool:
+        last = points[-1]
+        collapsed = last.accuracy <= floor
+        if wide:
+            return collapsed and last.n < cfg.auto_redundant_from - 1e-9
+        return collapsed or last.n >= cfg.auto_max_n - 1e-9
+
+    return stop
+
+
 def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSBDConfig,
-                        num_classes: int, progress: Progress | None = None) -> AutoChoice:
-    """Choose ``n`` from the clean subset alone (the rules are described in this module's docstring)."""
-    base = score(model, data).accuracy
+                        num_classes: int, progress: Progress | None = None,
+                        base_accuracy: float | None = None) -> AutoChoice:
+    """Choose ``n`` from the clean subset alone (the rules are described in this module's docstring).
+    ``base_accuracy``: ``model``'s eval-mode accuracy on ``data`` when the caller has it already (one forward
+    pass saved); the sweep ends as soon as the rule's ``n`` is settled (:func:`sweep_stop`)."""
+    base = score(model, data).accuracy if base_accuracy is None else base_accuracy
     chance = chance_accuracy(data.y, num_classes)
     floor = chance + cfg.auto_collapse_fraction * max(0.0, base - chance)
     candidates = tuple(sorted(cfg.auto_candidates))
-    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio, progress=progress)
+    channels = len(nwc.flat())
+    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio, progress=progress,
+                           stop=sweep_stop(cfg, channels, floor))
+    stopped = ""
+    if len(points) < len(candidates):
+        at = "the first collapsed candidate" if points[-1].accuracy <= floor else "the first candidate >= auto_max_n"
+        stopped = (f"stopped at n = {points[-1].n:g}, {at}: the {cfg.auto_rule} rule's n cannot change with the "
+                   f"{len(candidates) - len(points)} candidates left")
     collapse = next((p.n for p in points if p.accuracy <= floor), None)
     n_retention, text_retention = _retention_rule(candidates, points, base, chance, cfg)
     n_collapse, text_collapse = _collapse_rule(candidates, collapse, cfg)
-    channels = len(nwc.flat())
     if cfg.auto_rule == "width":
         wide = channels >= cfg.auto_wide_channels
         redundant = collapse is None or collapse >= cfg.auto_redundant_from - 1e-9
@@ -203,7 +241,8 @@ def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSB
     n, text = (n_collapse, text_collapse) if branch == "collapse" else (n_retention, text_retention)
     return AutoChoice(n=n, rule=why + text, branch=branch, channels=channels, n_retention_rule=n_retention,
                       n_collapse_rule=n_collapse, reference_accuracy=base, collapse_accuracy=floor,
-                      collapse_n=collapse, nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points))
+                      collapse_n=collapse, nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points),
+                      sweep_stopped=stopped)
 
 
 @dataclass(frozen=True)
