@@ -111,6 +111,8 @@ def main() -> None:
                "unlearn_epochs": res.details.get("unlearn", {}).get("epochs"),
                "finetune": res.details.get("finetune"), "schedule": res.details.get("schedule"),
                "filter_dropped": res.details.get("subset_filter", {}).get("dropped"),
+               "sweep": [[q["n"], q.get("images")] for q in res.details.get("auto", {}).get("sweep", [])],
+               "sweep_stopped": res.details.get("auto", {}).get("sweep_stopped"),
                "load_start": load_at_start, "load_end": _load_average()}
         report["runs"].append(run)
         print(f"[{i}] {which}: {wall:.1f} s {res.timings} ACC {after.acc:.3f} ASR {after.asr:.3f} "

@@ -247,11 +247,38 @@ def test_sweep_stops_once_n_is_settled_and_chooses_as_the_full_sweep(trained) ->
         collapse = next((p.n for p in full if p.accuracy <= floor), None)
         narrow = choose_neuron_ratio(model, nwc, data, c, 10)  # 24 channels: the collapse branch
         assert narrow.n == _collapse_rule(candidates, collapse, c)[0]
-        assert narrow.sweep == tuple(full[: last + 1])
+        assert [p.n for p in narrow.sweep] == [p.n for p in full[: last + 1]]
+        # each point read until its collapse verdict was settled: the same verdicts as the whole subset's
+        assert [p.accuracy <= floor for p in narrow.sweep] == [p.accuracy <= floor for p in full[: last + 1]]
+        assert all(0 < p.images <= len(data) for p in narrow.sweep)
         assert bool(narrow.sweep_stopped) == (last + 1 < len(candidates))
         assert choose_neuron_ratio(model, nwc, data, c, 10, base_accuracy=base).n == narrow.n
     retention = choose_neuron_ratio(model, nwc, data, dataclasses.replace(cfg, auto_rule="retention"), 10)
     assert retention.sweep == tuple(full) and retention.sweep_stopped == ""
+
+
+def test_settled_score_stops_once_the_side_of_the_floor_is_certain() -> None:
+    """A model far above the floor is settled after one batch; one whose accuracy sits at the floor is read to
+    the end and then equals the whole subset's accuracy; the verdict always matches the whole subset's."""
+    from core.defenses.tsbd.auto import settled_score
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (2000, 4, 4, 1), dtype=np.uint8)
+    y = rng.integers(0, 2, 2000)
+    data = DeviceImages(ImageSet(x, y), NORM, runtime_for("cpu"))
+
+    class _Constant(nn.Module):  # always predicts class 0: accuracy = share of label 0
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.ones(len(t)), torch.zeros(len(t))], 1)
+
+    full = score(_Constant(), data)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    acc, _, seen = settled_score(_Constant(), data, 0.1, order)
+    assert seen == 256 and acc > 0.1
+    acc, loss, seen = settled_score(_Constant(), data, full.accuracy, order)
+    assert seen == len(data) and acc == pytest.approx(full.accuracy) and loss == pytest.approx(full.loss)
+    acc, _, seen = settled_score(_Constant(), data, 0.9, order)
+    assert seen < len(data) and acc < 0.9
 
 
 def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:

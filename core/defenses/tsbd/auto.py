@@ -76,6 +76,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
@@ -96,27 +97,77 @@ class SweepPoint:
     accuracy: float
     loss: float
     weights_zeroed: int
+    images: int = 0  # images scored: the whole subset, or fewer where the collapse verdict was settled early
+
+
+# a zeroing-sweep point's collapse verdict read from a random part of the subset differs from the whole subset's
+# with probability at most this (Serfling's bound for sampling without replacement); 1 in 1,000 per candidate
+SWEEP_VERDICT_DELTA = 1e-3
+SWEEP_BATCH = 256  # images per step of that sequential read
+
+
+def settled_score(model: nn.Module, data: DeviceImages, floor: float, order: torch.Tensor,
+                  delta: float = SWEEP_VERDICT_DELTA, batch_size: int = SWEEP_BATCH) -> tuple[float, float, int]:
+    """Eval-mode (accuracy, mean loss, images read) of ``model`` on ``data`` read batch by batch in the random
+    ``order``, stopping as soon as the whole subset's accuracy is on one side of ``floor`` with probability at
+    least ``1 - delta``: after ``k`` of ``N`` images, Serfling's inequality bounds the gap between the part's and
+    the whole subset's accuracy by ``sqrt(ln(2 / delta) (1 - (k - 1) / N) / (2k))``. Why: the collapse rule only
+    asks whether each zeroed model collapsed; most candidates are far from the floor and are settled by the
+    first few hundred images instead of a full forward pass (issue 10: the sweep was the automatic repair's
+    only cost beyond a fixed-n run)."""
+    was_training = model.training
+    model.eval()
+    total = len(data)
+    correct, loss_sum, seen = 0, 0.0, 0
+    log_term = math.log(2.0 / delta)
+    with torch.inference_mode(), data.rt.autocast():
+        for start in range(0, total, batch_size):
+            idx = order[start:start + batch_size]
+            logits = model(data.inputs(idx)).float()
+            y = data.y[idx]
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            seen += len(idx)
+            if seen < total:
+                acc = correct / seen
+                eps = math.sqrt(log_term * (1.0 - (seen - 1) / total) / (2.0 * seen))
+                if acc - eps > floor or acc + eps < floor:
+                    break
+    model.train(was_training)
+    return correct / seen, loss_sum / seen, seen
 
 
 def zeroing_sweep(model: nn.Module, nwc: NWC, data: DeviceImages, candidates: tuple[float, ...],
                   m: float, batch_size: int = 1024, progress: Progress | None = None,
-                  stop: Callable[[list[SweepPoint]], bool] | None = None) -> list[SweepPoint]:
+                  stop: Callable[[list[SweepPoint]], bool] | None = None,
+                  settle_floor: float | None = None, seed: int = 0) -> list[SweepPoint]:
     """For each candidate ``n``, zero the TSBD-selected weights of ``model`` and score it on ``data`` in eval
     mode. Works in place on ``model``'s covered conv weights and restores them afterwards (one copy of the
     covered conv weights, not of the model, per sweep). ``stop(points)``, asked after each point: end the
-    sweep there (the caller's rule no longer depends on the candidates left)."""
+    sweep there (the caller's rule no longer depends on the candidates left). ``settle_floor``: the caller
+    only needs to know whether each point's accuracy is at or below it, so each point is read with
+    :func:`settled_score` (a random order drawn from ``seed``) instead of a whole forward pass."""
     modules = dict(model.named_modules())
     saved = [modules[name].weight.detach().clone() for name in nwc.layer_names]
     points = []
     progress = progress or Progress()
+    order = None
+    if settle_floor is not None:
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(data), generator=gen).to(data.y.device)
     try:
         for i, n in enumerate(candidates):
             progress.check()
             progress.update(i / len(candidates))
             masks, summary = zero_masks(nwc, n, m)
             apply_zero_masks(model, nwc.layer_names, masks)
-            s = score(model, data, batch_size)
-            points.append(SweepPoint(n=n, accuracy=s.accuracy, loss=s.loss, weights_zeroed=summary.weights_zeroed))
+            if settle_floor is None:
+                s = score(model, data, batch_size)
+                acc, loss, seen = s.accuracy, s.loss, len(data)
+            else:
+                acc, loss, seen = settled_score(model, data, settle_floor, order)
+            points.append(SweepPoint(n=n, accuracy=acc, loss=loss, weights_zeroed=summary.weights_zeroed,
+                                     images=seen))
             with torch.no_grad():
                 for name, w in zip(nwc.layer_names, saved, strict=True):
                     modules[name].weight.copy_(w)
@@ -219,8 +270,12 @@ def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSB
     floor = chance + cfg.auto_collapse_fraction * max(0.0, base - chance)
     candidates = tuple(sorted(cfg.auto_candidates))
     channels = len(nwc.flat())
-    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio, progress=progress,
-                           stop=sweep_stop(cfg, channels, floor))
+    stop = sweep_stop(cfg, channels, floor)
+    # the collapse branch for certain (collapse rule, or width on a narrow network) reads only "collapsed or
+    # not" from each point, so each is read until that is settled (settled_score); the others read every image
+    settle = cfg.auto_rule == "collapse" or (cfg.auto_rule == "width" and channels < cfg.auto_wide_channels)
+    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio, progress=progress, stop=stop,
+                           settle_floor=floor if settle else None, seed=cfg.seed)
     stopped = ""
     if len(points) < len(candidates):
         at = "the first collapsed candidate" if points[-1].accuracy <= floor else "the first candidate >= auto_max_n"
