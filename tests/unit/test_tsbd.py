@@ -225,6 +225,62 @@ def test_width_rule_picks_the_branch_from_width_and_collapse_point(trained) -> N
         assert choose_neuron_ratio(model, nwc, data, dataclasses.replace(cfg, auto_rule=rule), 10).branch == rule
 
 
+def test_sweep_stops_once_n_is_settled_and_chooses_as_the_full_sweep(trained) -> None:
+    """The zeroing sweep ends at the first collapsed candidate (or the first at auto_max_n) where the rule's n
+    cannot change any more; the chosen n and the points measured equal the full sweep's."""
+    from core.defenses.tsbd.auto import _collapse_rule, choose_neuron_ratio, zeroing_sweep
+    from core.defenses.tsbd.unlearn import chance_accuracy
+
+    model, _, test = trained
+    data = DeviceImages(test.subset(np.arange(200)), NORM, runtime_for("cpu"))
+    cfg = TSBDConfig(lr_unlearn=0.01, batch_size=64, augment=False)
+    unlearned = unlearn_clean(model, data, NORM, cfg, "cpu", 10)
+    nwc = neuron_weight_change(model, unlearned.model, covered_conv_layers(model, cfg.layer_exclude))
+    candidates = tuple(sorted(cfg.auto_candidates))
+    full = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio)
+    base = score(model, data).accuracy
+    chance = chance_accuracy(data.y, 10)
+    floor = chance + cfg.auto_collapse_fraction * (base - chance)
+    for max_n in (cfg.auto_max_n, 0.15):  # 0.15: a cap below this model's collapse point ends the sweep there
+        c = dataclasses.replace(cfg, auto_max_n=max_n, auto_min_n=min(cfg.auto_min_n, max_n))
+        last = next(i for i, p in enumerate(full) if p.accuracy <= floor or p.n >= max_n - 1e-9)
+        collapse = next((p.n for p in full if p.accuracy <= floor), None)
+        narrow = choose_neuron_ratio(model, nwc, data, c, 10)  # 24 channels: the collapse branch
+        assert narrow.n == _collapse_rule(candidates, collapse, c)[0]
+        assert [p.n for p in narrow.sweep] == [p.n for p in full[: last + 1]]
+        # each point read until its collapse verdict was settled: the same verdicts as the whole subset's
+        assert [p.accuracy <= floor for p in narrow.sweep] == [p.accuracy <= floor for p in full[: last + 1]]
+        assert all(0 < p.images <= len(data) for p in narrow.sweep)
+        assert bool(narrow.sweep_stopped) == (last + 1 < len(candidates))
+        assert choose_neuron_ratio(model, nwc, data, c, 10, base_accuracy=base).n == narrow.n
+    retention = choose_neuron_ratio(model, nwc, data, dataclasses.replace(cfg, auto_rule="retention"), 10)
+    assert retention.sweep == tuple(full) and retention.sweep_stopped == ""
+
+
+def test_settled_score_stops_once_the_side_of_the_floor_is_certain() -> None:
+    """A model far above the floor is settled after one batch; one whose accuracy sits at the floor is read to
+    the end and then equals the whole subset's accuracy; the verdict always matches the whole subset's."""
+    from core.defenses.tsbd.auto import settled_score
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (2000, 4, 4, 1), dtype=np.uint8)
+    y = rng.integers(0, 2, 2000)
+    data = DeviceImages(ImageSet(x, y), NORM, runtime_for("cpu"))
+
+    class _Constant(nn.Module):  # always predicts class 0: accuracy = share of label 0
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.ones(len(t)), torch.zeros(len(t))], 1)
+
+    full = score(_Constant(), data)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    acc, _, seen = settled_score(_Constant(), data, 0.1, order)
+    assert seen == 256 and acc > 0.1
+    acc, loss, seen = settled_score(_Constant(), data, full.accuracy, order)
+    assert seen == len(data) and acc == pytest.approx(full.accuracy) and loss == pytest.approx(full.loss)
+    acc, _, seen = settled_score(_Constant(), data, 0.9, order)
+    assert seen < len(data) and acc < 0.9
+
+
 def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:
     """BadNets on 8x8 digits; the defender's subset is clean and poisoned data only measure."""
     from core.attacks.base import make_backdoor_test_set, poison_training_set
@@ -245,7 +301,9 @@ def test_automatic_choice_lowers_asr_on_a_backdoored_model() -> None:
     asr_after = attack_success_rate(predict(res.model, backdoor.x, NORM), backdoor.y_target)
     acc_after = accuracy(predict(res.model, held.x, NORM), held.y)
     auto = res.details["auto"]
-    assert len(auto["sweep"]) == len(cfg.auto_candidates)
+    # the sweep ends once the collapse rule's n is settled: at the first collapsed candidate or at auto_max_n
+    assert auto["sweep"][-1]["n"] == auto["collapse_n"] or auto["sweep"][-1]["n"] >= cfg.auto_max_n - 1e-9
+    assert bool(auto["sweep_stopped"]) == (len(auto["sweep"]) < len(cfg.auto_candidates))
     # the width rule: a 24-channel CNN is narrow, so the collapse rule sets n (the retention rule's 0.1 left
     # 99% ASR here although the collapse point, 0.7, says the clean function survives zeroing)
     assert auto["channels"] == 24 and auto["branch"] == "collapse" and "24 covered channels" in auto["rule"]

@@ -76,6 +76,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
@@ -96,28 +97,82 @@ class SweepPoint:
     accuracy: float
     loss: float
     weights_zeroed: int
+    images: int = 0  # images scored: the whole subset, or fewer where the collapse verdict was settled early
+
+
+# a zeroing-sweep point's collapse verdict read from a random part of the subset differs from the whole subset's
+# with probability at most this (Serfling's bound for sampling without replacement); 1 in 1,000 per candidate
+SWEEP_VERDICT_DELTA = 1e-3
+SWEEP_BATCH = 256  # images per step of that sequential read
+
+
+def settled_score(model: nn.Module, data: DeviceImages, floor: float, order: torch.Tensor,
+                  delta: float = SWEEP_VERDICT_DELTA, batch_size: int = SWEEP_BATCH) -> tuple[float, float, int]:
+    """Eval-mode (accuracy, mean loss, images read) of ``model`` on ``data`` read batch by batch in the random
+    ``order``, stopping as soon as the whole subset's accuracy is on one side of ``floor`` with probability at
+    least ``1 - delta``: after ``k`` of ``N`` images, Serfling's inequality bounds the gap between the part's and
+    the whole subset's accuracy by ``sqrt(ln(2 / delta) (1 - (k - 1) / N) / (2k))``. Why: the collapse rule only
+    asks whether each zeroed model collapsed; most candidates are far from the floor and are settled by the
+    first few hundred images instead of a full forward pass (issue 10: the sweep was the automatic repair's
+    only cost beyond a fixed-n run)."""
+    was_training = model.training
+    model.eval()
+    total = len(data)
+    correct, loss_sum, seen = 0, 0.0, 0
+    log_term = math.log(2.0 / delta)
+    with torch.inference_mode(), data.rt.autocast():
+        for start in range(0, total, batch_size):
+            idx = order[start:start + batch_size]
+            logits = model(data.inputs(idx)).float()
+            y = data.y[idx]
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            seen += len(idx)
+            if seen < total:
+                acc = correct / seen
+                eps = math.sqrt(log_term * (1.0 - (seen - 1) / total) / (2.0 * seen))
+                if acc - eps > floor or acc + eps < floor:
+                    break
+    model.train(was_training)
+    return correct / seen, loss_sum / seen, seen
 
 
 def zeroing_sweep(model: nn.Module, nwc: NWC, data: DeviceImages, candidates: tuple[float, ...],
-                  m: float, batch_size: int = 1024, progress: Progress | None = None) -> list[SweepPoint]:
+                  m: float, batch_size: int = 1024, progress: Progress | None = None,
+                  stop: Callable[[list[SweepPoint]], bool] | None = None,
+                  settle_floor: float | None = None, seed: int = 0) -> list[SweepPoint]:
     """For each candidate ``n``, zero the TSBD-selected weights of ``model`` and score it on ``data`` in eval
     mode. Works in place on ``model``'s covered conv weights and restores them afterwards (one copy of the
-    covered conv weights, not of the model, per sweep)."""
+    covered conv weights, not of the model, per sweep). ``stop(points)``, asked after each point: end the
+    sweep there (the caller's rule no longer depends on the candidates left). ``settle_floor``: the caller
+    only needs to know whether each point's accuracy is at or below it, so each point is read with
+    :func:`settled_score` (a random order drawn from ``seed``) instead of a whole forward pass."""
     modules = dict(model.named_modules())
     saved = [modules[name].weight.detach().clone() for name in nwc.layer_names]
     points = []
     progress = progress or Progress()
+    order = None
+    if settle_floor is not None:
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(data), generator=gen).to(data.y.device)
     try:
         for i, n in enumerate(candidates):
             progress.check()
             progress.update(i / len(candidates))
             masks, summary = zero_masks(nwc, n, m)
             apply_zero_masks(model, nwc.layer_names, masks)
-            s = score(model, data, batch_size)
-            points.append(SweepPoint(n=n, accuracy=s.accuracy, loss=s.loss, weights_zeroed=summary.weights_zeroed))
+            if settle_floor is None:
+                s = score(model, data, batch_size)
+                acc, loss, seen = s.accuracy, s.loss, len(data)
+            else:
+                acc, loss, seen = settled_score(model, data, settle_floor, order)
+            points.append(SweepPoint(n=n, accuracy=acc, loss=loss, weights_zeroed=summary.weights_zeroed,
+                                     images=seen))
             with torch.no_grad():
                 for name, w in zip(nwc.layer_names, saved, strict=True):
                     modules[name].weight.copy_(w)
+            if stop is not None and stop(points):
+                break
     finally:
         with torch.no_grad():
             for name, w in zip(nwc.layer_names, saved, strict=True):
@@ -133,13 +188,16 @@ class AutoChoice:
     rule: str  # the rule as text, with the branch taken and why
     branch: str  # "collapse" or "retention": the sweep rule that set n
     channels: int  # output channels of the covered conv layers (the width rule reads it)
-    n_retention_rule: float  # what each sweep rule gives (both cost nothing more once the sweep is done)
+    n_retention_rule: float  # what each sweep rule gives on the points measured (no extra cost)
     n_collapse_rule: float
     reference_accuracy: float  # the unzeroed model's accuracy on the clean subset
     collapse_accuracy: float  # the accuracy at or below which the zeroed model counts as collapsed
     collapse_n: float | None  # the smallest candidate that collapsed (None: none did)
     nwc_half_mass_n: float  # the fraction of channels holding half the total NWC (recorded, not used)
     sweep: tuple[SweepPoint, ...]
+    # why the sweep ended before the last candidate ("" when it measured them all): the rule's n could no
+    # longer change, so the remaining forward passes were skipped (n_retention_rule then reads fewer points)
+    sweep_stopped: str = ""
 
     def as_dict(self) -> dict[str, object]:
         out = dataclasses.asdict(self)
@@ -179,18 +237,53 @@ def _retention_rule(candidates: tuple[float, ...], points: list[SweepPoint], bas
                f"clean accuracy, {cfg.auto_retention_min_n}, {cfg.auto_retention_max_n})")
 
 
+def sweep_stop(cfg: TSBDConfig, channels: int, floor: float) -> Callable[[list[SweepPoint]], bool] | None:
+    """When the zeroing sweep (candidates in increasing order) can end without changing the chosen ``n``:
+    the collapse rule reads only the first collapsed candidate and clips it to ``auto_max_n``, so it needs
+    nothing past the first candidate that collapsed or that reached ``auto_max_n``; the width rule on a narrow
+    network (below ``auto_wide_channels``) always takes that branch; on a wide one it takes it when a candidate
+    below ``auto_redundant_from`` collapsed. The retention rule (and a wide network whose clean function has
+    not collapsed early) reads every point. ``None``: measure them all. Why: each point is one forward pass
+    over the clean subset, the automatic repair's only work beyond the fixed-n run (issue 10)."""
+    if cfg.auto_rule not in ("width", "collapse"):
+        return None
+    wide = cfg.auto_rule == "width" and channels >= cfg.auto_wide_channels
+
+    def stop(points: list[SweepPoint]) -> bool:
+        last = points[-1]
+        collapsed = last.accuracy <= floor
+        if wide:
+            return collapsed and last.n < cfg.auto_redundant_from - 1e-9
+        return collapsed or last.n >= cfg.auto_max_n - 1e-9
+
+    return stop
+
+
 def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSBDConfig,
-                        num_classes: int, progress: Progress | None = None) -> AutoChoice:
-    """Choose ``n`` from the clean subset alone (the rules are described in this module's docstring)."""
-    base = score(model, data).accuracy
+                        num_classes: int, progress: Progress | None = None,
+                        base_accuracy: float | None = None) -> AutoChoice:
+    """Choose ``n`` from the clean subset alone (the rules are described in this module's docstring).
+    ``base_accuracy``: ``model``'s eval-mode accuracy on ``data`` when the caller has it already (one forward
+    pass saved); the sweep ends as soon as the rule's ``n`` is settled (:func:`sweep_stop`)."""
+    base = score(model, data).accuracy if base_accuracy is None else base_accuracy
     chance = chance_accuracy(data.y, num_classes)
     floor = chance + cfg.auto_collapse_fraction * max(0.0, base - chance)
     candidates = tuple(sorted(cfg.auto_candidates))
-    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio, progress=progress)
+    channels = len(nwc.flat())
+    stop = sweep_stop(cfg, channels, floor)
+    # the collapse branch for certain (collapse rule, or width on a narrow network) reads only "collapsed or
+    # not" from each point, so each is read until that is settled (settled_score); the others read every image
+    settle = cfg.auto_rule == "collapse" or (cfg.auto_rule == "width" and channels < cfg.auto_wide_channels)
+    points = zeroing_sweep(model, nwc, data, candidates, cfg.weight_ratio, progress=progress, stop=stop,
+                           settle_floor=floor if settle else None, seed=cfg.seed)
+    stopped = ""
+    if len(points) < len(candidates):
+        at = "the first collapsed candidate" if points[-1].accuracy <= floor else "the first candidate >= auto_max_n"
+        stopped = (f"stopped at n = {points[-1].n:g}, {at}: the {cfg.auto_rule} rule's n cannot change with the "
+                   f"{len(candidates) - len(points)} candidates left")
     collapse = next((p.n for p in points if p.accuracy <= floor), None)
     n_retention, text_retention = _retention_rule(candidates, points, base, chance, cfg)
     n_collapse, text_collapse = _collapse_rule(candidates, collapse, cfg)
-    channels = len(nwc.flat())
     if cfg.auto_rule == "width":
         wide = channels >= cfg.auto_wide_channels
         redundant = collapse is None or collapse >= cfg.auto_redundant_from - 1e-9
@@ -203,7 +296,8 @@ def choose_neuron_ratio(model: nn.Module, nwc: NWC, data: DeviceImages, cfg: TSB
     n, text = (n_collapse, text_collapse) if branch == "collapse" else (n_retention, text_retention)
     return AutoChoice(n=n, rule=why + text, branch=branch, channels=channels, n_retention_rule=n_retention,
                       n_collapse_rule=n_collapse, reference_accuracy=base, collapse_accuracy=floor,
-                      collapse_n=collapse, nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points))
+                      collapse_n=collapse, nwc_half_mass_n=nwc_mass_fraction(nwc, 0.5), sweep=tuple(points),
+                      sweep_stopped=stopped)
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,13 @@ def image_side(data: DeviceImages) -> int:
     return int(min(data.x.shape[1], data.x.shape[2]))
 
 
-def flip_sensible(model: nn.Module, data: DeviceImages, num_classes: int) -> tuple[bool, float, float]:
+def flip_sensible(model: nn.Module, data: DeviceImages, num_classes: int,
+                  plain: float | None = None) -> tuple[bool, float, float]:
     """Whether horizontal flips are a sensible augmentation for this task, read from the model itself:
     (sensible, accuracy on the subset, accuracy on its mirror images). Sensible when the mirrored images keep
     at least 90% of the model's above-chance accuracy: a CIFAR model does, a digit model does not (a mirrored
-    2 is no 2). Two forward passes."""
-    plain = score(model, data).accuracy
+    2 is no 2). Two forward passes, one when the caller gives the accuracy on the subset (``plain``)."""
+    plain = score(model, data).accuracy if plain is None else plain
     mirrored = _MirroredView(data)
     flipped = score(model, mirrored).accuracy  # type: ignore[arg-type]
     chance = 1.0 / num_classes

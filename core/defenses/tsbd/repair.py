@@ -57,8 +57,9 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     check = _clean_check(original, clean, norm, cfg, device, k, verdict, progress.stage("clean_check", 0.01, 0.02))
     if check["action"] == "kept":
         return _kept(original, cfg, check, progress)
-    flip = flip_sensible(original, data, k) if cfg.augment and cfg.augment_flip == "auto" else None
-    base = score(original, data)
+    base = score(original, data)  # one forward pass, read by the flip check, the choice of n and stage 2
+    flip = (flip_sensible(original, data, k, plain=base.accuracy) if cfg.augment and cfg.augment_flip == "auto"
+            else None)
     recovery = cfg.neuron_ratio is None and cfg.auto_rule == "recovery"
     stop1, stop_n = (0.2, 0.5) if recovery else (0.3, 0.34)  # the probes are short stage-2 runs
     # shares of the bar: unlearning and fine-tuning are the epochs; the rest are forward passes
@@ -80,7 +81,7 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
         chosen |= {"neuron_ratio": n, "rule": rchoice.rule}
         details["auto"] = rchoice.as_dict()
     elif n is None:
-        choice = choose_neuron_ratio(original, nwc, data, cfg, k, stage_n)
+        choice = choose_neuron_ratio(original, nwc, data, cfg, k, stage_n, base_accuracy=base.accuracy)
         n = choice.n
         chosen |= {"neuron_ratio": n, "rule": choice.rule}
         details["auto"] = choice.as_dict()
