@@ -111,7 +111,8 @@ def settled_score(model: nn.Module, data: DeviceImages, floor: float, order: tor
     """Eval-mode (accuracy, mean loss, images read) of ``model`` on ``data`` read batch by batch in the random
     ``order``, stopping as soon as the whole subset's accuracy is on one side of ``floor`` with probability at
     least ``1 - delta``: after ``k`` of ``N`` images, Serfling's inequality bounds the gap between the part's and
-    the whole subset's accuracy by ``sqrt(ln(2 / delta) (1 - (k - 1) / N) / (2k))``. Why: the collapse rule only
+    the whole subset's accuracy by ``sqrt(ln(2 L / delta) (1 - (k - 1) / N) / (2k))``, ``L`` the number of looks
+    (batches; a union bound over them). Why: the collapse rule only
     asks whether each zeroed model collapsed; most candidates are far from the floor and are settled by the
     first few hundred images instead of a full forward pass (issue 10: the sweep was the automatic repair's
     only cost beyond a fixed-n run)."""
@@ -119,7 +120,8 @@ def settled_score(model: nn.Module, data: DeviceImages, floor: float, order: tor
     model.eval()
     total = len(data)
     correct, loss_sum, seen = 0, 0.0, 0
-    log_term = math.log(2.0 / delta)
+    # union bound over the looks (one per batch), so the sequential stop keeps the 1 - delta guarantee
+    log_term = math.log(2.0 * max(1, math.ceil(total / batch_size)) / delta)
     with torch.inference_mode(), data.rt.autocast():
         for start in range(0, total, batch_size):
             idx = order[start:start + batch_size]
