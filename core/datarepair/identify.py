@@ -195,6 +195,23 @@ def _check_finite(values: np.ndarray, what: str) -> None:
             "outputs or the calibration fine-tuning diverged (check the weights, the normalisation and calib_lr)")
 
 
+def population_test(train: np.ndarray, null: np.ndarray, level: float, alpha: float) -> dict[str, object]:
+    """Do the training inputs, as a population, exceed the clean null's ``level`` quantile more often than the
+    held-out clean inputs do? One-sided Fisher exact test of the two exceedance counts at ``alpha`` (the method's
+    own false-alarm level, 1 - null_quantile). Without that evidence (label noise, a small trigger, a clean
+    training set) the input-quality reference flags nothing, so it cannot cost the label flags any precision.
+    The counts include the null's own estimation noise, which a binomial test against ``1 - level`` would not."""
+    from scipy.stats import fisher_exact
+
+    u, nu = null_scaled(train, null, level)
+    k_train, k_null = int((u > 1).sum()), int((nu > 1).sum())
+    _, p = fisher_exact([[k_train, len(train) - k_train], [k_null, len(null) - k_null]], alternative="greater")
+    return {"corrupted_inputs": bool(p < alpha), "p_value": float(p), "level": level, "alpha": alpha,
+            "train_exceed_rate": k_train / max(1, len(train)), "clean_exceed_rate": k_null / max(1, len(null)),
+            "rule": ("input flags only when more training inputs than held-out clean inputs exceed the clean null's "
+                     f"{level:g} quantile of input-quality distance (one-sided Fisher exact test, p < {alpha:g})")}
+
+
 def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normalization, cfg: IdentifyConfig,
              rt: Runtime, num_classes: int, progress: Progress, batch_size: int = 128) -> Identification:
     """Score and flag every training sample (module docstring); ``model`` is not modified."""
@@ -267,7 +284,12 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     quality = None
     if cfg.input_quality:
         q_train, q_null = input_quality_scores(statistics_of(training), statistics_of(clean), parts)
-        quality = (q_train, q_null)
+        # the level the input-quality reference would be flagged at (Bonferroni with the label references)
+        q_level = 1 - (1 - cfg.null_quantile) / (len(refs) + 1) if refs else cfg.null_quantile
+        gate = population_test(q_train, q_null, q_level, 1 - cfg.null_quantile)
+        details["input_quality_test"] = gate
+        if gate["corrupted_inputs"]:  # else no evidence that the inputs differ from the clean ones: no input flags
+            quality = (q_train, q_null)
     reference, ref_clean, ref_train, input_flagged = None, None, None, None
     if cfg.scorer == "cleanlab":
         flagged, scores = _cleanlab_flags(y, train_probs)
@@ -315,6 +337,8 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
             f"(Bonferroni: at most {1 - cfg.null_quantile:g} of clean samples)")
         details["null_flag_rate"] = float(np.mean(null_scores > 1.0))
     details.setdefault("null_flag_rate", float(np.mean(null_scores > details.get("threshold", math.inf))))
+    if cfg.input_quality and input_flagged is None:  # the population test found no corrupted inputs
+        input_flagged = np.zeros(n, dtype=bool)
     if input_flagged is not None:
         flagged = flagged | input_flagged
         details["n_input_flagged"] = int(input_flagged.sum())
