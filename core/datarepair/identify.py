@@ -33,6 +33,14 @@ u_r = (s_r - median(null_r)) / (quantile_r - median(null_r)) with quantile_r the
 quantile (Bonferroni over the two references, so the false-alarm rate on clean samples stays <= 1 - null_quantile);
 the harm score is max_r u_r and a sample is flagged when it exceeds 1. Step 2 relabels each flagged sample with
 the probabilities of the reference that raised its score (``Identification.reference``).
+
+Input quality (``input_quality``, core/datarepair/quality.py): a third reference asks whether the training *input*
+is drawn like the clean inputs (Mahalanobis distance of a few image statistics: spatial-frequency band energies,
+total variation, a noise estimate), for corrupted images whose label is right and that the label references do not
+see. It is used only when the training inputs, as a population, exceed the clean null's quantile more often than the
+held-out clean inputs do (:func:`population_test`, one-sided Fisher test at ``1 - null_quantile``); then the
+Bonferroni split is three-way and ``Identification.input_flagged`` records its flags. Without that evidence it
+flags nothing and the label references keep their split, so label-noise rows lose no precision through it.
 """
 
 from __future__ import annotations
