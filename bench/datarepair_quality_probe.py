@@ -65,6 +65,7 @@ def main() -> None:
                        "n_relabelled": int(r.details.get("n_relabelled", 0)),
                        "n_input_kept": int(r.details.get("n_input_kept", 0)),
                        "n_relabelled_bad": int(((r.new_labels >= 0) & (r.new_labels != data.y) & bad).sum()),
+                       "input_quality_test": r.details.get("input_quality_test"),
                        "time_s": r.timings.get("total"), "commit": commit}
                 records.append(rec)
                 print("  " + json.dumps(rec), flush=True)
