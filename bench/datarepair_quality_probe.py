@@ -49,6 +49,12 @@ def inputs_only(args: argparse.Namespace, profile: object) -> None:
                   f"(train exceed {gate['train_exceed_rate']:.4f}, clean {gate['clean_exceed_rate']:.4f}) -> "
                   f"{'input flags' if gate['corrupted_inputs'] else 'no input flags'}: {int(flags.sum())} flagged, "
                   f"P {tp / max(1, flags.sum()):.3f} R {tp / bad.sum():.3f}", flush=True)
+            if row == "corrupt20":  # the halves as corrupt() draws them: Gaussian noise, then blur
+                chosen = np.random.default_rng(args.seed).choice(len(data), round(0.2 * len(data)), replace=False)
+                for half, part in (("noise", chosen[: len(chosen) // 2]), ("blur", chosen[len(chosen) // 2:])):
+                    auc = roc_auc_score(np.r_[np.ones(len(part)), np.zeros((~bad).sum())], np.r_[s[part], s[~bad]])
+                    print(f"  {half}: AUROC against the harmless samples {auc:.4f}, recall {flags[part].mean():.3f}",
+                          flush=True)
 
 
 def fractions(args: argparse.Namespace, profile: object) -> None:
