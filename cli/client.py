@@ -185,7 +185,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if isinstance(report.get("repair_data"), dict):
         rd = report["repair_data"]
         lines.append(f"repair_data: {rd.get('method')}: {rd.get('n_flagged')} of {rd.get('training_images')} "
-                     f"training samples flagged, {rd.get('n_relabelled')} relabelled, {rd.get('n_dropped')} dropped")
+                     f"training samples flagged, {rd.get('n_relabelled')} relabelled, {rd.get('n_dropped')} dropped"
+                     + (f", {rd['n_input_flagged']} flagged for their input" if rd.get("n_input_flagged") else ""))
         quality = rd.get("identification")
         if isinstance(quality, dict):
             lines.append(f"identification vs is_corrupt: precision {pct(quality.get('precision'))}  recall "

@@ -37,7 +37,7 @@ _STAGE_SPANS = {
                     "repair_data": (0.18, 0.85), "evaluate_after": (0.85, 0.88), "detect_after": (0.88, 0.97),
                     "report": (0.97, 1.0)},
 }
-# the per-sample CSV artifact of repair_data (index, label, score, flagged, new_label[, is_corrupt])
+# the per-sample CSV artifact of repair_data (index, label, score, flagged, new_label[, input_flagged][, is_corrupt])
 SAMPLE_SCORES_ARTIFACT = "sample_scores"
 
 
@@ -195,6 +195,12 @@ def _repair_data(spec: ScanSpec, model: torch.nn.Module, loaded: LoadedInputs, c
     except ValueError as exc:  # parameters the method refuses, or scores that are not finite (the cause named)
         raise InputError("spec.repair_data", str(exc)) from exc
     scores, flagged, new_labels = _checked_sample_arrays(result, len(training))
+    input_flagged = getattr(result, "input_flagged", None)
+    if input_flagged is not None:
+        input_flagged = np.asarray(input_flagged, dtype=bool)
+        if input_flagged.shape != (len(training),):
+            raise RuntimeError(f"data repair {result.method!r} returned input_flagged of shape {input_flagged.shape}, "
+                               f"not ({len(training)},)")
     section: dict[str, Any] = {
         "method": result.method, "params": result.params,
         "training_images": len(training),
@@ -202,6 +208,8 @@ def _repair_data(spec: ScanSpec, model: torch.nn.Module, loaded: LoadedInputs, c
         # a relabelled sample keeps its input and trains on another label; a dropped one (-1) is not learnt from
         "n_relabelled": int(((new_labels >= 0) & (new_labels != training.y)).sum()),
         "n_dropped": int((new_labels < 0).sum()),
+        # flagged because the input is not drawn like the clean inputs (None: the method did not look)
+        "n_input_flagged": None if input_flagged is None else int(input_flagged.sum()),
         "identification": None,
         "details": result.details, "timings": result.timings,
     }
@@ -212,7 +220,7 @@ def _repair_data(spec: ScanSpec, model: torch.nn.Module, loaded: LoadedInputs, c
     report["repair_data"] = section
     artifacts[SAMPLE_SCORES_ARTIFACT] = write_sample_scores(
         work_dir / f"{SAMPLE_SCORES_ARTIFACT}.csv", training.y, scores, flagged, new_labels,
-        loaded.training_is_corrupt)
+        loaded.training_is_corrupt, input_flagged)
     return result.model
 
 
@@ -232,20 +240,23 @@ def _checked_sample_arrays(result: Any, n: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def write_sample_scores(path: Path, labels: np.ndarray, scores: np.ndarray, flagged: np.ndarray,
-                        new_labels: np.ndarray, is_corrupt: np.ndarray | None = None) -> Path:
+                        new_labels: np.ndarray, is_corrupt: np.ndarray | None = None,
+                        input_flagged: np.ndarray | None = None) -> Path:
     """The ``sample_scores`` CSV: one row per training sample in upload order, ``index,label,score,flagged,
-    new_label`` (flags 0/1, ``new_label`` -1 for a dropped sample) plus ``is_corrupt`` when it was uploaded."""
+    new_label`` (flags 0/1, ``new_label`` -1 for a dropped sample), then ``input_flagged`` (0/1: flagged because
+    the input is not drawn like the clean inputs) when the method scored input quality, and ``is_corrupt`` when it
+    was uploaded."""
     import csv
 
+    extra_cols = [(name, arr.astype(np.int64).tolist()) for name, arr in
+                  (("input_flagged", input_flagged), ("is_corrupt", is_corrupt)) if arr is not None]
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["index", "label", "score", "flagged", "new_label", *(["is_corrupt"] if is_corrupt is not None
-                                                                           else [])])
-        extra = is_corrupt.astype(np.int64).tolist() if is_corrupt is not None else None
+        out.writerow(["index", "label", "score", "flagged", "new_label", *(name for name, _ in extra_cols)])
         for i, (label, score, flag, new) in enumerate(zip(labels.tolist(), scores.tolist(),
                                                           flagged.astype(np.int64).tolist(), new_labels.tolist(),
                                                           strict=True)):
-            out.writerow([i, label, repr(score), flag, new, *([extra[i]] if extra is not None else [])])
+            out.writerow([i, label, repr(score), flag, new, *(values[i] for _, values in extra_cols)])
     return path
 
 

@@ -33,6 +33,14 @@ u_r = (s_r - median(null_r)) / (quantile_r - median(null_r)) with quantile_r the
 quantile (Bonferroni over the two references, so the false-alarm rate on clean samples stays <= 1 - null_quantile);
 the harm score is max_r u_r and a sample is flagged when it exceeds 1. Step 2 relabels each flagged sample with
 the probabilities of the reference that raised its score (``Identification.reference``).
+
+Input quality (``input_quality``, core/datarepair/quality.py): a third reference asks whether the training *input*
+is drawn like the clean inputs (Mahalanobis distance of a few image statistics: spatial-frequency band energies,
+total variation, a noise estimate), for corrupted images whose label is right and that the label references do not
+see. It is used only when the training inputs, as a population, exceed the clean null's quantile more often than the
+held-out clean inputs do (:func:`population_test`, one-sided Fisher test at ``1 - null_quantile``); then the
+Bonferroni split is three-way and ``Identification.input_flagged`` records its flags. Without that evidence it
+flags nothing and the label references keep their split, so label-noise rows lose no precision through it.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import torch.nn.functional as F
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
+from core.datarepair.quality import input_quality_scores, statistics_of
 from core.datarepair.repair import reinitialised
 from core.defenses.robust_head import last_linear
 from core.defenses.runtime import DeviceImages, Runtime, augment_generator, make_generator, sgd_epoch
@@ -74,6 +83,8 @@ class IdentifyConfig:
     scratch_reference: Flag = True  # scorer loss: also score with models trained from scratch on the clean folds
     scratch_epochs: int_in(1, 500) = 60  # epochs of that from-scratch training (per fold)
     scratch_lr: LearningRate = 0.05
+    # also flag inputs whose image statistics are not drawn like the clean inputs' (core/datarepair/quality.py)
+    input_quality: Flag = True
     seed: int_in(0, 2**31 - 1) = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +107,10 @@ class Identification:
     reference: np.ndarray | None = None
     reference_clean_probs: list[np.ndarray] | None = None
     reference_probs: list[np.ndarray] | None = None  # each reference's training-sample probabilities
+    # flagged by the label references (their loss on the given label), and by the input-quality reference
+    # (``input_quality``: the input is not drawn like the clean inputs); ``flagged`` is their union
+    label_flagged: np.ndarray | None = None
+    input_flagged: np.ndarray | None = None
 
 
 def _head_outputs(model: nn.Module, data: DeviceImages, head: nn.Linear, batch_size: int):
@@ -188,6 +203,23 @@ def _check_finite(values: np.ndarray, what: str) -> None:
             "outputs or the calibration fine-tuning diverged (check the weights, the normalisation and calib_lr)")
 
 
+def population_test(train: np.ndarray, null: np.ndarray, level: float, alpha: float) -> dict[str, object]:
+    """Do the training inputs, as a population, exceed the clean null's ``level`` quantile more often than the
+    held-out clean inputs do? One-sided Fisher exact test of the two exceedance counts at ``alpha`` (the method's
+    own false-alarm level, 1 - null_quantile). Without that evidence (label noise, a small trigger, a clean
+    training set) the input-quality reference flags nothing, so it cannot cost the label flags any precision.
+    The counts include the null's own estimation noise, which a binomial test against ``1 - level`` would not."""
+    from scipy.stats import fisher_exact
+
+    u, nu = null_scaled(train, null, level)
+    k_train, k_null = int((u > 1).sum()), int((nu > 1).sum())
+    _, p = fisher_exact([[k_train, len(train) - k_train], [k_null, len(null) - k_null]], alternative="greater")
+    return {"corrupted_inputs": bool(p < alpha), "p_value": float(p), "level": level, "alpha": alpha,
+            "train_exceed_rate": k_train / max(1, len(train)), "clean_exceed_rate": k_null / max(1, len(null)),
+            "rule": ("input flags only when more training inputs than held-out clean inputs exceed the clean null's "
+                     f"{level:g} quantile of input-quality distance (one-sided Fisher exact test, p < {alpha:g})")}
+
+
 def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normalization, cfg: IdentifyConfig,
              rt: Runtime, num_classes: int, progress: Progress, batch_size: int = 128) -> Identification:
     """Score and flag every training sample (module docstring); ``model`` is not modified."""
@@ -249,39 +281,81 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     _check_finite(scores, "training samples")
     _check_finite(null_scores, "clean samples")
     details: dict[str, object] = {"scorer": cfg.scorer, "checkpoint_epochs": marks, "folds": cfg.folds}
-    reference, ref_clean, ref_train = None, None, None
+    # the references on the null scale: the label scores (one, or two with the scratch reference) and, with
+    # input_quality, the inputs' distance to the clean inputs' statistics (core/datarepair/quality.py)
+    refs: list[tuple[np.ndarray, np.ndarray]] = []
+    if cfg.scorer != "cleanlab":
+        refs.append((scores, null_scores))
     if use_scratch:
         _check_finite(scratch_train.sum(1), "training samples' from-scratch reference probabilities")
-        q = 1 - (1 - cfg.null_quantile) / 2
-        u_f, nu_f = null_scaled(scores, null_scores, q)
-        u_s, nu_s = null_scaled(_label_loss(scratch_train, y), _label_loss(scratch_clean, clean.y), q)
-        reference = (u_s > u_f).astype(np.int8)
-        scores, null_scores = np.maximum(u_f, u_s), np.maximum(nu_f, nu_s)
-        ref_train = [train_probs, scratch_train.astype(np.float32)]
-        train_probs = np.where(reference[:, None] == 1, scratch_train, train_probs).astype(np.float32)
-        ref_clean = [clean_probs, scratch_clean.astype(np.float32)]
-        _check_finite(scores, "training samples (with the scratch reference)")
-        details["threshold"] = 1.0
-        details["threshold_rule"] = (
-            f"max over the fine-tuned and the from-scratch reference of the out-of-fold loss scaled to 0 at the "
-            f"median and 1 at the {q:g} quantile of {len(clean)} held-out clean samples scored the same way; flagged "
-            f"above 1 (Bonferroni: at most {1 - cfg.null_quantile:g} of clean samples)")
-        details["n_flagged_by_scratch"] = int(((u_s > 1) & (u_f <= 1)).sum())
-        flagged = scores > 1.0
-    elif cfg.scorer == "cleanlab":
+        refs.append((_label_loss(scratch_train, y), _label_loss(scratch_clean, clean.y)))
+    quality = None
+    if cfg.input_quality:
+        q_train, q_null = input_quality_scores(statistics_of(training), statistics_of(clean), parts)
+        # the level the input-quality reference would be flagged at (Bonferroni with the label references)
+        q_level = 1 - (1 - cfg.null_quantile) / (len(refs) + 1) if refs else cfg.null_quantile
+        gate = population_test(q_train, q_null, q_level, 1 - cfg.null_quantile)
+        details["input_quality_test"] = gate
+        if gate["corrupted_inputs"]:  # else no evidence that the inputs differ from the clean ones: no input flags
+            quality = (q_train, q_null)
+    reference, ref_clean, ref_train, input_flagged = None, None, None, None
+    if cfg.scorer == "cleanlab":
         flagged, scores = _cleanlab_flags(y, train_probs)
         details["threshold_rule"] = "cleanlab.filter.find_label_issues (confident learning, per-class thresholds)"
-    else:
+        label_flagged = flagged
+        if quality is not None:
+            u_q, nu_q = null_scaled(quality[0], quality[1], cfg.null_quantile)
+            input_flagged = u_q > 1.0
+            details["input_threshold_rule"] = (f"input-quality distance above the {cfg.null_quantile:g} quantile of "
+                                               f"{len(clean)} held-out clean inputs")
+            details["input_null_flag_rate"] = float(np.mean(nu_q > 1.0))
+    elif len(refs) == 1 and quality is None:
         threshold = float(np.quantile(null_scores, cfg.null_quantile, method="higher"))
-        flagged = scores > threshold
+        flagged = label_flagged = scores > threshold
         details["threshold"] = threshold
         details["threshold_rule"] = (f"score above the {cfg.null_quantile:g} quantile of {len(clean)} held-out clean "
                                      "samples scored the same way (out of fold)")
-    details["null_flag_rate"] = float(np.mean(null_scores > details.get("threshold", math.inf)))
+        details["null_flag_rate"] = float(np.mean(null_scores > threshold))
+    else:
+        n_refs = len(refs) + (quality is not None)
+        q = 1 - (1 - cfg.null_quantile) / n_refs
+        scaled = [null_scaled(s, nl, q) for s, nl in refs]
+        u_label = np.max([u for u, _ in scaled], axis=0)
+        nu_label = np.max([nu for _, nu in scaled], axis=0)
+        label_flagged = u_label > 1.0
+        scores, null_scores = u_label, nu_label
+        names = ["fine-tuned" if cfg.scorer == "loss" else cfg.scorer] + (["from-scratch"] if use_scratch else [])
+        if quality is not None:
+            u_q, nu_q = null_scaled(quality[0], quality[1], q)
+            input_flagged = u_q > 1.0
+            scores, null_scores = np.maximum(scores, u_q), np.maximum(null_scores, nu_q)
+            names.append("input-quality")
+        if use_scratch:
+            reference = (scaled[1][0] > scaled[0][0]).astype(np.int8)
+            ref_train = [train_probs, scratch_train.astype(np.float32)]
+            train_probs = np.where(reference[:, None] == 1, scratch_train, train_probs).astype(np.float32)
+            ref_clean = [clean_probs, scratch_clean.astype(np.float32)]
+            details["n_flagged_by_scratch"] = int(((scaled[1][0] > 1) & (scaled[0][0] <= 1)).sum())
+        _check_finite(scores, "training samples (on the references' null scale)")
+        flagged = scores > 1.0
+        details["threshold"] = 1.0
+        details["threshold_rule"] = (
+            f"max over the references ({', '.join(names)}) of the out-of-fold score scaled to 0 at the median and 1 "
+            f"at the {q:g} quantile of {len(clean)} held-out clean samples scored the same way; flagged above 1 "
+            f"(Bonferroni: at most {1 - cfg.null_quantile:g} of clean samples)")
+        details["null_flag_rate"] = float(np.mean(null_scores > 1.0))
+    details.setdefault("null_flag_rate", float(np.mean(null_scores > details.get("threshold", math.inf))))
+    if cfg.input_quality and input_flagged is None:  # the population test found no corrupted inputs
+        input_flagged = np.zeros(n, dtype=bool)
+    if input_flagged is not None:
+        flagged = flagged | input_flagged
+        details["n_input_flagged"] = int(input_flagged.sum())
+        details["n_input_flagged_only"] = int((input_flagged & ~label_flagged).sum())
     details["n_flagged"] = int(flagged.sum())
     return Identification(scores=scores, flagged=flagged, probs=train_probs, clean_probs=clean_probs,
                           null_scores=null_scores, details=details, reference=reference,
-                          reference_clean_probs=ref_clean, reference_probs=ref_train)
+                          reference_clean_probs=ref_clean, reference_probs=ref_train,
+                          label_flagged=np.asarray(label_flagged, dtype=bool), input_flagged=input_flagged)
 
 
 def _cleanlab_flags(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

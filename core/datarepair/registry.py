@@ -48,6 +48,9 @@ class RetainExtra:
     # with the scratch reference: unlearn a dropped sample only when both references find its label < chance
     # (off: it lowers the harm of low-precision flags but leaves more of a backdoor, docs/datarepair.md)
     unlearn_when_all_agree: Flag = False
+    # with input_quality: the loss weight of a sample whose input is flagged and whose label is not contested
+    # (1 = kept as is, 0 = dropped; docs/datarepair.md "Corrupted inputs" for the measurements behind the default)
+    input_weight: float_in(0.0, 1.0) = 1.0
 
 
 @dataclass(frozen=True)
@@ -97,18 +100,20 @@ def _identify_stage(model: nn.Module, training: ImageSet, clean: ImageSet, norm:
 
 def _result(name: str, repaired: nn.Module, configs: Mapping[str, Any], ident: Identification | None,
             new_labels: np.ndarray, details: dict[str, object], progress: Progress, n: int) -> DataRepairResult:
+    input_flagged = None
     if ident is None:
         scores, flagged = np.zeros(n), np.zeros(n, dtype=bool)
         details = {"identification": "none (this method does not score the training data)", **details}
     else:
         scores, flagged = ident.scores.astype(np.float64), ident.flagged.astype(bool)
+        input_flagged = None if ident.input_flagged is None else ident.input_flagged.astype(bool)
         details = {**ident.details, **details}
     details.setdefault("n_flagged", int(flagged.sum()))
     details.setdefault("n_relabelled", 0)
     details.setdefault("n_dropped", int((new_labels < 0).sum()))
     return DataRepairResult(model=repaired.eval(), method=name, params=_flat_params(configs), scores=scores,
                             flagged=flagged, new_labels=new_labels.astype(np.int64), details=details,
-                            timings=progress.finish())
+                            timings=progress.finish(), input_flagged=input_flagged)
 
 
 def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normalization, cfgs: dict[str, Any],
@@ -116,13 +121,17 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     rt = runtime_for(device)
     ident = _identify_stage(model, training, clean, norm, cfgs["identify"], rt, num_classes, progress, 0.6)
     progress.stage("separate", 0.6, 0.62)
-    sep = separate(ident.flagged, training.y, ident.probs, ident.clean_probs, clean.y,
+    label_flagged = ident.flagged if ident.label_flagged is None else ident.label_flagged
+    sep = separate(label_flagged, training.y, ident.probs, ident.clean_probs, clean.y,
                    cfgs["extra"].relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
-                   ident.reference_probs if cfgs["extra"].unlearn_when_all_agree else None)
+                   ident.reference_probs if cfgs["extra"].unlearn_when_all_agree else None,
+                   ident.input_flagged, cfgs["extra"].input_weight)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
+    weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]
     anchored_finetune(repaired, kept_set(training, sep.new_labels), clean, unlearn, norm, cfgs["train"],
-                      cfgs["extra"].unlearn_weight, rt, cfgs["identify"].seed, progress.stage("repair", 0.62, 1.0))
+                      cfgs["extra"].unlearn_weight, rt, cfgs["identify"].seed, progress.stage("repair", 0.62, 1.0),
+                      kept_weights=weights)
     return _result("retain", repaired, cfgs, ident, sep.new_labels, sep.details, progress, len(training))
 
 

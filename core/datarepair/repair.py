@@ -61,13 +61,17 @@ def complementary_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def anchored_finetune(model: nn.Module, kept: ImageSet, clean: ImageSet, unlearn: ImageSet | None,
                       norm: Normalization, cfg: RepairTrainConfig, unlearn_weight: float, rt: Runtime, seed: int,
-                      progress: Progress) -> None:
-    """Fine-tune ``model`` in place: per step a batch of ``kept`` (CE), a batch of ``clean`` (CE x clean_weight)
+                      progress: Progress, kept_weights: np.ndarray | None = None) -> None:
+    """Fine-tune ``model`` in place: per step a batch of ``kept`` (CE, each sample's weighted by
+    ``kept_weights`` when given: the batch loss is the mean of weight x CE), a batch of ``clean`` (CE x clean_weight)
     and, given ``unlearn``, a batch of it (complementary loss x unlearn_weight); ``epochs`` passes over ``kept``
     (over ``clean`` when ``kept`` is empty)."""
     base = kept if len(kept) else clean
     data = DeviceImages(base, norm, rt)
     anchor = DeviceImages(clean, norm, rt)
+    w = None
+    if kept_weights is not None and len(kept) and not np.all(kept_weights == 1):
+        w = torch.as_tensor(np.asarray(kept_weights, dtype=np.float32), device=rt.device)
     forget = DeviceImages(unlearn, norm, rt) if unlearn is not None and len(unlearn) and unlearn_weight > 0 else None
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -80,7 +84,11 @@ def anchored_finetune(model: nn.Module, kept: ImageSet, clean: ImageSet, unlearn
         for idx in data.batches(cfg.batch_size, order_gen):
             progress.check()
             with rt.autocast():
-                loss = F.cross_entropy(model(data.inputs(idx, cfg.augment, aug_gen)), data.y[idx])
+                if w is None:
+                    loss = F.cross_entropy(model(data.inputs(idx, cfg.augment, aug_gen)), data.y[idx])
+                else:
+                    loss = (F.cross_entropy(model(data.inputs(idx, cfg.augment, aug_gen)), data.y[idx],
+                                            reduction="none") * w[idx]).mean()
                 if cfg.clean_weight > 0 and base is not clean:
                     c = torch.randint(len(anchor), (cfg.batch_size,), generator=draw_gen).to(rt.device)
                     loss = loss + cfg.clean_weight * F.cross_entropy(

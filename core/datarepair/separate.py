@@ -12,6 +12,14 @@ threshold are those of the reference that flagged the sample: a backdoored model
 the from-scratch model relabels them to the class their content shows); those whose given label the calibrated
 models find less likely than chance are also unlearned (step 3), the detrimental part being the association of
 that input with that label.
+
+Inputs flagged by the input-quality reference (``input_flagged``: the image is not drawn like the clean inputs,
+core/datarepair/quality.py) are separated the other way round: the label is trusted, the input is not. One whose
+label the label references do not contest (not flagged by them) keeps its label and is trained on with weight
+``input_weight`` (0 drops it; docs/datarepair.md gives the measurements that chose the default). One whose label
+is contested too is separated as any label-flagged sample (relabelled, confirmed or dropped): a BadNets image is
+such a sample where the trigger is large enough to change the image statistics, and relabelling it is what
+unlearns the trigger.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ class Separation:
     dropped: np.ndarray  # bool (N,)
     unlearn: np.ndarray  # bool (N,): dropped and the given label less likely than chance
     details: dict[str, object]
+    # per sample the weight of its loss in step 3 (1 except the corrupted-looking inputs kept at input_weight)
+    weights: np.ndarray | None = None
+    input_kept: np.ndarray | None = None  # bool (N,): input flagged, label uncontested, kept at input_weight
 
 
 def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: float) -> float:
@@ -52,12 +63,14 @@ def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: f
 def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs: np.ndarray,
              clean_y: np.ndarray, precision: float, num_classes: int, reference: np.ndarray | None = None,
              reference_clean_probs: list[np.ndarray] | None = None,
-             reference_probs: list[np.ndarray] | None = None) -> Separation:
+             reference_probs: list[np.ndarray] | None = None, input_flagged: np.ndarray | None = None,
+             input_weight: float = 1.0) -> Separation:
     """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label.
     With ``reference`` (per sample, which of ``reference_clean_probs``' models gave its ``probs``), each sample's
     confidence threshold is calibrated on that model's own held-out clean probabilities; with ``reference_probs``
     (every reference's probabilities), a dropped sample is unlearned only when every reference finds its given
-    label less likely than chance."""
+    label less likely than chance. ``flagged`` are the label references' flags; with ``input_flagged`` the
+    inputs flagged by input quality are separated as the module docstring says."""
     y = y.astype(np.int64)
     pred = probs.argmax(1).astype(np.int64)
     if reference is None or reference_clean_probs is None:
@@ -73,6 +86,14 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     dropped = flagged & ~relabelled & ~confirmed
     every = [probs] if reference_probs is None else reference_probs
     unlearn = dropped & np.all([p[np.arange(len(y)), y] < 1.0 / num_classes for p in every], axis=0)
+    weights = np.ones(len(y), dtype=np.float32)
+    input_kept = np.zeros(len(y), dtype=bool)
+    if input_flagged is not None:  # input untrusted, label uncontested: kept at input_weight (0: dropped)
+        only = input_flagged & ~flagged
+        input_kept = only & (input_weight > 0)
+        dropped = dropped | (only & (input_weight == 0))
+        weights[input_kept] = input_weight
+    weights[dropped] = 0.0
     new_labels = y.copy()
     new_labels[relabelled] = pred[relabelled]
     new_labels[dropped] = -1
@@ -84,5 +105,9 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
                          f"held-out clean predictions are >= {precision:g} precise"),
         "n_relabelled": int(relabelled.sum()), "n_confirmed": int(confirmed.sum()),
         "n_dropped": int(dropped.sum()), "n_unlearned": int(unlearn.sum()),
+        **({"n_input_kept": int(input_kept.sum()), "input_weight": input_weight,
+            "input_rule": ("input flagged, label uncontested: kept with its label at weight input_weight (0: "
+                           "dropped); input flagged and label contested: separated as any label flag")}
+           if input_flagged is not None else {}),
     }
-    return Separation(new_labels, relabelled, confirmed, dropped, unlearn, details)
+    return Separation(new_labels, relabelled, confirmed, dropped, unlearn, details, weights, input_kept)

@@ -207,7 +207,7 @@ def test_repair_data_scan_reports_the_flags_and_serves_a_consistent_csv(
     r = prod_client.get(f"/scans/{scan_id}/artifacts/sample_scores", headers=auth)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.text)))
-    assert list(rows[0]) == ["index", "label", "score", "flagged", "new_label", "is_corrupt"]
+    assert list(rows[0]) == ["index", "label", "score", "flagged", "new_label", "input_flagged", "is_corrupt"]
     assert [int(row["index"]) for row in rows] == list(range(400))
     assert [int(row["label"]) for row in rows] == training.y.tolist()
     assert [bool(int(row["is_corrupt"])) for row in rows] == corrupt.tolist()

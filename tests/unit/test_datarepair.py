@@ -280,7 +280,8 @@ def test_scratch_reference_flags_planted_backdoor_samples_and_retain_removes_the
     """The fine-tuned reference keeps the backdoor (poisoned samples score low); the from-scratch one does not."""
     p = poisoned_digits
     without = identify(p["model"], p["training"], p["clean"], NORM, IdentifyConfig(
-        calib_epochs=4, calib_augment=False, scratch_reference=False), runtime_for("cpu"), 10, Progress())
+        calib_epochs=4, calib_augment=False, scratch_reference=False, input_quality=False), runtime_for("cpu"), 10,
+        Progress())
     ident = identify(p["model"], p["training"], p["clean"], NORM, IdentifyConfig(
         calib_epochs=4, calib_augment=False), runtime_for("cpu"), 10, Progress())
     bad = p["bad"]

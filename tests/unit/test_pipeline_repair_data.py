@@ -53,8 +53,10 @@ def test_without_is_corrupt_the_report_has_no_identification_and_the_csv_no_mask
     assert section["identification"] is None and report["data"]["training_is_corrupt"] is None
     assert set(result.artifacts) == {"repaired_model", "sample_scores"}
     rows = list(csv.reader(result.artifacts["sample_scores"].open()))
-    assert rows[0] == ["index", "label", "score", "flagged", "new_label"] and len(rows) == 151
+    assert rows[0] == ["index", "label", "score", "flagged", "new_label", "input_flagged"] and len(rows) == 151
     assert section["n_flagged"] == sum(int(r[3]) for r in rows[1:])
+    assert section["n_input_flagged"] == sum(int(r[5]) for r in rows[1:])
+    assert all(int(r[3]) >= int(r[5]) for r in rows[1:])  # an input flag is a flag
     assert "after" in report and report["data"]["acc_source"].startswith("clean_data_holdout")
     stages = [stage for stage, _ in sink.seen]
     assert "repair_data" in stages and any(s.startswith("repair_data:") for s in stages)
