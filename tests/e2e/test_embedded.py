@@ -176,7 +176,7 @@ def test_repair_data_client_downloads_the_weights_and_the_scores(server: Server,
     assert f"{section['n_flagged']} of 120 training samples flagged" in run.stderr
     assert "identification vs is_corrupt: precision" in run.stderr and "gate passed" in run.stderr
     rows = scores.read_text().splitlines()
-    assert rows[0] == "index,label,score,flagged,new_label,is_corrupt" and len(rows) == 121
+    assert rows[0] == "index,label,score,flagged,new_label,input_flagged,is_corrupt" and len(rows) == 121
     assert {k: tuple(v.shape) for k, v in load_file(str(out)).items()} == {k: tuple(v.shape)
                                                                            for k, v in state.items()}
     missing = _cli("repair-data", "--model", str(tmp_path / "m.safetensors"), "--clean-data",
