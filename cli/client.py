@@ -57,6 +57,23 @@ def max_anomaly_index(verdict: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def detector_lines(verdict: dict[str, Any]) -> list[str]:
+    """One line per detector of a verdict's evidence: its p-value, whether it votes, the classes it suspects
+    (an evidence-only detector may point elsewhere than the verdict: the reader should see both)."""
+    evidence = verdict.get("evidence") or {}
+    out = []
+    for name, d in (evidence.get("detectors") or {}).items():
+        if not isinstance(d, dict):
+            continue
+        p = d.get("p_value")
+        role = "votes" if d.get("votes") else "evidence"
+        targets = d.get("suspected_targets") or []
+        skipped = d.get("skipped")
+        text = f"skipped: {skipped}" if skipped else (f"p {p:.3g}" if isinstance(p, int | float) else "no p-value")
+        out.append(f"  {name} ({role}): {text}" + (f", suspects {targets}" if targets else ""))
+    return out
+
+
 @dataclass
 class Gate:
     max_asr: float | None = None
@@ -180,6 +197,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          ("after verdict", (report.get("after") or {}).get("verdict"))):
         if isinstance(verdict, dict) and verdict_label(verdict):
             lines.append(f"{key}: {verdict_label(verdict)}  suspected targets {suspected_targets(verdict)}")
+            lines.extend(detector_lines(verdict))
     if "repair" in report:
         lines.append(f"repair: {report['repair']['method']} {json.dumps(report['repair'].get('params', {}))[:200]}")
     if isinstance(report.get("repair_data"), dict):

@@ -79,3 +79,21 @@ def test_repair_data_method_goes_to_its_own_section_and_the_summary_counts_the_f
     assert "repair_data: retain: 37 of 400 training samples flagged, 21 relabelled, 4 dropped" in lines
     assert "identification vs is_corrupt: precision 75.00%  recall 50.00%  AUROC 0.875" in lines
     assert client.Gate(min_acc=0.7).check(report) == []  # judged on the repaired model
+
+
+def test_the_summary_shows_every_detector_with_its_role_and_its_suspects() -> None:
+    """An evidence-only detector may point elsewhere than the verdict (the demo: UP votes for 2, the feature
+    inversion suspects 0): the summary shows both, and a skipped detector says why."""
+    verdict = {"label": "suspicious", "suspected_targets": [2], "evidence": {"detectors": {
+        "universal_perturbation": {"p_value": 0.0194, "votes": True, "suspected_targets": [2]},
+        "feature_inversion": {"p_value": 0.0293, "votes": False, "suspected_targets": [0]},
+        "untargeted": {"p_value": 1.0, "votes": False, "suspected_targets": [],
+                       "skipped": "no 4-D feature map"}}}}
+    report = {"model": {"architecture": "resnet20", "sha256": "ab" * 32},
+              "data": {"acc_source": "test_data", "acc_images": 10},
+              "before": {"acc": 0.5, "asr": None, "ra": None}, "verdict": verdict, "timings": {}}
+    lines = client.summary_lines(report)
+    assert "verdict: suspicious  suspected targets [2]" in lines
+    assert "  universal_perturbation (votes): p 0.0194, suspects [2]" in lines
+    assert "  feature_inversion (evidence): p 0.0293, suspects [0]" in lines
+    assert "  untargeted (evidence): skipped: no 4-D feature map" in lines
