@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.datarepair.quality import input_quality_scores, statistics_of
+from core.datarepair.quality import MIN_SIDE, input_quality_scores, statistics_of
 from core.datarepair.repair import reinitialised
 from core.defenses.robust_head import last_linear
 from core.defenses.runtime import DeviceImages, Runtime, augment_generator, make_generator, sgd_epoch
@@ -290,7 +290,11 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
         _check_finite(scratch_train.sum(1), "training samples' from-scratch reference probabilities")
         refs.append((_label_loss(scratch_train, y), _label_loss(scratch_clean, clean.y)))
     quality = None
-    if cfg.input_quality:
+    if cfg.input_quality and min(training.image_shape[:2]) < MIN_SIDE:
+        details["input_quality_test"] = {"corrupted_inputs": False, "skipped": (
+            f"images of {training.image_shape[0]}x{training.image_shape[1]} pixels are too small for the "
+            f"input-quality statistics (at least {MIN_SIDE}x{MIN_SIDE})")}
+    elif cfg.input_quality:
         q_train, q_null = input_quality_scores(statistics_of(training), statistics_of(clean), parts)
         # the level the input-quality reference would be flagged at (Bonferroni with the label references)
         q_level = 1 - (1 - cfg.null_quantile) / (len(refs) + 1) if refs else cfg.null_quantile

@@ -37,6 +37,7 @@ from core.data.imageset import ImageSet
 STATISTICS = ("log_band_energy_1", "log_band_energy_2", "log_band_energy_3", "log_band_energy_4",
               "log_high_frequency_share", "log_total_variation", "log_noise_estimate", "log_chroma_laplacian")
 _EPS = 1e-10
+MIN_SIDE = 4  # the 3x3 noise mask and four frequency bands need at least this many pixels a side
 _NOISE_MASK = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
 
 
@@ -61,8 +62,8 @@ def image_statistics(x: np.ndarray) -> np.ndarray:
     """The :data:`STATISTICS` of each image of a uint8 ``N x H x W x C`` batch, float64 ``N x 8`` (the chroma
     column is 0 for grey images)."""
     n, h, w, c = x.shape
-    if h < 4 or w < 4:
-        raise ValueError(f"input-quality statistics need images of at least 4x4 pixels, got {h}x{w}")
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ValueError(f"input-quality statistics need images of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {h}x{w}")
     img = x.astype(np.float32) / 255.0
     lum = img.mean(3)
     ac = lum - lum.mean((1, 2), keepdims=True)

@@ -314,3 +314,16 @@ def test_separation_uses_the_flagging_reference_and_can_require_every_reference_
     strict = separate(flagged, y, composite, clean_fine, clean_y, 0.9, 2, reference, [clean_fine, clean_scratch],
                       [fine, scratch])
     assert strict.new_labels.tolist() == [1, -1] and strict.unlearn.tolist() == [False, False]
+
+
+def test_images_too_small_for_the_input_statistics_skip_that_reference_and_still_repair() -> None:
+    """input_quality is on by default; 3x3 images cannot be measured by it (a 3x3 noise mask, four frequency
+    bands): the repair runs on the label references and says why the input reference was skipped."""
+    rng = np.random.default_rng(0)
+    training = ImageSet(rng.integers(0, 256, (60, 3, 3, 1), dtype=np.uint8), np.arange(60) % 4)
+    clean = ImageSet(rng.integers(0, 256, (24, 3, 3, 1), dtype=np.uint8), np.arange(24) % 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 4))
+    result = repair_data("retain", model, training, clean, NORM, {**FAST, "calib_epochs": 1, "epochs": 1}, "cpu", 4)
+    assert "too small for the input-quality statistics" in result.details["input_quality_test"]["skipped"]
+    assert not result.input_flagged.any() and len(result.scores) == 60
