@@ -194,13 +194,7 @@ def _repair_data(spec: ScanSpec, model: torch.nn.Module, loaded: LoadedInputs, c
             spec.model.num_classes, spec.seed, progress=stage)
     except ValueError as exc:  # parameters the method refuses, or scores that are not finite (the cause named)
         raise InputError("spec.repair_data", str(exc)) from exc
-    scores, flagged, new_labels = _checked_sample_arrays(result, len(training))
-    input_flagged = getattr(result, "input_flagged", None)
-    if input_flagged is not None:
-        input_flagged = np.asarray(input_flagged, dtype=bool)
-        if input_flagged.shape != (len(training),):
-            raise RuntimeError(f"data repair {result.method!r} returned input_flagged of shape {input_flagged.shape}, "
-                               f"not ({len(training)},)")
+    scores, flagged, new_labels, input_flagged = _checked_sample_arrays(result, len(training))
     section: dict[str, Any] = {
         "method": result.method, "params": result.params,
         "training_images": len(training),
@@ -224,19 +218,21 @@ def _repair_data(spec: ScanSpec, model: torch.nn.Module, loaded: LoadedInputs, c
     return result.model
 
 
-def _checked_sample_arrays(result: Any, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores, flagged, new_labels) of a data repair, one per training sample; the method promised finite
-    scores, so anything else is a bug here, never a silently kept NaN."""
+def _checked_sample_arrays(result: Any, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(scores, flagged, new_labels, input_flagged or None) of a data repair, one per training sample; the
+    method promised finite scores, so anything else is a bug here, never a silently kept NaN."""
     scores = np.asarray(result.scores, dtype=np.float64)
     flagged = np.asarray(result.flagged, dtype=bool)
     new_labels = np.asarray(result.new_labels, dtype=np.int64)
-    for name, arr in (("scores", scores), ("flagged", flagged), ("new_labels", new_labels)):
-        if arr.shape != (n,):
+    input_flagged = None if result.input_flagged is None else np.asarray(result.input_flagged, dtype=bool)
+    arrays = (("scores", scores), ("flagged", flagged), ("new_labels", new_labels), ("input_flagged", input_flagged))
+    for name, arr in arrays:
+        if arr is not None and arr.shape != (n,):
             raise RuntimeError(f"data repair {result.method!r} returned {name} of shape {arr.shape}, not ({n},)")
     if not np.isfinite(scores).all():
         raise RuntimeError(f"data repair {result.method!r} returned {int((~np.isfinite(scores)).sum())} "
                            "non-finite scores")
-    return scores, flagged, new_labels
+    return scores, flagged, new_labels, input_flagged
 
 
 def write_sample_scores(path: Path, labels: np.ndarray, scores: np.ndarray, flagged: np.ndarray,

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.detect.base import DetectContext, DetectorResult
-from core.detect.inversion import Family, Schedule, smallest_triggers
+from core.detect.inversion import Family, schedule, smallest_triggers
 from core.detect.neural_cleanse import outlier_result
 
 
@@ -182,9 +182,7 @@ def feature_inversion(ctx: DetectContext) -> DetectorResult:
                               details={"skipped": str(exc)})
     scale, nonneg = activation_stats(ctx, layer)
     family = FeatureShift(layer, scale, nonneg, (c, h, w))
-    sch = Schedule(steps=cfg.fi_steps, batch_size=cfg.fi_batch_size, lr=cfg.fi_lr, init_cost=cfg.fi_init_cost,
-                   target_success=cfg.nc_target_success, patience=cfg.nc_patience,
-                   cost_multiplier=cfg.nc_cost_multiplier, early_stop_patience=cfg.nc_early_stop_patience)
+    sch = schedule(ctx, cfg.fi_steps, cfg.fi_batch_size, cfg.fi_lr, cfg.fi_init_cost)
     inv = smallest_triggers(ctx, family, sch, seed_offset=23)
     res = outlier_result(ctx, "feature_inversion", family, inv, "relative_rms_per_class")
     res.details.update(layer=layer.name, layer_shape=list(layer.shape), layer_index=layer.index,

@@ -32,6 +32,15 @@ class Schedule:
     early_stop_patience: int
 
 
+def schedule(ctx: DetectContext, steps: int, batch_size: int, lr: float, init_cost: float) -> Schedule:
+    """A search's schedule: its own steps, batch, learning rate and first cost; the target success and the cost
+    schedule (patience, multiplier, early stop) shared by every inversion (``nc_*`` in the config)."""
+    cfg = ctx.config
+    return Schedule(steps=steps, batch_size=batch_size, lr=lr, init_cost=init_cost,
+                    target_success=cfg.nc_target_success, patience=cfg.nc_patience,
+                    cost_multiplier=cfg.nc_cost_multiplier, early_stop_patience=cfg.nc_early_stop_patience)
+
+
 class Family:
     """A trigger family: its parameters, how it stamps an image, its size (what must be small)."""
 

@@ -13,15 +13,13 @@ import numpy as np
 import torch
 
 from core.detect.base import DetectContext, DetectorResult
-from core.detect.inversion import Family, Inversion, Patch, Schedule, smallest_triggers
+from core.detect.inversion import Family, Inversion, Patch, Schedule, schedule, smallest_triggers
 from core.detect.stats import outlier_p_value, small_side_anomalies
 
 
 def nc_schedule(ctx: DetectContext) -> Schedule:
     cfg = ctx.config
-    return Schedule(steps=cfg.nc_steps, batch_size=cfg.nc_batch_size, lr=cfg.nc_lr, init_cost=cfg.nc_init_cost,
-                    target_success=cfg.nc_target_success, patience=cfg.nc_patience,
-                    cost_multiplier=cfg.nc_cost_multiplier, early_stop_patience=cfg.nc_early_stop_patience)
+    return schedule(ctx, cfg.nc_steps, cfg.nc_batch_size, cfg.nc_lr, cfg.nc_init_cost)
 
 
 def neural_cleanse(ctx: DetectContext) -> DetectorResult:

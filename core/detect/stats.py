@@ -101,7 +101,15 @@ def outlier_p_value(values: list[float]) -> tuple[float, list[float], float]:
     if k < 4:  # too few classes to estimate a spread: no evidence either way
         return 1.0, scores, math.inf
     null = _null_maxima(k)
-    top = max(scores)
-    exceed = int(len(null) - torch.searchsorted(null, torch.tensor(top, dtype=torch.float64), right=False))
     critical = float(null[int(0.95 * len(null))])
-    return (1 + exceed) / (1 + len(null)), scores, critical
+    return null_p_value(max(scores), k), scores, critical
+
+
+def null_p_value(score: float, k: int) -> float:
+    """P(the largest outlier score of ``k`` i.i.d. normal classes >= ``score``), from the simulated null
+    (``(1 + exceedances) / (1 + draws)``); 1 below 4 classes, where no spread can be estimated."""
+    if k < 4:
+        return 1.0
+    null = _null_maxima(k)
+    exceed = int(len(null) - torch.searchsorted(null, torch.tensor(score, dtype=torch.float64), right=False))
+    return (1 + exceed) / (1 + len(null))

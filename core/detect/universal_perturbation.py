@@ -10,7 +10,7 @@ below the other classes'. Same batched search, cost schedule and outlier test as
 from __future__ import annotations
 
 from core.detect.base import DetectContext, DetectorResult
-from core.detect.inversion import Additive, Inversion, Schedule, smallest_triggers
+from core.detect.inversion import Additive, Inversion, Schedule, schedule, smallest_triggers
 from core.detect.neural_cleanse import outlier_result
 
 
@@ -23,9 +23,7 @@ def universal_perturbation(ctx: DetectContext) -> DetectorResult:
 
 def up_schedule(ctx: DetectContext) -> Schedule:
     cfg = ctx.config
-    return Schedule(steps=cfg.up_steps, batch_size=cfg.nc_batch_size, lr=cfg.up_lr, init_cost=cfg.up_init_cost,
-                    target_success=cfg.nc_target_success, patience=cfg.nc_patience,
-                    cost_multiplier=cfg.nc_cost_multiplier, early_stop_patience=cfg.nc_early_stop_patience)
+    return schedule(ctx, cfg.up_steps, cfg.nc_batch_size, cfg.up_lr, cfg.up_init_cost)
 
 
 def additive_inversion(ctx: DetectContext) -> Inversion:

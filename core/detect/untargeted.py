@@ -32,7 +32,7 @@ import torch
 from core.detect.base import DetectContext, DetectorResult
 from core.detect.inversion import Additive, Family, Inversion, Patch, Schedule, Untargeted, smallest_triggers
 from core.detect.neural_cleanse import _log_ratio, _picture, nc_schedule, patch_inversion
-from core.detect.stats import _null_maxima
+from core.detect.stats import null_p_value, small_outlier_scores
 from core.detect.universal_perturbation import additive_inversion, up_schedule
 
 UT_FAMILIES = ("patch", "additive")
@@ -45,28 +45,20 @@ _FAMILIES: dict[str, tuple[Callable[[], Family], Callable[[DetectContext], Inver
 
 def untargeted_score(log_u: float, log_sizes: list[float]) -> float:
     """``(mean(O) - log u) / std(O)`` with ``O`` the targeted log sizes less the smallest (``u`` takes its
-    place) and, from K >= 6, less the largest (as :func:`core.detect.stats.small_outlier_scores`); 0 when
-    fewer than 2 remain or they do not spread."""
+    place) and, from K >= 6, less the largest: the outlier score of ``u`` put in the smallest class's place
+    (:func:`core.detect.stats.small_outlier_scores`); 0 when fewer than 2 remain or they do not spread."""
     v = sorted(log_sizes)
-    others = v[1:-1] if len(v) >= 6 else v[1:]
-    if len(others) < 2:
+    if not v:
         return 0.0
-    mean = sum(others) / len(others)
-    std = math.sqrt(sum((o - mean) ** 2 for o in others) / (len(others) - 1))
-    return (mean - log_u) / std if std > 0 else 0.0
+    return small_outlier_scores([log_u, *v[1:]])[0]
 
 
 def untargeted_p_value(log_u: float, log_sizes: list[float]) -> tuple[float, float]:
     """(p-value, score): the probability that the largest outlier score of K i.i.d. normal classes reaches
     :func:`untargeted_score` — the outlier test's own simulated null (core/detect/stats.py); p = 1 below 4
     classes (no spread to estimate)."""
-    k = len(log_sizes)
     score = untargeted_score(log_u, log_sizes)
-    if k < 4:
-        return 1.0, score
-    null = _null_maxima(k)
-    exceed = int(len(null) - torch.searchsorted(null, torch.tensor(score, dtype=torch.float64), right=False))
-    return (1 + exceed) / (1 + len(null)), score
+    return null_p_value(score, len(log_sizes)), score
 
 
 def flip_map(ctx: DetectContext, family: Family, params: list[torch.Tensor], batch: int = 256) -> dict:
