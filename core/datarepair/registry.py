@@ -51,6 +51,9 @@ class RetainExtra:
     # with input_quality: the loss weight of a sample whose input is flagged and whose label is not contested
     # (1 = kept as is, 0 = dropped; docs/datarepair.md "Corrupted inputs" for the measurements behind the default)
     input_weight: float_in(0.0, 1.0) = 1.0
+    # with input_quality: drop a sample flagged for both its input and its label instead of relabelling it from
+    # that input (off: relabelling is what unlearns a trigger large enough to be flagged; docs/datarepair.md)
+    drop_both_flagged: Flag = False
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     sep = separate(label_flagged, training.y, ident.probs, ident.clean_probs, clean.y,
                    cfgs["extra"].relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
                    ident.reference_probs if cfgs["extra"].unlearn_when_all_agree else None,
-                   ident.input_flagged, cfgs["extra"].input_weight)
+                   ident.input_flagged, cfgs["extra"].input_weight, cfgs["extra"].drop_both_flagged)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]

@@ -19,7 +19,8 @@ label the label references do not contest (not flagged by them) keeps its label 
 ``input_weight`` (0 drops it; docs/datarepair.md gives the measurements that chose the default). One whose label
 is contested too is separated as any label-flagged sample (relabelled, confirmed or dropped): a BadNets image is
 such a sample where the trigger is large enough to change the image statistics, and relabelling it is what
-unlearns the trigger.
+unlearns the trigger. ``drop_both_flagged`` drops such samples instead (a relabelling read from a corrupted input
+can be wrong); docs/datarepair.md gives the measurement that kept the default.
 """
 
 from __future__ import annotations
@@ -64,13 +65,14 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
              clean_y: np.ndarray, precision: float, num_classes: int, reference: np.ndarray | None = None,
              reference_clean_probs: list[np.ndarray] | None = None,
              reference_probs: list[np.ndarray] | None = None, input_flagged: np.ndarray | None = None,
-             input_weight: float = 1.0) -> Separation:
+             input_weight: float = 1.0, drop_both_flagged: bool = False) -> Separation:
     """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label.
     With ``reference`` (per sample, which of ``reference_clean_probs``' models gave its ``probs``), each sample's
     confidence threshold is calibrated on that model's own held-out clean probabilities; with ``reference_probs``
     (every reference's probabilities), a dropped sample is unlearned only when every reference finds its given
     label less likely than chance. ``flagged`` are the label references' flags; with ``input_flagged`` the
-    inputs flagged by input quality are separated as the module docstring says."""
+    inputs flagged by input quality are separated as the module docstring says; ``drop_both_flagged`` drops a
+    sample flagged by both (its input and its label untrusted) instead of relabelling it from that input."""
     y = y.astype(np.int64)
     pred = probs.argmax(1).astype(np.int64)
     if reference is None or reference_clean_probs is None:
@@ -83,6 +85,9 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
         tau = taus[0]
     relabelled = flagged & confident & (pred != y)
     confirmed = flagged & confident & (pred == y)
+    if drop_both_flagged and input_flagged is not None:  # neither the input nor the label is trusted
+        both = flagged & input_flagged
+        relabelled, confirmed = relabelled & ~both, confirmed & ~both
     dropped = flagged & ~relabelled & ~confirmed
     every = [probs] if reference_probs is None else reference_probs
     unlearn = dropped & np.all([p[np.arange(len(y)), y] < 1.0 / num_classes for p in every], axis=0)
@@ -106,8 +111,11 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
         "n_relabelled": int(relabelled.sum()), "n_confirmed": int(confirmed.sum()),
         "n_dropped": int(dropped.sum()), "n_unlearned": int(unlearn.sum()),
         **({"n_input_kept": int(input_kept.sum()), "input_weight": input_weight,
+            "n_both_flagged": int((input_flagged & flagged).sum()), "drop_both_flagged": drop_both_flagged,
             "input_rule": ("input flagged, label uncontested: kept with its label at weight input_weight (0: "
-                           "dropped); input flagged and label contested: separated as any label flag")}
+                           "dropped); input flagged and label contested: "
+                           + ("dropped (drop_both_flagged)" if drop_both_flagged
+                              else "separated as any label flag"))}
            if input_flagged is not None else {}),
     }
     return Separation(new_labels, relabelled, confirmed, dropped, unlearn, details, weights, input_kept)

@@ -98,6 +98,25 @@ def test_flagged_inputs_keep_an_uncontested_label_at_input_weight() -> None:
     assert drop.new_labels.tolist() == [-1, 1, 0] and not drop.unlearn.any()
 
 
+def test_drop_both_flagged_drops_what_would_be_relabelled_from_a_flagged_input() -> None:
+    """Sample 1 (input and label flagged, references confident in class 1) is dropped, not relabelled, with
+    drop_both_flagged; the label-only flag (sample 2) is still relabelled and the input-only one still kept."""
+    y = np.array([0, 0, 0])
+    probs = np.array([[0.9, 0.1], [0.005, 0.995], [0.005, 0.995]], dtype=np.float32)
+    clean_y = np.tile([0, 1], 10)
+    clean_probs = np.tile(np.array([[0.99, 0.01], [0.01, 0.99]], dtype=np.float32), (10, 1))
+    label_flagged = np.array([False, True, True])
+    input_flagged = np.array([True, True, False])
+    sep = separate(label_flagged, y, probs, clean_probs, clean_y, 0.9, 2, input_flagged=input_flagged,
+                   drop_both_flagged=True)
+    assert sep.new_labels.tolist() == [0, -1, 1]
+    assert sep.dropped.tolist() == [False, True, False] and sep.relabelled.tolist() == [False, False, True]
+    assert sep.unlearn.tolist() == [False, True, False]  # its given label is less likely than chance
+    assert sep.details["n_both_flagged"] == 1 and sep.details["drop_both_flagged"] is True
+    kept = separate(label_flagged, y, probs, clean_probs, clean_y, 0.9, 2, input_flagged=input_flagged)
+    assert kept.new_labels.tolist() == [0, 1, 1]
+
+
 def test_sample_scores_csv_has_the_input_flags_column(tmp_path: Path) -> None:
     path = write_sample_scores(tmp_path / "s.csv", np.array([2, 0]), np.array([0.5, 3.0]), np.array([False, True]),
                                np.array([2, 0]), np.array([False, True]), np.array([False, True]))
