@@ -80,13 +80,17 @@ def test_a_non_finite_statistic_raises_naming_it(planted: dict, monkeypatch: pyt
         statistics_of(planted["clean"])
 
 
+def _confident_clean_set() -> tuple[np.ndarray, np.ndarray]:
+    """20 held-out clean samples of two classes, each predicted right at 0.99: the relabelling threshold is low."""
+    return np.tile([0, 1], 10), np.tile(np.array([[0.99, 0.01], [0.01, 0.99]], dtype=np.float32), (10, 1))
+
+
 def test_flagged_inputs_keep_an_uncontested_label_at_input_weight() -> None:
     """Sample 0: input flagged only -> kept with its label at the weight (dropped at 0); sample 1: input and label
     flagged -> separated as a label flag (relabelled: the references are confident in class 1)."""
     y = np.array([0, 0, 0])
     probs = np.array([[0.9, 0.1], [0.005, 0.995], [0.9, 0.1]], dtype=np.float32)
-    clean_y = np.tile([0, 1], 10)
-    clean_probs = np.tile(np.array([[0.99, 0.01], [0.01, 0.99]], dtype=np.float32), (10, 1))
+    clean_y, clean_probs = _confident_clean_set()
     label_flagged = np.array([False, True, False])
     input_flagged = np.array([True, True, False])
     sep = separate(label_flagged, y, probs, clean_probs, clean_y, 0.9, 2, input_flagged=input_flagged,
@@ -103,8 +107,7 @@ def test_drop_both_flagged_drops_what_would_be_relabelled_from_a_flagged_input()
     drop_both_flagged; the label-only flag (sample 2) is still relabelled and the input-only one still kept."""
     y = np.array([0, 0, 0])
     probs = np.array([[0.9, 0.1], [0.005, 0.995], [0.005, 0.995]], dtype=np.float32)
-    clean_y = np.tile([0, 1], 10)
-    clean_probs = np.tile(np.array([[0.99, 0.01], [0.01, 0.99]], dtype=np.float32), (10, 1))
+    clean_y, clean_probs = _confident_clean_set()
     label_flagged = np.array([False, True, True])
     input_flagged = np.array([True, True, False])
     sep = separate(label_flagged, y, probs, clean_probs, clean_y, 0.9, 2, input_flagged=input_flagged,
