@@ -80,7 +80,8 @@ class DetectConfig:
     # the detectors whose p-values make the verdict; the others are run and reported as evidence only. MM-BD
     # does not vote: on the CPU benchmark it flagged 4 of 5 clean models (MNIST's naturally wide class 8).
     # The feature inversion votes since the Cauchy combination (under Bonferroni a third term cost IAB its
-    # "backdoored" and caught nothing; under the Cauchy combination it catches WaNet, docs/detect.md). The
+    # "backdoored" and caught nothing; under the Cauchy combination 5 of 7 WaNet models, two at p 0.0499, and
+    # two held-out IAB/BadNets models move to "backdoored"; no false alarm on 20 clean, BENCHMARKS.md §6.3). The
     # untargeted test's p-value does not vote (0.20 on the all-to-all model at equal step budgets; a p of 1,
     # "not comparable", is its usual answer); its map's dominant-label rule does (ut_spread_fraction)
     voting_detectors: DetectorNames = ("neural_cleanse", "universal_perturbation", "feature_inversion")
