@@ -100,6 +100,19 @@ TINY_DETECT = {"nc_steps": 3, "up_steps": 3, "nc_batch_size": 4, "mm_steps": 3, 
                "unlearn_max_epochs": 1}
 
 
+def reseeded(subjects: tuple[Subject, ...], seeds: list[int]) -> tuple[Subject, ...]:
+    """The ``subjects`` retrained with each of ``seeds`` (weights, poisoned subset and the attack's own random
+    pattern): held-out models for a rule chosen on the default ones. A clean model is labelled
+    ``clean_s<seed>``, a backdoored one ``<label>_s<seed>``; duplicates (clean_s0 and clean_s1 under one seed)
+    are kept once."""
+    out: dict[str, Subject] = {}
+    for subj in subjects:
+        for seed in seeds:
+            label = f"clean_s{seed}" if subj.attack is None else f"{subj.label}_s{seed}"
+            out.setdefault(label, dataclasses.replace(subj, label=label, seed=seed))
+    return tuple(out.values())
+
+
 def build_model(prof: Profile, in_channels: int, num_classes: int) -> nn.Module:
     if prof.architecture == "small_cnn":
         return small_cnn(in_channels, num_classes)
@@ -212,9 +225,11 @@ def markdown(report: dict) -> str:
              "on log perturbation norms, FI = the feature inversion's on log feature-shift sizes (each against its "
              "simulated null), UT = the untargeted (all-to-all) test "
              "(its untargeted patch size u against the targeted ones; u/min s its ratio to the smallest; map: the "
-             "distinct labels the sources go to under it), combined = min(1, m x the smallest) over the m voting "
-             f"detectors ({', '.join(report['detect_config']['voting_detectors'])}; NC+UP: the same over NC and UP "
-             "only); NC index = Neural Cleanse's classic MAD anomaly index (log sizes, small side), evidence only; "
+             "distinct labels the sources go to under it; more than half the classes: no dominant label, at least "
+             f"suspicious), combined = the {report['detect_config'].get('combination', 'bonferroni')} combination "
+             f"over the voting detectors ({', '.join(report['detect_config']['voting_detectors'])}; NC+UP: "
+             "min(1, 2 x the smaller) over NC and UP only, the old default); NC index = Neural Cleanse's "
+             "classic MAD anomaly index (log sizes, small side), evidence only; "
              "smallest = the class with the smallest trigger (NC / UP / FI).", "",
              "| model | ACC | ASR | verdict | combined p | NC+UP p | NC p | UP p | FI p | UT p | u/min s "
              "| UT map distinct | NC index | smallest NC/UP/FI | MM-BD p (class) | NWC top-5% | target found "
@@ -331,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", help="comma-separated subset of the subject labels")
     ap.add_argument("--detectors", default="neural_cleanse,universal_perturbation,max_margin,unlearning")
     ap.add_argument("--cache", help="where trained models are cached (default .bench-data/detect/<profile>)")
+    ap.add_argument("--seeds", help="comma-separated seeds: train and scan the selected models again with each "
+                                    "(held-out models, labelled clean_s<seed> / <label>_s<seed>)")
     ap.add_argument("--detect", help="JSON overrides of DetectConfig (on top of the profile's)")
     ap.add_argument("--rescan", action="store_true", help="scan again even where a kept scan matches")
     ap.add_argument("--train-only", action="store_true", help="train and cache the models, scan nothing")
@@ -349,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.models:
         wanted = set(args.models.split(","))
         subjects = tuple(s for s in SUBJECTS if s.label in wanted)
+    if args.seeds:
+        subjects = reseeded(subjects, [int(x) for x in args.seeds.split(",")])
     torch.backends.cudnn.benchmark = True
     if args.data:
         train_all, test_all = load_npz_pair(Path(args.data))
@@ -372,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     ordered = sorted(subjects, key=lambda s: s.attack == "clb")  # CLB's surrogate is a clean model
     if any(s.attack == "clb" for s in ordered) and not any(s.label == "clean_s0" for s in ordered):
+        # CLB's surrogate is the default clean_s0 (held-out CLB models too: the attacker's surrogate is fixed)
         ordered.insert(0, SUBJECTS[0])
     for subj in ordered:
         path, meta_path = cache / f"{subj.label}.pt", cache / f"{subj.label}.json"
@@ -413,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
               f"NWC {row.get('nwc_share', float('nan')):.3f} ({scan_s:.1f}s)", flush=True)
     if args.train_only:
         return
-    order = {s.label: i for i, s in enumerate(SUBJECTS)}
+    order = {s.label: i for i, s in enumerate((*SUBJECTS, *subjects))}
     rows.sort(key=lambda r: order[r["label"]])
     report = {"profile": args.profile, "tiny": args.tiny, "machine": machine(args.device), "torch": torch.__version__,
               "commit": commit(), "command": " ".join(["python", "bench/detect_bench.py", *(argv or sys.argv[1:])]),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
 
 from core.ranges import check_fields, float_in, int_in
+
+Combination = Literal["cauchy", "bonferroni"]
+"""How the voting detectors' p-values merge (core/detect/verdict.py)."""
 
 DEFAULT_DETECTORS: tuple[str, ...] = ("neural_cleanse", "universal_perturbation", "untargeted", "feature_inversion")
 DetectorNames = Annotated[tuple[str, ...], Field(max_length=16)]
@@ -46,6 +49,12 @@ class DetectConfig:
     # assumes; more steps (one trigger costs 1/K of a targeted step) shrink u against step-limited s_k — on the
     # CPU benchmark 4x turned the all-to-all model's p 0.20 into 0.026, a bias the null does not know
     ut_steps_factor: int_in(1, 20) = 1
+    # the untargeted trigger's map has no dominant label (an all-to-all backdoor: the verdict is at least
+    # "suspicious") when it sends the sources to more than this fraction of the K classes as distinct labels;
+    # 1.0 switches the rule off, and it never applies below 6 classes. Half: a natural universal perturbation's
+    # dominant label (plus the label its own images go to) leaves 2-3 labels of 10 on every clean model
+    # measured, a permutation 7-8 (docs/detect.md; a rule, not a p-value: its false-alarm rate is measured)
+    ut_spread_fraction: float_in(0.0, 1.0) = 0.5
     # feature-space inversion (FeatureRE / BTI-DBF's idea): the smallest universal additive change of the
     # feature map before global pooling (fi_depth 1.0; a smaller fraction picks an earlier 4-D map), size in
     # units of the clean activations' RMS there
@@ -60,16 +69,22 @@ class DetectConfig:
     mm_steps: int_in(1, 100_000) = 150  # Adam steps per start
     mm_lr: float_in(1e-5, 10.0) = 0.05  # Adam learning rate on the unconstrained image parameters
     # the tests' level: a detector flags when its p-value is below it; the verdict is "suspicious" when the
-    # voting detectors' Bonferroni-combined p-value (m x the smallest) is below it, "backdoored" below
-    # strong_p_value — under the null each level bounds the false-alarm rate (docs/detect.md)
+    # voting detectors' combined p-value is below it, "backdoored" below strong_p_value — under the null each
+    # level bounds the false-alarm rate (the Cauchy combination's by simulation: 0.050-0.056 at 0.05 for three
+    # correlated detectors, docs/detect.md)
     p_value: float_in(1e-12, 0.5) = 0.05
     strong_p_value: float_in(1e-12, 0.5) = 0.01
+    # how the voting detectors' p-values merge: "cauchy" (the Cauchy combination test, ACAT: valid in the tail
+    # under arbitrary dependence; agreeing detectors strengthen each other) or "bonferroni" (m x the smallest)
+    combination: Combination = "cauchy"
     # the detectors whose p-values make the verdict; the others are run and reported as evidence only. MM-BD
-    # does not vote: on the CPU benchmark it flagged 4 of 5 clean models (MNIST's naturally wide class 8)
-    # The untargeted test runs by default as evidence but does not vote: on the CPU benchmark it flagged no
-    # clean model (p = 1 on all 10) and the all-to-all model not at equal step budgets (p 0.20; 0.026 with 4x
-    # the steps, still clean after a third Bonferroni term, which costs two models their "backdoored")
-    voting_detectors: DetectorNames = ("neural_cleanse", "universal_perturbation")
+    # does not vote: on the CPU benchmark it flagged 4 of 5 clean models (MNIST's naturally wide class 8).
+    # The feature inversion votes since the Cauchy combination (under Bonferroni a third term cost IAB its
+    # "backdoored" and caught nothing; under the Cauchy combination 5 of 7 WaNet models, two at p 0.0499, and
+    # two held-out IAB/BadNets models move to "backdoored"; no false alarm on 20 clean, BENCHMARKS.md §6.3). The
+    # untargeted test's p-value does not vote (0.20 on the all-to-all model at equal step budgets; a p of 1,
+    # "not comparable", is its usual answer); its map's dominant-label rule does (ut_spread_fraction)
+    voting_detectors: DetectorNames = ("neural_cleanse", "universal_perturbation", "feature_inversion")
     # TSBD's cheap signal (not run by default: it adds no information on the benchmark, docs/detect.md)
     unlearn_lr: float_in(1e-6, 1.0) = 1e-3
     unlearn_max_epochs: int_in(1, 1000) = 20

@@ -71,21 +71,26 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
             torch.cuda.synchronize(dev)
         res.seconds = time.perf_counter() - t0
         results[name] = res
-    verdict, score, p, targets = combine(list(results.values()), cfg.p_value, cfg.strong_p_value,
-                                         cfg.voting_detectors)
+    verdict, score, p, targets, reasons = combine(list(results.values()), cfg.p_value, cfg.strong_p_value,
+                                                  cfg.voting_detectors, cfg.combination)
     triggers: dict[int, np.ndarray] = {}
     for res in results.values():
-        for cls, img in res.trigger_images.items() if res.name in cfg.voting_detectors else ():
+        shows = res.name in cfg.voting_detectors or bool(res.details.get("no_dominant_label"))
+        for cls, img in res.trigger_images.items() if shows else ():
             if cls in targets:
                 triggers.setdefault(cls, img)
     if progress is not None:
         progress(1.0)
     voting = [name for name in cfg.voting_detectors if name in results]
+    merge = ("the Cauchy combination (ACAT) of the p-values" if cfg.combination == "cauchy"
+             else f"min(1, {len(voting)} x the smallest p-value)")
     evidence = {"verdict": verdict, "score": score, "p_value": p, "suspected_targets": targets,
-                "num_classes": num_classes, "clean_images": len(clean),
+                "num_classes": num_classes, "clean_images": len(clean), "combination": cfg.combination,
+                "reasons": reasons,
                 "detectors": {name: {**r.evidence(), "votes": name in cfg.voting_detectors}
                               for name, r in results.items()},
-                "rule": (f"p = min(1, {len(voting)} x the smallest p-value of {voting}); backdoored: p < "
-                         f"{cfg.strong_p_value}; suspicious: p < {cfg.p_value}; score = log p / log {cfg.p_value}")}
+                "rule": (f"p = {merge} of {voting}; backdoored: p < {cfg.strong_p_value}; suspicious: p < "
+                         f"{cfg.p_value}, or the untargeted trigger has no dominant label (more than "
+                         f"{cfg.ut_spread_fraction} x K distinct labels); score = log p / log {cfg.p_value}")}
     return DetectionResult(verdict=verdict, score=score, suspected_targets=targets, evidence=evidence,
                            trigger_images=triggers, detectors=results)

@@ -18,6 +18,16 @@ class's score, which never exceeds the null's largest — so the test keeps its 
 the ones Neural Cleanse / the universal perturbation computed in the same scan (``DetectContext.shared``): no
 second targeted search. Evidence: the source -> answered-label map under the untargeted trigger — an
 all-to-all backdoor gives a permutation (distinct targets), a clean model mostly a sink class.
+
+That map is the second, stronger all-to-all signal (``no_dominant_label``, which the verdict reads): a natural
+universal perturbation has a *dominant label* — it sends most images to one or two classes (Moosavi-Dezfooli et
+al. 2017, "Universal adversarial perturbations"; on the CPU benchmark every clean and every all-to-one model:
+2-3 distinct labels over 10 sources), while a shared trigger that answers differently per source is what a
+permutation backdoor installs (the all-to-all model: 7-8 distinct labels, most ``y -> y + 1``). The rule —
+more than ``ut_spread_fraction x K`` distinct labels (half the classes by default), from a trigger that reached
+the target success — is not a p-value: no null distribution of the map of a clean model is known, so its
+false-alarm rate is only what the benchmark measures (docs/detect.md), and it makes a model ``suspicious``,
+never ``backdoored``, on its own.
 """
 
 from __future__ import annotations
@@ -61,9 +71,23 @@ def untargeted_p_value(log_u: float, log_sizes: list[float]) -> tuple[float, flo
     return null_p_value(score, len(log_sizes)), score
 
 
+MIN_SPREAD_CLASSES = 6  # below this a clean model's sink map (the dominant label, plus the label its own
+# images go to, plus a second sink: 2-3 labels on the benchmark) already covers half the classes
+
+
+def spread_limit(num_classes: int, fraction: float) -> float:
+    """How many distinct labels the untargeted trigger may send the sources to before the map has no dominant
+    label: ``fraction x K``; infinite (the rule off) below :data:`MIN_SPREAD_CLASSES` classes or at
+    ``fraction`` 1 (a map has at most K labels)."""
+    if num_classes < MIN_SPREAD_CLASSES or fraction >= 1.0:
+        return math.inf
+    return fraction * num_classes
+
+
 def flip_map(ctx: DetectContext, family: Family, params: list[torch.Tensor], batch: int = 256) -> dict:
     """Under the trigger ``params`` (one trigger): per source class the modal answered label among the images
-    it moved, that label's share of the class's images, and the class's flip rate; plus the overall success
+    it moved, that label's share of the class's images, the class's flip rate, its image count and how many
+    of its images each label received (``answers``, the source's own label 0); plus the overall success
     and how many distinct labels the sources go to (all-to-all: many; a clean model's sink: few)."""
     preds = []
     with torch.no_grad():
@@ -80,7 +104,8 @@ def flip_map(ctx: DetectContext, family: Family, params: list[torch.Tensor], bat
         counts = np.bincount(moved, minlength=ctx.num_classes)
         to = int(counts.argmax()) if moved.size else src
         mapping[str(src)] = {"to": to, "share": float(counts[to] / sel.sum()) if moved.size else 0.0,
-                             "flipped": float(moved.size / sel.sum())}
+                             "flipped": float(moved.size / sel.sum()), "images": int(sel.sum()),
+                             "answers": counts.tolist()}
     targets = [m["to"] for s, m in mapping.items() if m["to"] != int(s)]
     return {"mapping": mapping, "success": float((pred != labels).mean()), "distinct_targets": len(set(targets)),
             "fixed_points": sum(m["to"] == int(s) for s, m in mapping.items())}
@@ -121,14 +146,18 @@ def untargeted(ctx: DetectContext) -> DetectorResult:
                      "targeted_classes_never_reaching_target_success": inv.never_reached,
                      **flip_map(ctx, family, ut.params)}
         pictures[name] = family.picture(ut.params, 0)
+    limit = spread_limit(ctx.num_classes, cfg.ut_spread_fraction)
+    spread = [f for f in fams if per[f]["comparable"] and per[f]["distinct_targets"] > limit]
     best = min(fams, key=lambda f: per[f]["p_value"])
     p = min(1.0, len(fams) * per[best]["p_value"])
     flagged = p < cfg.p_value
+    if spread and not flagged:  # the map without a dominant label is the evidence: show that trigger's
+        best = max(spread, key=lambda f: per[f]["distinct_targets"])
     top = per[best]
     # every label the sources are sent to is served by the one trigger: each gets its picture
     suspects = sorted({m["to"] for s, m in top["mapping"].items() if m["to"] != int(s)},
                       key=lambda t: -sum(m["share"] for m in top["mapping"].values() if m["to"] == t)) \
-        if flagged else []
+        if flagged or spread else []
     picture = _picture(pictures[best])
     return DetectorResult(
         name="untargeted", score=_log_ratio(p, cfg.p_value), flagged=flagged, statistic=p,
@@ -136,4 +165,9 @@ def untargeted(ctx: DetectContext) -> DetectorResult:
         per_class=[top["mapping"].get(str(k), {}).get("flipped", 0.0) for k in range(ctx.num_classes)],
         suspected_targets=suspects, trigger_images=dict.fromkeys(suspects, picture),
         details={"families": per, "family": best, "suspected_mapping": {s: m["to"] for s, m in top["mapping"].items()}
-                 if flagged else {}, "rule": f"p = min(1, {len(fams)} x the smallest family p-value)"})
+                 if flagged or spread else {}, "rule": f"p = min(1, {len(fams)} x the smallest family p-value)",
+                 "no_dominant_label": bool(spread), "spread_targets": top["distinct_targets"],
+                 "spread_limit": None if math.isinf(limit) else limit,
+                 "spread_rule": f"no dominant label when a comparable untargeted trigger sends the sources to more "
+                                f"than {limit} distinct labels ({cfg.ut_spread_fraction} x {ctx.num_classes} "
+                                f"classes; never below {MIN_SPREAD_CLASSES} classes)"})

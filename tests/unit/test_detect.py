@@ -25,7 +25,15 @@ from core.detect import (
     register,
     scan_model,
 )
-from core.detect.stats import outlier_p_value, small_outlier_scores, small_side_anomalies
+from core.detect.base import DetectorResult
+from core.detect.stats import (
+    bonferroni,
+    cauchy_combination,
+    outlier_p_value,
+    small_outlier_scores,
+    small_side_anomalies,
+)
+from core.detect.untargeted import spread_limit
 from core.detect.verdict import combine
 from core.training import train_classifier
 
@@ -110,20 +118,93 @@ def test_outlier_p_value_holds_its_level_on_normal_classes() -> None:
     assert index_fa > 0.2  # why the fixed threshold was replaced
 
 
-def test_the_verdict_combines_p_values_by_bonferroni() -> None:
-    from core.detect.base import DetectorResult
+def _res(name: str, p: float, targets: list[int], **details: object) -> DetectorResult:
+    return DetectorResult(name, 0.0, p < 0.05, p, "p_value", 0.05, [], targets, details=dict(details))
 
-    def res(name: str, p: float, targets: list[int]) -> DetectorResult:
-        return DetectorResult(name, 0.0, p < 0.05, p, "p_value", 0.05, [], targets)
 
+def test_the_verdict_can_combine_p_values_by_bonferroni() -> None:
     voting = ("a", "b")
-    assert combine([res("a", 0.03, [1]), res("b", 0.5, [])], 0.05, 0.01, voting)[:3] == ("clean", pytest.approx(
+
+    def bonf(results: list[DetectorResult]) -> tuple:
+        return combine(results, 0.05, 0.01, voting, "bonferroni")
+
+    assert bonf([_res("a", 0.03, [1]), _res("b", 0.5, [])])[:3] == ("clean", pytest.approx(
         math.log(0.06) / math.log(0.05)), 0.06)  # 2 x 0.03 is not below 0.05
-    verdict, _, p, targets = combine([res("a", 0.02, [1]), res("b", 0.004, [2])], 0.05, 0.01, voting)
+    verdict, _, p, targets, _ = bonf([_res("a", 0.02, [1]), _res("b", 0.004, [2])])
     assert (verdict, p, targets) == ("backdoored", 0.008, [2, 1])
-    verdict, _, p, targets = combine([res("a", 0.2, [1]), res("b", 0.015, [2]), res("c", 1e-9, [3])], 0.05,
-                                     0.01, voting)  # c does not vote
-    assert (verdict, p, targets) == ("suspicious", 0.03, [2])
+    verdict, _, p, targets, _ = bonf([_res("a", 0.2, [1]), _res("b", 0.015, [2]), _res("c", 1e-9, [3])])
+    assert (verdict, p, targets) == ("suspicious", 0.03, [2])  # c does not vote
+
+
+def test_cauchy_combination_equals_its_formula_on_hand_made_numbers() -> None:
+    # T = (tan(0.4 pi) + tan(-0.3 pi)) / 2 = (3.0777 - 1.3764) / 2 = 0.85065; p = 1/2 - 0.22437 = 0.27563
+    t = (math.tan(0.4 * math.pi) + math.tan(-0.3 * math.pi)) / 2
+    assert cauchy_combination([0.1, 0.8]) == pytest.approx(0.5 - math.atan(t) / math.pi)
+    assert cauchy_combination([0.1, 0.8]) == pytest.approx(0.27563, abs=1e-5)
+    assert cauchy_combination([0.3]) == pytest.approx(0.3)  # one p-value is itself
+    assert cauchy_combination([0.02, 0.02, 0.02]) == pytest.approx(0.02)  # identical ones too (full dependence)
+    # agreeing detectors strengthen each other, where Bonferroni pays m: 0.02 and 0.03 -> 0.024, not 0.04
+    assert cauchy_combination([0.02, 0.03]) == pytest.approx(0.02400, abs=1e-5)
+    assert bonferroni([0.02, 0.03]) == 0.04
+    # a tiny p-value survives (the tail 1/(pi T) without cancellation) and a p of 1 does not veto it (cap 0.99)
+    assert cauchy_combination([1e-20, 0.5]) == pytest.approx(2e-20)
+    assert cauchy_combination([1e-3, 1.0]) == pytest.approx(
+        0.5 - math.atan((1 / math.tan(1e-3 * math.pi) + 1 / math.tan(0.99 * math.pi)) / 2) / math.pi)
+    assert cauchy_combination([1e-3, 1.0]) < 0.003
+    assert cauchy_combination([]) == 1.0 and bonferroni([]) == 1.0
+
+
+def test_cauchy_combination_holds_its_level_on_correlated_p_values() -> None:
+    """Under the null with p-values from correlated normal statistics (rho 0.6), ~5% fall below 0.05 (Liu &
+    Xie: the level is kept in the tail under dependence; at 0.05 it is ~0.056, docs/detect.md)."""
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((4000, 3)) @ np.linalg.cholesky(np.full((3, 3), 0.6) + 0.4 * np.eye(3)).T
+    ps = np.array([cauchy_combination(list(row)) for row in sps.norm.sf(z)])
+    assert 0.04 < np.mean(ps < 0.05) < 0.07
+
+
+def test_the_verdict_combines_p_values_by_the_cauchy_combination() -> None:
+    voting = ("a", "b", "c")
+    # WaNet on the CPU benchmark: NC 0.548, UP 0.0889, FI 0.0203 -> 0.0499 (Bonferroni: 0.061)
+    results = [_res("a", 0.548, []), _res("b", 0.0889, [], smallest_class=0), _res("c", 0.0203, [0])]
+    verdict, score, p, targets, reasons = combine(results, 0.05, 0.01, voting)
+    assert p == pytest.approx(cauchy_combination([0.548, 0.0889, 0.0203])) and 0.049 < p < 0.05
+    assert (verdict, targets) == ("suspicious", [0]) and score > 1.0 and "cauchy" in reasons[0]
+    # no detector passes the level alone: the strongest one's smallest class is named
+    verdict, _, p, targets, _ = combine([_res("a", 0.06, [], smallest_class=3), _res("b", 0.07, []),
+                                         _res("c", 0.3, [])], 0.05, 0.01, voting)
+    assert verdict == "clean" and targets == []
+    verdict, _, p, targets, _ = combine([_res("a", 0.051, [], smallest_class=3), _res("b", 0.052, [],
+                                         smallest_class=5)], 0.05, 0.01, voting)
+    assert verdict == "clean" and p > 0.05
+    verdict, _, p, targets, _ = combine([_res("a", 0.052, [], smallest_class=3), _res("b", 0.003, [],
+                                         smallest_class=5)], 0.05, 0.01, voting)
+    assert verdict == "backdoored" and targets == [5]
+    # a skipped detector (p 1, could not run) does not vote: it would dilute the others
+    skipped = _res("c", 1.0, [], skipped="no 4-D feature map")
+    assert combine([_res("a", 0.004, [0]), _res("b", 0.01, [0]), skipped], 0.05, 0.01, voting)[2] == \
+        pytest.approx(cauchy_combination([0.004, 0.01]))
+
+
+def test_an_untargeted_trigger_without_a_dominant_label_makes_the_verdict_suspicious() -> None:
+    voting = ("a", "b")
+    spread = _res("untargeted", 0.2, [2, 4, 9], no_dominant_label=True, spread_targets=7, spread_limit=5.0)
+    verdict, score, p, targets, reasons = combine([_res("a", 0.07, [], smallest_class=4), _res("b", 0.4, []),
+                                                   spread], 0.05, 0.01, voting)
+    assert (verdict, targets) == ("suspicious", [2, 4, 9]) and p > 0.05 and score == 1.0
+    assert "no dominant label" in reasons[0]
+    # the rule never makes a model "backdoored" and keeps a stronger verdict as it is
+    verdict, _, _, targets, reasons = combine([_res("a", 0.001, [0]), _res("b", 0.002, [0]), spread],
+                                              0.05, 0.01, voting)
+    assert verdict == "backdoored" and targets == [0, 2, 4, 9] and len(reasons) == 2
+    # a map with a dominant label: no rule
+    sink = _res("untargeted", 0.2, [], no_dominant_label=False, spread_targets=3, spread_limit=5.0)
+    assert combine([_res("a", 0.3, []), sink], 0.05, 0.01, voting)[0] == "clean"
+
+
+def test_spread_limit_is_half_the_classes_from_six_on() -> None:
+    assert spread_limit(10, 0.5) == 5.0 and spread_limit(43, 0.5) == 21.5
+    assert math.isinf(spread_limit(5, 0.5)) and math.isinf(spread_limit(10, 1.0))
 
 
 def test_batched_inversion_finds_the_planted_patch_in_one_pass_per_step() -> None:
@@ -158,7 +239,9 @@ def test_a_clean_model_is_judged_clean() -> None:
     assert res.trigger_images == {} and res.suspected_targets == []
     assert set(res.evidence["detectors"]) == {"neural_cleanse", "universal_perturbation", "untargeted",
                                               "feature_inversion"}
-    assert not res.evidence["detectors"]["feature_inversion"]["votes"]
+    assert res.evidence["detectors"]["feature_inversion"]["votes"]  # it votes since the Cauchy combination
+    assert not res.evidence["detectors"]["untargeted"]["votes"]
+    assert not res.evidence["detectors"]["untargeted"]["no_dominant_label"] and res.evidence["reasons"] == []
 
 
 def test_max_margin_flags_a_blended_trigger() -> None:

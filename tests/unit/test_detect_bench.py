@@ -28,3 +28,16 @@ def test_gpu_profile_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
         assert row["verdict"] in ("clean", "suspicious", "backdoored")
         assert {"nc_p", "up_p", "mm_p", "nwc_share"} <= set(row)
     assert "| clean_s0 |" in out.read_text() and "ROC-AUC" in out.read_text()
+
+
+def test_seeds_retrain_the_selected_models_under_new_labels() -> None:
+    """``--seeds``: held-out models of the same recipe, each attack's label kept apart from the default ones."""
+    from bench.detect_bench import SUBJECTS, reseeded
+
+    chosen = tuple(s for s in SUBJECTS if s.label in ("clean_s0", "clean_s3", "wanet", "badnets_a2a"))
+    out = reseeded(chosen, [10, 11])
+    assert [s.label for s in out] == ["clean_s10", "clean_s11", "wanet_s10", "wanet_s11", "badnets_a2a_s10",
+                                      "badnets_a2a_s11"]  # two clean models under one seed are one model
+    assert [s.seed for s in out] == [10, 11, 10, 11, 10, 11]
+    assert out[-1].a2a and out[-1].attack == "badnets" and out[0].attack is None
+    assert not {s.label for s in out} & {s.label for s in SUBJECTS}

@@ -97,6 +97,14 @@ def test_the_untargeted_test_finds_a_planted_all_to_all_patch() -> None:
     shifted = sum(m["to"] == (int(s) + 1) % 10 for s, m in fam["mapping"].items())
     assert shifted >= 6 and fam["distinct_targets"] >= 6, fam["mapping"]
     assert ut.details["suspected_mapping"] and set(res.trigger_images) == set(ut.suspected_targets)
+    # no dominant label: the verdict's all-to-all rule fires too, with the map's distinct labels as targets
+    assert ut.details["no_dominant_label"] and ut.details["spread_targets"] == fam["distinct_targets"]
+    assert ut.details["spread_limit"] == 5.0 and any("no dominant label" in r for r in res.evidence["reasons"])
+    assert set(ut.suspected_targets) <= set(res.suspected_targets)
+    # every source's answers are counted: the modal one is the map's target
+    for s, m in fam["mapping"].items():
+        assert len(m["answers"]) == 10 and m["answers"][int(s)] == 0
+        assert m["to"] == int(np.argmax(m["answers"])) or sum(m["answers"]) == 0
 
 
 def test_a_clean_model_is_not_flagged_by_the_untargeted_test() -> None:
@@ -106,6 +114,7 @@ def test_a_clean_model_is_not_flagged_by_the_untargeted_test() -> None:
     assert not ut.flagged and res.verdict == "clean", fam
     assert fam["ratio_to_smallest"] > 1.0  # the easiest class's own images must be moved too
     assert ut.suspected_targets == [] and res.trigger_images == {}
+    assert not ut.details["no_dominant_label"] and fam["distinct_targets"] <= 5, fam["mapping"]
 
 
 def test_sizes_that_never_reached_the_target_success_give_no_evidence() -> None:
