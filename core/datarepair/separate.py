@@ -24,10 +24,11 @@ can be wrong); docs/datarepair.md gives the measurement that kept the default.
 
 Acting needs stronger evidence than flagging (``strong``): relabelling a sample or unlearning its label is what
 costs when the flag is a false alarm (a right label replaced by the reference's mistake, or pushed down), while
-keeping or dropping a benign sample costs little. Measured with loose flags (docs/datarepair.md, "Low precision"):
-of the benign samples flagged, about a fifth were relabelled to a wrong class and a quarter to a third had their
-right label unlearned, almost all of them raised by the from-scratch reference (a model trained on half the clean
-set is confidently wrong on ~7% of clean images), and that is what put ``retain`` below erasing. So only the label
+keeping or dropping a benign sample costs little. Measured with loose flags (docs/datarepair.md, "Acting needs
+stronger evidence than flagging"; BENCHMARKS.md 7.0b): of the benign samples flagged, about a fifth were relabelled
+to a wrong class and another fifth had their right label unlearned, almost all of them raised by the from-scratch
+reference (a model trained on half the clean set, confidently wrong on 7% of held-out clean images), and that is
+what put ``retain`` below erasing. So only the label
 flags that also hold at the stricter null quantile of step 2 (``act_quantile``, the same clean-null rule) are
 relabelled, confirmed or unlearned; the other flagged samples are kept with their label (``weak_flags="keep"``: the
 benign part is kept) or dropped (``"drop"``). At the default flagging level the two levels coincide and nothing
