@@ -1,9 +1,10 @@
 """Probe for issue 11: what ``retain`` does with the *wrongly* flagged (benign) samples when the flags are loose,
-and what that costs against ``erase_flagged``. CPU profile (Fashion-MNIST MLP, bench/datarepair_bench.py); per
-(row, seed) one corrupted model and one identification at the given null quantile, shared by every variant, so
-the variants differ only in what is done with the flags. Prints, per row, the fate of the flagged samples split
-by truth (benign = label right and input clean; bad = the corrupted ones): relabelled to the true label,
-relabelled to a wrong one, confirmed, dropped, unlearned; then ACC (ASR) of each variant and of drop / erase.
+and what that costs against ``erase_flagged``. CPU profile (Fashion-MNIST MLP, bench/datarepair_bench.py;
+``--profile cpu_cnn --dataset cifar10`` for the small CNN on CIFAR-10); per (row, seed) one corrupted model and one
+identification at the given null quantile, shared by every variant, so the variants differ only in what is done
+with the flags. Prints, per row, the fate of the flagged samples split by truth (benign = label right and input
+clean; bad = the corrupted ones): relabelled to the true label, relabelled to a wrong one, confirmed, dropped,
+unlearned; then ACC (ASR) of each variant and of drop / erase.
 
     nice -n 10 python -m bench.datarepair_lowprec_probe --rows sym20,asym20 --seeds 0,1 --quantile 0.6
 """
@@ -56,6 +57,8 @@ def fates(sep, flagged: np.ndarray, benign: np.ndarray, true_y: np.ndarray) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="cpu", help="a bench/datarepair_bench.py profile (cpu: MLP, cpu_cnn: CNN)")
+    ap.add_argument("--dataset", default="fmnist")
     ap.add_argument("--rows", default="sym20,asym20,corrupt20,badnets10")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--quantile", type=float, default=0.6)
@@ -64,29 +67,31 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    norm, profile, rt = NORMS["fmnist"], PROFILES["cpu"], runtime_for("cpu")
+    norm, profile, rt = NORMS[args.dataset], PROFILES[args.profile], runtime_for("cpu")
+    aug = profile.arch != "mlp"  # the MLP profile runs every method without crop+flip (bench/datarepair_bench.py)
     records = []
     for seed in map(int, args.seeds.split(",")):
-        train, clean, test = split("fmnist", profile, seed)
+        train, clean, test = split(args.dataset, profile, seed)
         for row in args.rows.split(","):
-            data, bad, attack = corrupt("fmnist", row, train, seed)
+            data, bad, attack = corrupt(args.dataset, row, train, seed)
             true_y = train.y.astype(np.int64)
             benign = ~bad
             backdoor = make_backdoor_test_set(attack, test, 10) if attack is not None else None
-            model = train_classifier(build("mlp", train.image_shape, seed), data, norm, 30, 0.05, 128, "cpu",
-                                     augment=False, seed=seed)
+            model = train_classifier(build(profile.arch, train.image_shape, seed), data, norm, profile.train_epochs,
+                                     profile.train_lr, 128, "cpu", augment=profile.train_augment, seed=seed)
             before = evaluate(model, test, backdoor, norm, "cpu")
             t = time.perf_counter()
             ident = identify(model, data, clean, norm, IdentifyConfig(null_quantile=args.quantile,
-                                                                    calib_augment=False, seed=seed),
+                                                                    calib_augment=aug, seed=seed),
                              rt, 10, Progress())
             t_ident = time.perf_counter() - t
             flagged = ident.flagged
             tp = int((flagged & bad).sum())
-            print(f"seed {seed} {row} q{args.quantile:g}: corrupted ACC {before.acc:.4f} ASR {before.asr} "
+            print(f"{args.dataset} seed {seed} {row} q{args.quantile:g}: corrupted ACC {before.acc:.4f} "
+                  f"ASR {before.asr} "
                   f"flagged {int(flagged.sum())} P {tp / max(1, flagged.sum()):.3f} R {tp / max(1, bad.sum()):.3f}"
                   f" (identify {t_ident:.0f}s)", flush=True)
-            train_cfg = RepairTrainConfig(augment=False)
+            train_cfg = RepairTrainConfig(augment=aug)
             label_flagged = ident.flagged if ident.label_flagged is None else ident.label_flagged
             for name in args.variants.split(";"):
                 v = dict(VARIANTS[name])
@@ -105,7 +110,8 @@ def main() -> None:
                                   seed, Progress(), kept_weights=weights)
                 after = evaluate(repaired, test, backdoor, norm, "cpu")
                 f = fates(sep, flagged, benign, true_y)
-                records.append({"seed": seed, "row": row, "q": args.quantile, "variant": name, "acc": after.acc,
+                records.append({"dataset": args.dataset, "seed": seed, "row": row, "q": args.quantile, "variant": name,
+                                "acc": after.acc,
                                 "asr": after.asr, "before": before.acc, "fates": f, "n_flagged": int(flagged.sum()),
                                 "precision": tp / max(1, flagged.sum())})
                 print(f"  {name:24s} ACC {after.acc:.4f} ASR {after.asr}  benign {f['benign']}  bad {f['bad']}",
@@ -117,12 +123,13 @@ def main() -> None:
                     anchored_finetune(repaired, kept_set(data, labels), clean, None, norm, train_cfg, 0.0, rt, seed,
                                       Progress())
                 else:
-                    ft = FinetuneConfig(augment=False, seed=seed)
+                    ft = FinetuneConfig(augment=aug, seed=seed)
                     gradient_ascent(repaired, data.subset(np.flatnonzero(flagged)), norm, EraseConfig(),
                                     ft.batch_size, rt, ft.seed, Progress())
                     repaired = vanilla_finetune(repaired, clean, norm, ft, "cpu").model
                 after = evaluate(repaired, test, backdoor, norm, "cpu")
-                records.append({"seed": seed, "row": row, "q": args.quantile, "variant": name, "acc": after.acc,
+                records.append({"dataset": args.dataset, "seed": seed, "row": row, "q": args.quantile, "variant": name,
+                                "acc": after.acc,
                                 "asr": after.asr, "before": before.acc, "n_flagged": int(flagged.sum()),
                                 "precision": tp / max(1, flagged.sum())})
                 print(f"  {name:24s} ACC {after.acc:.4f} ASR {after.asr}", flush=True)
