@@ -111,6 +111,11 @@ class Identification:
     # (``input_quality``: the input is not drawn like the clean inputs); ``flagged`` is their union
     label_flagged: np.ndarray | None = None
     input_flagged: np.ndarray | None = None
+    # each label reference's raw (training scores, held-out clean null scores) and the number of references the
+    # Bonferroni split was over (the input-quality reference included when it flags): what :func:`label_flags_at`
+    # needs to flag at another level with the same rule
+    label_refs: list[tuple[np.ndarray, np.ndarray]] | None = None
+    n_split: int = 1
 
 
 def _head_outputs(model: nn.Module, data: DeviceImages, head: nn.Linear, batch_size: int):
@@ -193,6 +198,19 @@ def null_scaled(scores: np.ndarray, null: np.ndarray, quantile: float) -> tuple[
     hi = float(np.quantile(null, quantile, method="higher"))
     scale = max(hi - med, 1e-6)
     return (scores - med) / scale, (null - med) / scale
+
+
+def label_flags_at(ident: Identification, quantile: float) -> np.ndarray:
+    """The label references' flags at null quantile ``quantile`` instead of the configured one, by the same rule
+    (each reference against its own held-out clean null, Bonferroni over ``ident.n_split``): at most about
+    ``1 - quantile`` of clean samples get them. Used by step 2 to ask for stronger evidence before the actions that
+    cost most when the flag is a false alarm (relabelling, unlearning). Without recorded references (the cleanlab
+    scorer, which flags by its own thresholds) these are the label flags themselves."""
+    base = ident.flagged if ident.label_flagged is None else ident.label_flagged
+    if not ident.label_refs:
+        return np.asarray(base, dtype=bool).copy()
+    q = 1 - (1 - quantile) / max(1, ident.n_split)
+    return np.max([null_scaled(s, nl, q)[0] for s, nl in ident.label_refs], axis=0) > 1.0
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
@@ -303,6 +321,7 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
         if gate["corrupted_inputs"]:  # else no evidence that the inputs differ from the clean ones: no input flags
             quality = (q_train, q_null)
     reference, ref_clean, ref_train, input_flagged = None, None, None, None
+    n_split = 1
     if cfg.scorer == "cleanlab":
         flagged, scores = _cleanlab_flags(y, train_probs)
         details["threshold_rule"] = "cleanlab.filter.find_label_issues (confident learning, per-class thresholds)"
@@ -321,7 +340,7 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
                                      "samples scored the same way (out of fold)")
         details["null_flag_rate"] = float(np.mean(null_scores > threshold))
     else:
-        n_refs = len(refs) + (quality is not None)
+        n_refs = n_split = len(refs) + (quality is not None)
         q = 1 - (1 - cfg.null_quantile) / n_refs
         scaled = [null_scaled(s, nl, q) for s, nl in refs]
         u_label = np.max([u for u, _ in scaled], axis=0)
@@ -359,7 +378,8 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     return Identification(scores=scores, flagged=flagged, probs=train_probs, clean_probs=clean_probs,
                           null_scores=null_scores, details=details, reference=reference,
                           reference_clean_probs=ref_clean, reference_probs=ref_train,
-                          label_flagged=np.asarray(label_flagged, dtype=bool), input_flagged=input_flagged)
+                          label_flagged=np.asarray(label_flagged, dtype=bool), input_flagged=input_flagged,
+                          label_refs=refs if cfg.scorer != "cleanlab" else None, n_split=n_split)
 
 
 def _cleanlab_flags(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.datarepair.identify import Identification, IdentifyConfig, identify
+from core.datarepair.identify import Identification, IdentifyConfig, identify, label_flags_at
 from core.datarepair.repair import (
     EraseConfig,
     RepairTrainConfig,
@@ -30,7 +30,7 @@ from core.datarepair.repair import (
     retrain,
 )
 from core.datarepair.result import DataRepairResult
-from core.datarepair.separate import separate
+from core.datarepair.separate import WeakFlags, separate
 from core.defenses.baselines import FinetuneConfig, vanilla_finetune
 from core.defenses.runtime import cuda_sync, prepare_model, runtime_for
 from core.progress import Progress
@@ -54,6 +54,11 @@ class RetainExtra:
     # with input_quality: drop a sample flagged for both its input and its label instead of relabelling it from
     # that input (off: relabelling is what unlearns a trigger large enough to be flagged; docs/datarepair.md)
     drop_both_flagged: Flag = False
+    # relabel, confirm or unlearn only the label flags that also hold at this null quantile (same clean-null rule);
+    # the other flagged samples are kept with their label or dropped (weak_flags). At or below null_quantile:
+    # every flag acts (the two levels coincide at the defaults). docs/datarepair.md "Low precision" for why.
+    act_quantile: float_in(0.5, 1.0, open_high=True) = 0.95
+    weak_flags: WeakFlags = "keep"
 
 
 @dataclass(frozen=True)
@@ -125,10 +130,13 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     ident = _identify_stage(model, training, clean, norm, cfgs["identify"], rt, num_classes, progress, 0.6)
     progress.stage("separate", 0.6, 0.62)
     label_flagged = ident.flagged if ident.label_flagged is None else ident.label_flagged
+    extra: RetainExtra = cfgs["extra"]
+    strong = (label_flags_at(ident, extra.act_quantile)
+              if extra.act_quantile > cfgs["identify"].null_quantile else None)
     sep = separate(label_flagged, training.y, ident.probs, ident.clean_probs, clean.y,
-                   cfgs["extra"].relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
-                   ident.reference_probs if cfgs["extra"].unlearn_when_all_agree else None,
-                   ident.input_flagged, cfgs["extra"].input_weight, cfgs["extra"].drop_both_flagged)
+                   extra.relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
+                   ident.reference_probs if extra.unlearn_when_all_agree else None,
+                   ident.input_flagged, extra.input_weight, extra.drop_both_flagged, strong, extra.weak_flags)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]

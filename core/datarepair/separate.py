@@ -21,15 +21,29 @@ is contested too is separated as any label-flagged sample (relabelled, confirmed
 such a sample where the trigger is large enough to change the image statistics, and relabelling it is what
 unlearns the trigger. ``drop_both_flagged`` drops such samples instead (a relabelling read from a corrupted input
 can be wrong); docs/datarepair.md gives the measurement that kept the default.
+
+Acting needs stronger evidence than flagging (``strong``): relabelling a sample or unlearning its label is what
+costs when the flag is a false alarm (a right label replaced by the reference's mistake, or pushed down), while
+keeping or dropping a benign sample costs little. Measured with loose flags (docs/datarepair.md, "Acting needs
+stronger evidence than flagging"; BENCHMARKS.md 7.0b): of the benign samples flagged, about a fifth were relabelled
+to a wrong class and another fifth had their right label unlearned, almost all of them raised by the from-scratch
+reference (a model trained on half the clean set, confidently wrong on 7% of held-out clean images), and that is
+what put ``retain`` below erasing. So only the label
+flags that also hold at the stricter null quantile of step 2 (``act_quantile``, the same clean-null rule) are
+relabelled, confirmed or unlearned; the other flagged samples are kept with their label (``weak_flags="keep"``: the
+benign part is kept) or dropped (``"drop"``). At the default flagging level the two levels coincide and nothing
+changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 MIN_RELABEL_SUPPORT = 10  # held-out clean samples the confidence threshold must rest on at least
+WeakFlags = Literal["keep", "drop"]
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Separation:
     # per sample the weight of its loss in step 3 (1 except the corrupted-looking inputs kept at input_weight)
     weights: np.ndarray | None = None
     input_kept: np.ndarray | None = None  # bool (N,): input flagged, label uncontested, kept at input_weight
+    weak: np.ndarray | None = None  # bool (N,): label-flagged, not at the acting level (kept or dropped as told)
 
 
 def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: float) -> float:
@@ -65,15 +80,22 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
              clean_y: np.ndarray, precision: float, num_classes: int, reference: np.ndarray | None = None,
              reference_clean_probs: list[np.ndarray] | None = None,
              reference_probs: list[np.ndarray] | None = None, input_flagged: np.ndarray | None = None,
-             input_weight: float = 1.0, drop_both_flagged: bool = False) -> Separation:
+             input_weight: float = 1.0, drop_both_flagged: bool = False, strong: np.ndarray | None = None,
+             weak_flags: WeakFlags = "keep") -> Separation:
     """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label.
     With ``reference`` (per sample, which of ``reference_clean_probs``' models gave its ``probs``), each sample's
     confidence threshold is calibrated on that model's own held-out clean probabilities; with ``reference_probs``
     (every reference's probabilities), a dropped sample is unlearned only when every reference finds its given
     label less likely than chance. ``flagged`` are the label references' flags; with ``input_flagged`` the
     inputs flagged by input quality are separated as the module docstring says; ``drop_both_flagged`` drops a
-    sample flagged by both (its input and its label untrusted) instead of relabelling it from that input."""
+    sample flagged by both (its input and its label untrusted) instead of relabelling it from that input. With
+    ``strong`` (the label flags at the acting level), only ``flagged & strong`` are relabelled, confirmed, dropped
+    or unlearned as above; the rest of ``flagged`` is kept with its label or dropped (``weak_flags``)."""
     y = y.astype(np.int64)
+    weak = np.zeros(len(y), dtype=bool)
+    if strong is not None:
+        weak = flagged & ~strong
+        flagged = flagged & strong
     pred = probs.argmax(1).astype(np.int64)
     if reference is None or reference_clean_probs is None:
         tau = relabel_threshold(clean_probs, clean_y, precision)
@@ -93,8 +115,10 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     unlearn = dropped & np.all([p[np.arange(len(y)), y] < 1.0 / num_classes for p in every], axis=0)
     weights = np.ones(len(y), dtype=np.float32)
     input_kept = np.zeros(len(y), dtype=bool)
+    if weak_flags == "drop":
+        dropped = dropped | weak
     if input_flagged is not None:  # input untrusted, label uncontested: kept at input_weight (0: dropped)
-        only = input_flagged & ~flagged
+        only = input_flagged & ~flagged & ~(weak & dropped)
         input_kept = only & (input_weight > 0)
         dropped = dropped | (only & (input_weight == 0))
         weights[input_kept] = input_weight
@@ -110,6 +134,10 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
                          f"held-out clean predictions are >= {precision:g} precise"),
         "n_relabelled": int(relabelled.sum()), "n_confirmed": int(confirmed.sum()),
         "n_dropped": int(dropped.sum()), "n_unlearned": int(unlearn.sum()),
+        **({"n_weak_flags": int(weak.sum()), "weak_flags": weak_flags,
+            "weak_rule": ("label-flagged but not at the acting level (act_quantile): not relabelled or unlearned, "
+                          + ("kept with its label" if weak_flags == "keep" else "dropped"))}
+           if strong is not None else {}),
         **({"n_input_kept": int(input_kept.sum()), "input_weight": input_weight,
             "n_both_flagged": int((input_flagged & flagged).sum()), "drop_both_flagged": drop_both_flagged,
             "input_rule": ("input flagged, label uncontested: kept with its label at weight input_weight (0: "
@@ -118,4 +146,4 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
                               else "separated as any label flag"))}
            if input_flagged is not None else {}),
     }
-    return Separation(new_labels, relabelled, confirmed, dropped, unlearn, details, weights, input_kept)
+    return Separation(new_labels, relabelled, confirmed, dropped, unlearn, details, weights, input_kept, weak)

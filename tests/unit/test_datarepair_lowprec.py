@@ -1,0 +1,93 @@
+"""Acting needs stronger evidence than flagging (issue 11, low-precision flags): label flags below the acting level
+(``act_quantile``) are kept with their label or dropped, never relabelled or unlearned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from sklearn.datasets import load_digits
+
+from core.data.imageset import ImageSet
+from core.data.transforms import Normalization
+from core.datarepair.identify import IdentifyConfig, identify, label_flags_at
+from core.datarepair.registry import repair_data, validate_params
+from core.datarepair.separate import separate
+from core.defenses.runtime import runtime_for
+from core.progress import Progress
+from core.training import train_classifier
+
+NORM = Normalization()
+FAST = {"calib_epochs": 3, "calib_augment": False, "scratch_epochs": 20, "epochs": 2, "augment": False}
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, object]:
+    """8x8 digits: 500 training images with 20% of the labels flipped, a clean set of 300."""
+    torch.set_num_threads(1)
+    d = load_digits()
+    x = (d.images * 255 / 16).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(3)
+    order = rng.permutation(len(y))
+    tr, cl = order[:500], order[500:800]
+    noisy = y[tr].copy()
+    bad = rng.random(len(tr)) < 0.2
+    noisy[bad] = (noisy[bad] + rng.integers(1, 10, bad.sum())) % 10
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    training = ImageSet(x[tr], noisy)
+    model = train_classifier(net, training, NORM, 15, 0.05, 64, "cpu", augment=False)
+    return {"model": model, "training": training, "clean": ImageSet(x[cl], y[cl]), "bad": bad}
+
+
+def test_weak_flags_are_kept_or_dropped_and_never_relabelled_or_unlearned() -> None:
+    y = np.array([0, 0, 0, 1])
+    probs = np.array([[0.005, 0.995], [0.005, 0.995], [0.4, 0.6], [0.5, 0.5]], dtype=np.float32)
+    clean = np.tile(np.array([[0.99, 0.01], [0.01, 0.99]], dtype=np.float32), (10, 1))
+    clean_y = np.tile([0, 1], 10)
+    flagged = np.array([True, True, True, False])
+    every = separate(flagged, y, probs, clean, clean_y, 0.9, 2)
+    assert every.relabelled.tolist() == [True, True, False, False] and every.unlearn[2]
+    strong = np.array([True, False, False, False])  # only the first flag holds at the acting level
+    keep = separate(flagged, y, probs, clean, clean_y, 0.9, 2, strong=strong, weak_flags="keep")
+    assert keep.new_labels.tolist() == [1, 0, 0, 1]  # the weak ones keep their (given) label
+    assert keep.weak.tolist() == [False, True, True, False]
+    assert not keep.unlearn.any() and keep.relabelled.tolist() == [True, False, False, False]
+    assert (keep.weights == 1).all() and keep.details["n_weak_flags"] == 2
+    drop = separate(flagged, y, probs, clean, clean_y, 0.9, 2, strong=strong, weak_flags="drop")
+    assert drop.new_labels.tolist() == [1, -1, -1, 1] and not drop.unlearn.any()
+    assert drop.dropped.tolist() == [False, True, True, False] and drop.weights[1:3].tolist() == [0, 0]
+
+
+def test_flags_at_another_level_follow_the_same_rule_and_nest(digits: dict) -> None:
+    cfg = IdentifyConfig(null_quantile=0.6, calib_epochs=3, calib_augment=False, scratch_epochs=20)
+    ident = identify(digits["model"], digits["training"], digits["clean"], NORM, cfg, runtime_for("cpu"), 10,
+                     Progress())
+    assert np.array_equal(label_flags_at(ident, 0.6), ident.label_flagged)  # the configured level reproduced
+    strict = label_flags_at(ident, 0.95)
+    assert strict.sum() < ident.label_flagged.sum() and not (strict & ~ident.label_flagged).any()
+    bad = digits["bad"]
+    # the stricter level is more precise: what it leaves out of the loose flags is mostly benign
+    assert (bad & strict).sum() / strict.sum() > (bad & ident.label_flagged).sum() / ident.label_flagged.sum()
+
+
+def test_retain_with_loose_flags_keeps_the_weak_ones_with_their_label(digits: dict) -> None:
+    training = digits["training"]
+    params = {**FAST, "null_quantile": 0.6, "input_quality": False}
+    loose = repair_data("retain", digits["model"], training, digits["clean"], NORM, params, "cpu", 10)
+    assert loose.params["act_quantile"] == 0.95 and loose.params["weak_flags"] == "keep"  # the defaults
+    n_weak = loose.details["n_weak_flags"]
+    assert n_weak > 0
+    kept_as_given = loose.flagged & (loose.new_labels == training.y)
+    assert kept_as_given.sum() >= n_weak
+    every = repair_data("retain", digits["model"], training, digits["clean"], NORM, {**params, "act_quantile": 0.6},
+                        "cpu", 10)
+    assert "n_weak_flags" not in every.details  # at or below the flagging level every flag acts
+    assert every.details["n_relabelled"] + every.details["n_dropped"] > loose.details["n_relabelled"] + \
+        loose.details["n_dropped"]
+    with pytest.raises(ValueError):
+        validate_params("retain", {"weak_flags": "erase"})
+    with pytest.raises(ValueError):
+        validate_params("retain", {"act_quantile": 1.0})
