@@ -88,6 +88,19 @@ class TSBDConfig:
     # digits CNN with 100% ASR clean (BENCHMARKS.md §2.7), and a gate that trusts it leaves that backdoor in place
     clean_check: Literal["off", "given", "scan"] = "off"
     force_repair: Flag = False
+    # what a clean verdict does: "keep" returns the model unrepaired; "gentle" (issue 10) repairs it with the
+    # retention rule's small n (auto_retention_min_n .. auto_retention_max_n) instead of the width/collapse rule's
+    # n >= 0.5, so a detector's miss still gets a repair, and a clean model pays less accuracy for it
+    clean_action: Literal["keep", "gentle"] = "keep"
+    # after a gentle repair, scan the repaired model with the detector; while it is not called clean, repair
+    # again from the original model with the next larger n of the ladder up to the full rule's n (at most
+    # escalate_max_repairs repairs in all, each with one detector scan), stopping where the clean subset's accuracy
+    # after stage 2 falls more than max(auto_tolerance, one standard error) below the best attempt
+    escalate: Flag = True
+    escalate_max_repairs: int_in(1, 8) = 3
+    # which pre-repair verdicts start gently: "clean" only, or "all" (a flagged model too: the closed loop of
+    # issue 10, start small and raise n until the detector no longer flags the repaired model; with escalate)
+    gentle_verdicts: Literal["clean", "all"] = "clean"
     # not in the reference: drop the subset's images that sit apart from their class before stage 1
     # (core/defenses/subset_filter.py), so poisoned images in a not-quite-clean subset cannot teach the backdoor
     # back in stage 2 (BENCHMARKS.md §2.8); a clean subset loses about 1% of its images
