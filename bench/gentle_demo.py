@@ -35,6 +35,7 @@ from core.training import train_classifier  # noqa: E402
 VARIANTS = {
     "tsbd (today's default)": {},
     "tsbd gentle (clean_check given, clean_action gentle)": {"clean_check": "given", "clean_action": "gentle"},
+    "tsbd gentle without escalation": {"clean_check": "given", "clean_action": "gentle", "escalate": False},
 }
 
 
@@ -42,6 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default="bench/results/gentle_demo.md")
+    ap.add_argument("--kinds", default="badnets,clean", help="which models: badnets, clean")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant labels to run")
     args = ap.parse_args()
     data = load_digits()
     rows = []
@@ -50,7 +53,7 @@ def main() -> None:
         train, clean, test = data.subset(order[:1200]), data.subset(order[1200:1500]), data.subset(order[1500:])
         attack = create_attack("badnets", target=0, image_shape=train.image_shape)
         backdoor = make_backdoor_test_set(attack, test, 10)
-        for kind in ("badnets", "clean"):
+        for kind in args.kinds.split(","):
             poisoned = poison_training_set(attack, train, 0.1, 10, seed=seed).data if kind == "badnets" else train
             torch.manual_seed(seed)
             model = create_model("resnet20", 10, 1)
@@ -63,7 +66,7 @@ def main() -> None:
             scan_s = time.perf_counter() - t0
             print(f"[s{seed} {kind}] ACC {before['acc']:.4f} ASR {before['asr']:.4f} verdict {found.verdict} "
                   f"({found.score:.2f}, {scan_s:.0f}s)", flush=True)
-            for label, extra in VARIANTS.items():
+            for label, extra in ((k, VARIANTS[k]) for k in args.variants.split(",")):
                 t0 = time.perf_counter()
                 res = repair("tsbd", model, clean, DIGITS_NORM, {**DEMO_REPAIR_PARAMS, **extra}, "cpu", 10, seed,
                              verdict=found.verdict)

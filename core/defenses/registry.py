@@ -31,7 +31,8 @@ TSBD_AUTO_SCHEDULE = "cosine"
 # The automatic TSBD's defaults beyond the reference (issue 10, BENCHMARKS.md §2.7): stage 2's epochs and
 # learning rate from the evidence. n stays with the width rule: the recovery rule (auto.py) kept n = 0.1-0.3 on
 # a narrow digits CNN whose BadNets backdoor needs 0.7 (ASR 24-100% left against 7%), and the detector's clean
-# verdict is not the default gate because it called that backdoored model clean (clean_check "off").
+# verdict is not the default gate because it called that backdoored model clean (clean_check "off"); nor is a
+# gentle repair on a clean verdict (§2.10: it left 4.9% ASR on a demo BadNets model the detector missed, 0.4% full).
 TSBD_AUTO_DEFAULTS: Mapping[str, object] = MappingProxyType({"finetune_adaptive": True})
 
 

@@ -137,7 +137,8 @@ def _clean_subset(n: int = 120) -> ImageSet:
 
 def test_a_model_the_detector_calls_clean_is_kept_unless_forced() -> None:
     model, clean = _tiny().eval(), _clean_subset()
-    params = {"clean_check": "given", "batch_size": 60, "unlearn_max_epochs": 1, "finetune_epochs": 1,
+    params = {"clean_check": "given", "clean_action": "keep", "batch_size": 60, "unlearn_max_epochs": 1,
+              "finetune_epochs": 1,
               "auto_probe_epochs": 1, "auto_probes": [0.5]}
     kept = repair("tsbd", model, clean, NORM, params, "cpu", 10, verdict="clean")
     assert kept.chosen["action"] == "kept" and "clean" in kept.chosen["why"]
@@ -145,6 +146,11 @@ def test_a_model_the_detector_calls_clean_is_kept_unless_forced() -> None:
         assert torch.equal(a, b)
     forced = repair("tsbd", model, clean, NORM, {**params, "force_repair": True}, "cpu", 10, verdict="clean")
     assert forced.chosen["action"] == "repaired" and "force_repair" in forced.chosen["why"]
+    # clean_action's default: a clean verdict gets the gentle repair, not escalated (escalate is off by default)
+    default = repair("tsbd", model, clean, NORM, {k: v for k, v in params.items() if k != "clean_action"}, "cpu", 10,
+                     verdict="clean")
+    assert default.chosen["action"] == "gentle" and "escalation" not in default.details
+    assert default.chosen["neuron_ratio"] <= 0.3 < default.chosen["neuron_ratio_full"]
     flagged = repair("tsbd", model, clean, NORM, params, "cpu", 10, verdict="backdoored")
     assert flagged.chosen["action"] == "repaired" and "backdoored" in flagged.chosen["why"]
     # the reference (tsbd_fixed) does not read the verdict
@@ -181,8 +187,8 @@ def _flagging_scan(flags: int):
 
 
 # a width-rule model on the collapse branch (narrow: 8 channels): full n >= auto_min_n, gentle n <= 0.3
-_GENTLE = dict(clean_check="given", clean_action="gentle", batch_size=60, unlearn_max_epochs=1, finetune_epochs=1,
-               subset_filter=False, auto_min_n=0.5, auto_max_n=0.7)
+_GENTLE = dict(clean_check="given", clean_action="gentle", escalate=True, batch_size=60, unlearn_max_epochs=1,
+               finetune_epochs=1, subset_filter=False, auto_min_n=0.5, auto_max_n=0.7)
 
 
 def test_a_clean_verdict_gets_the_gentle_n_and_says_why() -> None:
