@@ -73,8 +73,8 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     images that sit apart from their class (:func:`filter_poisoned`), so that poisoned images in it cannot
     teach the backdoor back in stage 2. ``verdict``: the trigger-free detector's verdict on ``model``
     (``cfg.clean_check``): a model called clean is returned unrepaired (``cfg.clean_action="keep"``) or repaired
-    gently and escalated while the detector still flags the result (``"gentle"``, :func:`_escalate`), unless
-    ``cfg.force_repair``. ``detect_config``: the detector's ``DetectConfig`` for the scans done here (``None``:
+    gently (``"gentle"``: the retention rule's n; with ``cfg.escalate``, repaired again with a larger n while the
+    detector still flags the result, :func:`_escalate`), unless ``cfg.force_repair``. ``detect_config``: the detector's ``DetectConfig`` for the scans done here (``None``:
     its defaults); ``scan`` replaces the detector altogether (tests). ``model`` is not modified; the result
     holds a new module on ``device`` in eval mode."""
     rt = runtime_for(device)
@@ -199,7 +199,6 @@ def _escalate(attempt: Callable[[float], tuple[Any, ...]], outcome: tuple[Any, .
     outcome, its ``n`` and the account (every attempt: n, verdict, score, accuracy, seconds)."""
     attempts: list[dict[str, object]] = []
     best = -1.0
-    stopped = "the ladder ended"
     rest = list(ladder)
     while True:
         t0 = time.perf_counter()
