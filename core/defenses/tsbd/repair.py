@@ -74,9 +74,9 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     teach the backdoor back in stage 2. ``verdict``: the trigger-free detector's verdict on ``model``
     (``cfg.clean_check``): a model called clean is returned unrepaired (``cfg.clean_action="keep"``) or repaired
     gently (``"gentle"``: the retention rule's n; with ``cfg.escalate``, repaired again with a larger n while the
-    detector still flags the result, :func:`_escalate`), unless ``cfg.force_repair``. ``detect_config``: the detector's ``DetectConfig`` for the scans done here (``None``:
-    its defaults); ``scan`` replaces the detector altogether (tests). ``model`` is not modified; the result
-    holds a new module on ``device`` in eval mode."""
+    detector still flags the result, :func:`_escalate`), unless ``cfg.force_repair``. ``detect_config``: the
+    detector's ``DetectConfig`` for the scans done here (``None``: its defaults); ``scan`` replaces the detector
+    altogether (tests). ``model`` is not modified; the result holds a new module on ``device`` in eval mode."""
     rt = runtime_for(device)
     progress = progress or Progress()
     progress.sync = cuda_sync(rt)
