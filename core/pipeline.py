@@ -169,10 +169,14 @@ def _repair(spec: ScanSpec, model: torch.nn.Module, train_set: ImageSet, norm: A
             stage: Progress, report: dict[str, Any]) -> torch.nn.Module:
     """Mode repair: the backdoor repair on the clean part; its account goes to ``report["repair"]``."""
     try:
-        # the detector's verdict lets the automatic tsbd keep a clean model as it is (its clean_check)
+        # the detector's verdict lets the automatic tsbd keep a clean model or repair it gently (its
+        # clean_check); its own scans (clean_check "scan", the gentle repair's escalation) use the same config
+        from core.spec import detect_config
+
+        dcfg = detect_config(spec.detect.params) if spec.detect.enabled else None
         result = _repair_registry().repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
                                            spec.model.num_classes, spec.seed, progress=stage,
-                                           verdict=report["verdict"].get("label"))
+                                           verdict=report["verdict"].get("label"), detect_config=dcfg)
     except ValueError as exc:  # parameters the method's config refuses
         raise InputError("spec.repair.params", str(exc)) from exc
     report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,

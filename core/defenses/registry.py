@@ -31,7 +31,8 @@ TSBD_AUTO_SCHEDULE = "cosine"
 # The automatic TSBD's defaults beyond the reference (issue 10, BENCHMARKS.md §2.7): stage 2's epochs and
 # learning rate from the evidence. n stays with the width rule: the recovery rule (auto.py) kept n = 0.1-0.3 on
 # a narrow digits CNN whose BadNets backdoor needs 0.7 (ASR 24-100% left against 7%), and the detector's clean
-# verdict is not the default gate because it called that backdoored model clean (clean_check "off").
+# verdict is not the default gate because it called that backdoored model clean (clean_check "off"); nor is a
+# gentle repair on a clean verdict (§2.10: it left 4.9% ASR on a demo BadNets model the detector missed, 0.4% full).
 TSBD_AUTO_DEFAULTS: Mapping[str, object] = MappingProxyType({"finetune_adaptive": True})
 
 
@@ -43,8 +44,9 @@ class RepairMethod:
     description: str
     param_types: Mapping[str, Any]
     configure: Callable[[dict[str, Any], int], Any]  # (checked params, seed) -> the method's config
-    run: Callable[..., RepairResult]  # (model, clean, norm, config, device, num_classes, progress[, verdict])
-    takes_verdict: bool = False  # run() reads the detector's verdict on the model (keyword ``verdict``)
+    run: Callable[..., RepairResult]  # (model, clean, norm, config, device, num_classes, progress[, verdict, ...])
+    # run() reads the detector's verdict on the model and its config (keywords ``verdict``, ``detect_config``)
+    takes_verdict: bool = False
 
 
 def _tsbd_config(auto: bool) -> Callable[[dict[str, Any], int], TSBDConfig]:
@@ -64,8 +66,10 @@ def _tsbd_config(auto: bool) -> Callable[[dict[str, Any], int], TSBDConfig]:
 
 def _run_tsbd(auto: bool) -> Callable[..., RepairResult]:
     def run(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSBDConfig, device: torch.device | str,
-            num_classes: int, progress: Progress, verdict: str | None = None) -> RepairResult:
-        result = tsbd_repair(model, clean, norm, cfg, device, progress, num_classes, verdict)
+            num_classes: int, progress: Progress, verdict: str | None = None,
+            detect_config: Any = None) -> RepairResult:
+        result = tsbd_repair(model, clean, norm, cfg, device, progress, num_classes, verdict,
+                             detect_config=detect_config)
         result.method = "tsbd" if auto else "tsbd_fixed"
         return result
 
@@ -142,12 +146,15 @@ def validate_params(method: str, params: Mapping[str, object], seed: int = 0) ->
 
 def repair(method: str, model: nn.Module, clean: ImageSet, norm: Normalization, params: Mapping[str, object],
            device: torch.device | str, num_classes: int, seed: int = 0,
-           progress: Progress | None = None, verdict: str | None = None) -> RepairResult:
+           progress: Progress | None = None, verdict: str | None = None,
+           detect_config: Any = None) -> RepairResult:
     """Run repair ``method`` on a copy of ``model`` with the clean subset; ``params`` override the method's
     defaults (see :data:`REPAIR_METHODS` for names and types). Bad values (e.g. a negative learning rate) raise
     ``ValueError``; ``progress`` gets the method's stages, and its ``check()`` may raise ``StopRequested``.
     ``verdict``: the trigger-free detector's verdict on ``model`` ("clean" / "suspicious" / "backdoored"), for
-    the methods that read it (the automatic ``tsbd`` keeps a clean model as it is unless ``force_repair``)."""
+    the methods that read it (the automatic ``tsbd``'s ``clean_check``: it keeps a clean model as it is or
+    repairs it gently, unless ``force_repair``); ``detect_config``: the detector's ``DetectConfig`` for the
+    scans such a method runs itself (``None``: the detector's defaults)."""
     checked = validate_params(method, params, seed)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -158,7 +165,7 @@ def repair(method: str, model: nn.Module, clean: ImageSet, norm: Normalization, 
     if robust:
         last_linear(model)  # refuse before a long repair when there is no head to refit
     entry = REPAIR_METHODS[method]
-    extra = {"verdict": verdict} if entry.takes_verdict else {}
+    extra = {"verdict": verdict, "detect_config": detect_config} if entry.takes_verdict else {}
     result = entry.run(model, clean, norm, entry.configure(checked, seed), device, num_classes, progress, **extra)
     result.params["robust_hparams"] = robust
     if robust:

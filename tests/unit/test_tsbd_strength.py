@@ -137,7 +137,8 @@ def _clean_subset(n: int = 120) -> ImageSet:
 
 def test_a_model_the_detector_calls_clean_is_kept_unless_forced() -> None:
     model, clean = _tiny().eval(), _clean_subset()
-    params = {"clean_check": "given", "batch_size": 60, "unlearn_max_epochs": 1, "finetune_epochs": 1,
+    params = {"clean_check": "given", "clean_action": "keep", "batch_size": 60, "unlearn_max_epochs": 1,
+              "finetune_epochs": 1,
               "auto_probe_epochs": 1, "auto_probes": [0.5]}
     kept = repair("tsbd", model, clean, NORM, params, "cpu", 10, verdict="clean")
     assert kept.chosen["action"] == "kept" and "clean" in kept.chosen["why"]
@@ -145,6 +146,11 @@ def test_a_model_the_detector_calls_clean_is_kept_unless_forced() -> None:
         assert torch.equal(a, b)
     forced = repair("tsbd", model, clean, NORM, {**params, "force_repair": True}, "cpu", 10, verdict="clean")
     assert forced.chosen["action"] == "repaired" and "force_repair" in forced.chosen["why"]
+    # clean_action's default: a clean verdict gets the gentle repair, not escalated (escalate is off by default)
+    default = repair("tsbd", model, clean, NORM, {k: v for k, v in params.items() if k != "clean_action"}, "cpu", 10,
+                     verdict="clean")
+    assert default.chosen["action"] == "gentle" and "escalation" not in default.details
+    assert default.chosen["neuron_ratio"] <= 0.3 < default.chosen["neuron_ratio_full"]
     flagged = repair("tsbd", model, clean, NORM, params, "cpu", 10, verdict="backdoored")
     assert flagged.chosen["action"] == "repaired" and "backdoored" in flagged.chosen["why"]
     # the reference (tsbd_fixed) does not read the verdict
@@ -166,3 +172,85 @@ def test_recovery_rule_end_to_end_records_its_probes() -> None:
     sched = res.details["schedule"]
     assert sched["crop_padding"] == 1 and res.chosen["finetune_epochs"] == sched["epochs"] == 21
     assert res.details["flip_evidence"] is not None
+
+
+def _flagging_scan(flags: int):
+    """A stand-in detector: calls the first ``flags`` models it sees backdoored, every later one clean."""
+    seen: list[nn.Module] = []
+
+    def scan(model: nn.Module, progress: object) -> dict[str, object]:
+        seen.append(model)
+        return {"verdict": "backdoored" if len(seen) <= flags else "clean", "score": 2.0 if len(seen) <= flags
+                else 0.1}
+
+    return scan, seen
+
+
+# a width-rule model on the collapse branch (narrow: 8 channels): full n >= auto_min_n, gentle n <= 0.3
+_GENTLE = dict(clean_check="given", clean_action="gentle", escalate=True, batch_size=60, unlearn_max_epochs=1,
+               finetune_epochs=1, subset_filter=False, auto_min_n=0.5, auto_max_n=0.7)
+
+
+def test_a_clean_verdict_gets_the_gentle_n_and_says_why() -> None:
+    model, clean = _tiny().eval(), _clean_subset()
+    scan, seen = _flagging_scan(0)
+    res = tsbd_repair(model, clean, NORM, TSBDConfig(**_GENTLE), "cpu", num_classes=10, verdict="clean", scan=scan)
+    full = res.chosen["neuron_ratio_full"]
+    assert res.chosen["action"] == "gentle" and "gentle" in res.chosen["why"] and "clean" in res.chosen["why"]
+    assert 0.05 <= res.chosen["neuron_ratio"] <= 0.3 < 0.5 <= full
+    assert res.chosen["neuron_ratio"] == res.details["auto"]["n_retention_rule"]
+    attempts = res.details["escalation"]["attempts"]
+    assert len(seen) == 1 and [a["n"] for a in attempts] == [res.chosen["neuron_ratio"]]
+    assert attempts[0]["verdict"] == "clean" and "clean" in res.details["escalation"]["stopped"]
+    # not gentle: a flagged or missing verdict, or force_repair, gets the full rule's n
+    for verdict, extra in (("backdoored", {}), (None, {}), ("clean", {"force_repair": True})):
+        other = tsbd_repair(model, clean, NORM, TSBDConfig(**{**_GENTLE, **extra}), "cpu", num_classes=10,
+                            verdict=verdict, scan=scan)
+        assert other.chosen["action"] == "repaired" and other.chosen["neuron_ratio"] == full
+        assert "escalation" not in other.details
+    assert len(seen) == 1  # none of them scanned
+
+
+def test_escalation_raises_n_while_the_detector_flags_and_stops_when_clean() -> None:
+    model, clean = _tiny().eval(), _clean_subset()
+    cfg = TSBDConfig(**_GENTLE, escalate_max_repairs=8, auto_tolerance=1.0)  # accuracy never stops it here
+    scan, seen = _flagging_scan(1)  # the gentle repair is flagged, the next one is clean
+    res = tsbd_repair(model, clean, NORM, cfg, "cpu", num_classes=10, verdict="clean", scan=scan)
+    esc = res.details["escalation"]
+    ns = [a["n"] for a in esc["attempts"]]
+    assert len(ns) == 2 == len(seen) and ns[0] < ns[1] == res.chosen["neuron_ratio"] == esc["ladder"][0]
+    assert [a["verdict"] for a in esc["attempts"]] == ["backdoored", "clean"]
+    assert "escalated" in res.chosen["rule"]
+    # always flagged: it climbs the whole ladder and ends at the full rule's n
+    scan, seen = _flagging_scan(99)
+    res = tsbd_repair(model, clean, NORM, cfg, "cpu", num_classes=10, verdict="clean", scan=scan)
+    esc = res.details["escalation"]
+    assert res.chosen["neuron_ratio"] == res.chosen["neuron_ratio_full"] == esc["ladder"][-1]
+    assert len(esc["attempts"]) == 1 + len(esc["ladder"]) == len(seen) and "no larger n" in esc["stopped"]
+    # escalation off: the gentle n stands without a scan
+    scan, seen = _flagging_scan(99)
+    res = tsbd_repair(model, clean, NORM, dataclasses.replace(cfg, escalate=False), "cpu", num_classes=10,
+                      verdict="clean", scan=scan)
+    assert not seen and res.chosen["neuron_ratio"] < res.chosen["neuron_ratio_full"]
+
+
+def test_escalation_ladder_is_thinned_and_ends_at_the_full_n() -> None:
+    from core.defenses.tsbd.repair import escalation_ladder
+
+    sweep = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
+    assert escalation_ladder(sweep, 0.1, 0.5, 3) == (0.25, 0.5)
+    assert escalation_ladder(sweep, 0.1, 0.5, 8) == (0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+    assert escalation_ladder(sweep, 0.3, 0.3, 3) == ()
+    assert escalation_ladder(sweep, 0.1, 0.5, 1) == ()
+
+
+def test_gentle_verdicts_all_closes_the_loop_on_a_flagged_model_too() -> None:
+    model, clean = _tiny().eval(), _clean_subset()
+    cfg = TSBDConfig(**{**_GENTLE, "gentle_verdicts": "all", "auto_tolerance": 1.0})
+    scan, seen = _flagging_scan(1)
+    res = tsbd_repair(model, clean, NORM, cfg, "cpu", num_classes=10, verdict="backdoored", scan=scan)
+    assert res.chosen["action"] == "gentle" and "backdoored" in res.chosen["why"]
+    assert [a["verdict"] for a in res.details["escalation"]["attempts"]] == ["backdoored", "clean"]
+    forced = tsbd_repair(model, clean, NORM, dataclasses.replace(cfg, force_repair=True), "cpu", num_classes=10,
+                         verdict="backdoored", scan=scan)
+    assert forced.chosen["action"] == "repaired" and forced.chosen["neuron_ratio"] == res.chosen["neuron_ratio_full"]

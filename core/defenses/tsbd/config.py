@@ -84,10 +84,28 @@ class TSBDConfig:
     auto_holdout: float_in(0.05, 0.5) = 0.2
     auto_tolerance: Ratio = 0.01
     # "given" / "scan": a model the detector calls clean (core.detect's verdict, given by the pipeline, or
-    # scanned here) is returned unrepaired unless force_repair. Off by default: the detector called a BadNets
-    # digits CNN with 100% ASR clean (BENCHMARKS.md §2.7), and a gate that trusts it leaves that backdoor in place
+    # scanned here) is repaired gently or kept (clean_action) unless force_repair. Off by default: the detector
+    # called a BadNets digits CNN with 100% ASR clean (BENCHMARKS.md §2.7), and a gate that trusts it leaves that
+    # backdoor in place; a gentle repair of such a miss left 4.9% ASR where the full rule left 0.4% (§2.10)
     clean_check: Literal["off", "given", "scan"] = "off"
     force_repair: Flag = False
+    # what a clean verdict does (issue 10, BENCHMARKS.md §2.10): "gentle" repairs it with the retention rule's
+    # small n (auto_retention_min_n .. auto_retention_max_n) instead of the width/collapse rule's n >= 0.5: on
+    # three clean MNIST CNNs it kept 97.5-98.0% accuracy where the full rule kept 94.5-94.9, and on the models
+    # the detector missed it still repaired (MNIST WaNet 0.6% ASR, demo BadNets 1.1% / 4.9%), where "keep" (the
+    # model returned unrepaired, the behaviour before) leaves the backdoor whole. Read only with a clean_check
+    clean_action: Literal["keep", "gentle"] = "gentle"
+    # after a gentle repair, scan the repaired model with the detector; while it is not called clean, repair
+    # again from the original model with the next larger n of the ladder up to the full rule's n (at most
+    # escalate_max_repairs repairs in all, each with one detector scan), stopping where the clean subset's accuracy
+    # after stage 2 falls more than max(auto_tolerance, one standard error) below the best attempt. Off by
+    # default (§2.10): it rescued no backdoor (the detector called every gently repaired missed model clean, at
+    # 4.9% ASR on the demo's BadNets) and undid the gentleness on a clean digits model it flagged once repaired
+    escalate: Flag = False
+    escalate_max_repairs: int_in(1, 8) = 3
+    # which pre-repair verdicts start gently: "clean" only, or "all" (a flagged model too: the closed loop of
+    # issue 10, start small and raise n until the detector no longer flags the repaired model; with escalate)
+    gentle_verdicts: Literal["clean", "all"] = "clean"
     # not in the reference: drop the subset's images that sit apart from their class before stage 1
     # (core/defenses/subset_filter.py), so poisoned images in a not-quite-clean subset cannot teach the backdoor
     # back in stage 2 (BENCHMARKS.md §2.8); a clean subset loses about 1% of its images
