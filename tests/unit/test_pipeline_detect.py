@@ -94,3 +94,28 @@ def test_clean_data_the_detector_cannot_use_is_an_input_error_naming_the_field(t
     with pytest.raises(InputError) as err:
         run_pipeline(_spec(), inputs, tmp_path, device="cpu")
     assert err.value.field == "clean_data" and "at least 10 clean images" in err.value.message
+
+
+def test_the_repairs_own_scans_use_the_specs_detect_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An escalating gentle repair scans the repaired model itself: with the spec's detect settings, not the
+    detector's defaults (300 images, four detectors), and its attempts are in the report."""
+    import core.detect
+
+    seen: list[object] = []
+    real = core.detect.scan_model
+
+    def spy(model, clean, norm, config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(config)
+        return real(model, clean, norm, config, *args, **kwargs)
+
+    monkeypatch.setattr(core.detect, "scan_model", spy)
+    params = {"clean_check": "given", "clean_action": "gentle", "gentle_verdicts": "all", "escalate": True,
+              "escalate_max_repairs": 2, "finetune_epochs": 1, "finetune_min_epochs": 1}
+    spec = ScanSpec.model_validate(json.loads(spec_json("repair", detect=CHEAP_DETECT,
+                                                        repair={"method": "tsbd", "params": params})))
+    result = run_pipeline(spec, _inputs(tmp_path), tmp_path, device="cpu")
+    escalation = result.report["repair"]["details"]["escalation"]
+    assert escalation["attempts"], escalation
+    assert seen, "the escalation ran no scan"
+    for config in seen:
+        assert config.detectors == ("neural_cleanse",) and config.max_images == 200
