@@ -50,9 +50,9 @@ def main() -> None:
             acc = {v: [c[v]["acc"] for c in cells] for v in (KEEP, DROP, TEST)}
             has_asr = cells[0][TEST]["asr"] is not None
             asr = {v: [c[v]["asr"] for c in cells] for v in (KEEP, DROP, TEST)} if has_asr else None
-            d = {b: [t - k for t, k in zip(acc[TEST], acc[b])] for b in (KEEP, DROP)}
+            d = {b: [t - k for t, k in zip(acc[TEST], acc[b], strict=True)] for b in (KEEP, DROP)}
             a_cells = (" / ".join(f"{100 * np.mean(asr[v]):.1f}" for v in (KEEP, DROP, TEST)) if asr else "–")
-            da = ({b: mean_se([t - k for t, k in zip(asr[TEST], asr[b])]) for b in (KEEP, DROP)} if asr
+            da = ({b: mean_se([t - k for t, k in zip(asr[TEST], asr[b], strict=True)]) for b in (KEEP, DROP)} if asr
                   else {KEEP: "–", DROP: "–"})
             print(f"| {row} | {group} ({seeds}) | {fired}/{len(cells)} | "
                   f"{' / '.join(f'{100 * np.mean(acc[v]):.2f}' for v in (KEEP, DROP, TEST))} | {a_cells} | "
