@@ -33,7 +33,7 @@ def main() -> None:
     by: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
     for path in args.paths:
         for r in json.loads(path.read_text()):
-            by[(r["row"], r["seed"])][r["variant"]] = r
+            by[(f'{r.get("dataset", "fmnist")} {r["row"]}', r["seed"])][r["variant"]] = r
     rows = list(dict.fromkeys(k[0] for k in by))
     print("| row | seeds | fired | ACC % keep / drop / class_test | ASR % keep / drop / class_test | "
           "class_test − keep ACC | class_test − drop ACC | class_test − keep ASR | class_test − drop ASR |")
