@@ -40,7 +40,8 @@ predicts (one-sided binomial test, Bonferroni over the K classes at level ``clas
 ``retain``); the weak flags of such a class are dropped (the likely poisons among them go), those of the other
 classes kept. Why the strong flags and not the weak ones: the weak flags of the target class are not above its share
 (measured, docs/datarepair.md "Which weak flags to drop"): benign false alarms crowd in the hard classes, and the
-target class holds its own images plus the poisons.
+target class holds its own images plus the poisons. Not the default: class-dependent label noise (asymmetric flips)
+is class-concentrated too, and there dropping the weak flags of the flip classes cost ~0.3 points (BENCHMARKS.md 7.0c).
 """
 
 from __future__ import annotations
