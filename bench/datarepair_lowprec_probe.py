@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "retain[no_unlearn]": {"unlearn_weight": 0.0},
     "retain[act0.95 keep]": {"act": 0.95, "weak_flags": "keep"},
     "retain[act0.95 drop]": {"act": 0.95, "weak_flags": "drop"},
+    "retain[act0.95 class_test]": {"act": 0.95, "weak_flags": "class_test"},
 }
 
 
@@ -113,7 +114,8 @@ def main() -> None:
                 records.append({"dataset": args.dataset, "seed": seed, "row": row, "q": args.quantile, "variant": name,
                                 "acc": after.acc,
                                 "asr": after.asr, "before": before.acc, "fates": f, "n_flagged": int(flagged.sum()),
-                                "precision": tp / max(1, flagged.sum())})
+                                "precision": tp / max(1, flagged.sum()),
+                                "weak_dropped_classes": sep.details.get("weak_dropped_classes")})
                 print(f"  {name:24s} ACC {after.acc:.4f} ASR {after.asr}  benign {f['benign']}  bad {f['bad']}",
                       flush=True)
             for name in args.baselines.split(",") if args.baselines else []:

@@ -58,6 +58,8 @@ class RetainExtra:
     # the other flagged samples are kept with their label or dropped (weak_flags). At or below null_quantile:
     # every flag acts (the two levels coincide at the defaults). docs/datarepair.md "Low precision" for why.
     act_quantile: float_in(0.5, 1.0, open_high=True) = 0.95
+    # class_test: drop the weak flags only of the classes holding more strong flags than their share of the training
+    # set (binomial, Bonferroni over the classes at 1 - act_quantile; docs/datarepair.md "Which weak flags to drop")
     weak_flags: WeakFlags = "keep"
 
 
@@ -136,7 +138,8 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     sep = separate(label_flagged, training.y, ident.probs, ident.clean_probs, clean.y,
                    extra.relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
                    ident.reference_probs if extra.unlearn_when_all_agree else None,
-                   ident.input_flagged, extra.input_weight, extra.drop_both_flagged, strong, extra.weak_flags)
+                   ident.input_flagged, extra.input_weight, extra.drop_both_flagged, strong, extra.weak_flags,
+                   1 - extra.act_quantile)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]

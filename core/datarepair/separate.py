@@ -33,6 +33,15 @@ flags that also hold at the stricter null quantile of step 2 (``act_quantile``, 
 relabelled, confirmed or unlearned; the other flagged samples are kept with their label (``weak_flags="keep"``: the
 benign part is kept) or dropped (``"drop"``). At the default flagging level the two levels coincide and nothing
 changes.
+
+``weak_flags="class_test"`` decides per class (:func:`concentrated_classes`): an all-to-one backdoor puts its poisons
+under one given label, so the strong flags of that label are far more than the label's share of the training set
+predicts (one-sided binomial test, Bonferroni over the K classes at level ``class_alpha``, 1 - act_quantile in
+``retain``); the weak flags of such a class are dropped (the likely poisons among them go), those of the other
+classes kept. Why the strong flags and not the weak ones: the weak flags of the target class are not above its share
+(measured, docs/datarepair.md "Which weak flags to drop"): benign false alarms crowd in the hard classes, and the
+target class holds its own images plus the poisons. Not the default: class-dependent label noise (asymmetric flips)
+is class-concentrated too, and there dropping the weak flags of the flip classes cost ~0.3 points (BENCHMARKS.md 7.0c).
 """
 
 from __future__ import annotations
@@ -41,9 +50,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from scipy.stats import binom
 
 MIN_RELABEL_SUPPORT = 10  # held-out clean samples the confidence threshold must rest on at least
-WeakFlags = Literal["keep", "drop"]
+WeakFlags = Literal["keep", "drop", "class_test"]
 
 
 @dataclass
@@ -76,12 +86,31 @@ def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: f
     return float(conf[order][ok[-1]])
 
 
+def concentrated_classes(y: np.ndarray, strong: np.ndarray, num_classes: int,
+                         alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which given labels hold more of the ``strong`` flags than their share of the training set predicts:
+    per class c, with k_c of the S strong flags under label c and n_c of the N samples, the one-sided binomial p-value
+    P(Binomial(S, n_c / N) >= k_c), rejected below ``alpha / num_classes`` (Bonferroni over the classes, so at most
+    ``alpha`` chance of any rejection when the flags fall on the labels as the training set does). Returns
+    (rejected per class, p-value per class). Why: the poisons of an all-to-one backdoor share the target label, so
+    that label's flags are concentrated, while label noise and false alarms spread over the classes (module
+    docstring); no threshold is fitted, the level is the acting level's own."""
+    y = y.astype(np.int64)
+    n_c = np.bincount(y, minlength=num_classes)
+    k_c = np.bincount(y[strong], minlength=num_classes)
+    total = int(strong.sum())
+    pvals = np.ones(num_classes)
+    if total > 0:
+        pvals = binom.sf(k_c - 1, total, n_c / max(1, len(y)))
+    return pvals < alpha / num_classes, pvals
+
+
 def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs: np.ndarray,
              clean_y: np.ndarray, precision: float, num_classes: int, reference: np.ndarray | None = None,
              reference_clean_probs: list[np.ndarray] | None = None,
              reference_probs: list[np.ndarray] | None = None, input_flagged: np.ndarray | None = None,
              input_weight: float = 1.0, drop_both_flagged: bool = False, strong: np.ndarray | None = None,
-             weak_flags: WeakFlags = "keep") -> Separation:
+             weak_flags: WeakFlags = "keep", class_alpha: float = 0.05) -> Separation:
     """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label.
     With ``reference`` (per sample, which of ``reference_clean_probs``' models gave its ``probs``), each sample's
     confidence threshold is calibrated on that model's own held-out clean probabilities; with ``reference_probs``
@@ -90,7 +119,8 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     inputs flagged by input quality are separated as the module docstring says; ``drop_both_flagged`` drops a
     sample flagged by both (its input and its label untrusted) instead of relabelling it from that input. With
     ``strong`` (the label flags at the acting level), only ``flagged & strong`` are relabelled, confirmed, dropped
-    or unlearned as above; the rest of ``flagged`` is kept with its label or dropped (``weak_flags``)."""
+    or unlearned as above; the rest of ``flagged`` is kept with its label or dropped (``weak_flags``; ``"class_test"``:
+    dropped in the classes :func:`concentrated_classes` finds at level ``class_alpha``, kept in the others)."""
     y = y.astype(np.int64)
     weak = np.zeros(len(y), dtype=bool)
     if strong is not None:
@@ -115,8 +145,13 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     unlearn = dropped & np.all([p[np.arange(len(y)), y] < 1.0 / num_classes for p in every], axis=0)
     weights = np.ones(len(y), dtype=np.float32)
     input_kept = np.zeros(len(y), dtype=bool)
+    classes: list[int] = []
     if weak_flags == "drop":
         dropped = dropped | weak
+    elif weak_flags == "class_test" and strong is not None:
+        rejected, _ = concentrated_classes(y, flagged, num_classes, class_alpha)
+        classes = np.flatnonzero(rejected).tolist()
+        dropped = dropped | (weak & rejected[y])
     if input_flagged is not None:  # input untrusted, label uncontested: kept at input_weight (0: dropped)
         only = input_flagged & ~flagged & ~(weak & dropped)
         input_kept = only & (input_weight > 0)
@@ -136,7 +171,12 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
         "n_dropped": int(dropped.sum()), "n_unlearned": int(unlearn.sum()),
         **({"n_weak_flags": int(weak.sum()), "weak_flags": weak_flags,
             "weak_rule": ("label-flagged but not at the acting level (act_quantile): not relabelled or unlearned, "
-                          + ("kept with its label" if weak_flags == "keep" else "dropped"))}
+                          + {"keep": "kept with its label", "drop": "dropped",
+                             "class_test": (f"dropped in the classes whose strong flags exceed their share of the "
+                                            f"training set (one-sided binomial, Bonferroni over {num_classes} "
+                                            f"classes at {class_alpha:g}), kept in the others")}[weak_flags]),
+            **({"weak_dropped_classes": classes, "n_weak_dropped": int((weak & dropped).sum())}
+               if weak_flags == "class_test" else {})}
            if strong is not None else {}),
         **({"n_input_kept": int(input_kept.sum()), "input_weight": input_weight,
             "n_both_flagged": int((input_flagged & flagged).sum()), "drop_both_flagged": drop_both_flagged,

@@ -13,7 +13,7 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.datarepair.identify import IdentifyConfig, identify, label_flags_at
 from core.datarepair.registry import repair_data, validate_params
-from core.datarepair.separate import separate
+from core.datarepair.separate import concentrated_classes, separate
 from core.defenses.runtime import runtime_for
 from core.progress import Progress
 from core.training import train_classifier
@@ -61,6 +61,31 @@ def test_weak_flags_are_kept_or_dropped_and_never_relabelled_or_unlearned() -> N
     assert drop.dropped.tolist() == [False, True, True, False] and drop.weights[1:3].tolist() == [0, 0]
 
 
+def test_class_test_drops_the_weak_flags_of_a_class_that_holds_the_strong_flags_only() -> None:
+    """Four classes of 50 samples: 20 strong flags all under label 0 (an all-to-one backdoor's target) and one weak
+    flag in every class: only class 0's weak flag is dropped. With the strong flags spread (label noise), no class is
+    rejected and every weak flag is kept."""
+    k = 4
+    y = np.repeat(np.arange(k), 50)
+    probs = np.full((len(y), k), 0.25, dtype=np.float32)  # never confident: strong flags are dropped, not relabelled
+    clean = np.tile(np.eye(k, dtype=np.float32) * 0.97 + 0.01, (10, 1))
+    clean_y = np.tile(np.arange(k), 10)
+    strong = np.zeros(len(y), dtype=bool)
+    strong[:20] = True  # label 0
+    weak = np.zeros(len(y), dtype=bool)
+    weak[[30, 60, 110, 160]] = True  # one per class
+    sep = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_test")
+    assert sep.details["weak_dropped_classes"] == [0]
+    assert sep.new_labels[[30, 60, 110, 160]].tolist() == [-1, 1, 2, 3]
+    rejected, pvals = concentrated_classes(y, strong, k, 0.05)
+    assert rejected.tolist() == [True, False, False, False] and pvals[0] < 0.05 / k
+    spread = np.zeros(len(y), dtype=bool)
+    spread[[0, 1, 2, 3, 4, 50, 51, 52, 53, 54, 100, 101, 102, 103, 104, 150, 151, 152, 153, 154]] = True
+    kept = separate(spread | weak, y, probs, clean, clean_y, 0.9, k, strong=spread, weak_flags="class_test")
+    assert kept.details["weak_dropped_classes"] == [] and kept.details["n_weak_dropped"] == 0
+    assert kept.new_labels[[30, 60, 110, 160]].tolist() == [0, 1, 2, 3]
+
+
 def test_flags_at_another_level_follow_the_same_rule_and_nest(digits: dict) -> None:
     cfg = IdentifyConfig(null_quantile=0.6, calib_epochs=3, calib_augment=False, scratch_epochs=20)
     ident = identify(digits["model"], digits["training"], digits["clean"], NORM, cfg, runtime_for("cpu"), 10,
@@ -87,6 +112,11 @@ def test_retain_with_loose_flags_keeps_the_weak_ones_with_their_label(digits: di
     assert "n_weak_flags" not in every.details  # at or below the flagging level every flag acts
     assert every.details["n_relabelled"] + every.details["n_dropped"] > loose.details["n_relabelled"] + \
         loose.details["n_dropped"]
+    by_class = repair_data("retain", digits["model"], training, digits["clean"], NORM,
+                           {**params, "weak_flags": "class_test"}, "cpu", 10)
+    assert by_class.details["weak_flags"] == "class_test" and "weak_dropped_classes" in by_class.details
+    assert by_class.details["n_weak_flags"] == n_weak  # the same identification, only the weak flags' fate differs
+    assert validate_params("retain", {"weak_flags": "class_test"})["weak_flags"] == "class_test"
     with pytest.raises(ValueError):
         validate_params("retain", {"weak_flags": "erase"})
     with pytest.raises(ValueError):
