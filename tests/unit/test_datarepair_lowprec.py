@@ -162,10 +162,11 @@ def test_retain_with_loose_flags_keeps_the_weak_ones_with_their_label(digits: di
     assert "n_weak_flags" not in every.details  # at or below the flagging level every flag acts
     assert every.details["n_relabelled"] + every.details["n_dropped"] > loose.details["n_relabelled"] + \
         loose.details["n_dropped"]
-    by_class = repair_data("retain", digits["model"], training, digits["clean"], NORM,
-                           {**params, "weak_flags": "class_test"}, "cpu", 10)
-    assert by_class.details["weak_flags"] == "class_test" and "weak_dropped_classes" in by_class.details
-    assert by_class.details["n_weak_flags"] == n_weak  # the same identification, only the weak flags' fate differs
+    for rule in ("class_test", "class_both"):  # class_both: the registry passes the clean null's flags through
+        by_class = repair_data("retain", digits["model"], training, digits["clean"], NORM,
+                               {**params, "weak_flags": rule}, "cpu", 10)
+        assert by_class.details["weak_flags"] == rule and "weak_dropped_classes" in by_class.details
+        assert by_class.details["n_weak_flags"] == n_weak  # the same identification, only the weak flags' fate differs
     assert validate_params("retain", {"weak_flags": "class_test"})["weak_flags"] == "class_test"
     with pytest.raises(ValueError):
         validate_params("retain", {"weak_flags": "erase"})
