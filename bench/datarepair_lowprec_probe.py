@@ -22,7 +22,7 @@ import torch
 
 from bench.datarepair_bench import NORMS, PROFILES, build, corrupt, split
 from core.attacks.base import make_backdoor_test_set
-from core.datarepair.identify import IdentifyConfig, identify, label_flags_at
+from core.datarepair.identify import IdentifyConfig, identify, label_flags_at, null_label_flags_at
 from core.datarepair.repair import EraseConfig, RepairTrainConfig, anchored_finetune, gradient_ascent, kept_set
 from core.datarepair.separate import separate
 from core.defenses.baselines import FinetuneConfig, vanilla_finetune
@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict] = {
     "retain[act0.95 keep]": {"act": 0.95, "weak_flags": "keep"},
     "retain[act0.95 drop]": {"act": 0.95, "weak_flags": "drop"},
     "retain[act0.95 class_test]": {"act": 0.95, "weak_flags": "class_test"},
+    "retain[act0.95 class_null]": {"act": 0.95, "weak_flags": "class_null"},
+    "retain[act0.95 class_both]": {"act": 0.95, "weak_flags": "class_both"},
 }
 
 
@@ -101,6 +103,8 @@ def main() -> None:
                 act = v.pop("act", None)
                 if act is not None and act > args.quantile:
                     v["strong"] = label_flags_at(ident, act)
+                    if v.get("weak_flags") in ("class_null", "class_both"):
+                        v["clean_strong"] = null_label_flags_at(ident, act)
                 sep = separate(label_flagged, data.y, ident.probs, ident.clean_probs, clean.y, 0.9, 10,
                                ident.reference, ident.reference_clean_probs,
                                ident.reference_probs if all_agree else None, ident.input_flagged, **v)

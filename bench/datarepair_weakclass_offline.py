@@ -3,7 +3,8 @@ building, is an all-to-one backdoor visible in *which classes* the flags fall in
 (row, seed) one corrupted model and one identification at null quantile 0.6 (as bench/datarepair_lowprec_probe.py);
 no repair. Prints per given label: the weak flags (flagged at the configured level, not at 0.95) against the class's
 share of the training set, and against that share scaled by the class's clean-null flag rate, with the poisons/noisy
-among them; then the strong flags by class with :func:`core.datarepair.separate.concentrated_classes`' test.
+among them; then the strong flags by class with :func:`core.datarepair.separate.concentrated_classes`' test, and its
+clean-null form (``weak_flags="class_null"``: per class, Fisher against the held-out clean samples' flag rate).
 
     nice -n 10 python -m bench.datarepair_weakclass_offline --rows badnets10,sym20,asym20,corrupt20 --seeds 0,1,2
 """
@@ -17,7 +18,7 @@ import torch
 from scipy.stats import binom
 
 from bench.datarepair_bench import NORMS, PROFILES, build, corrupt, split
-from core.datarepair.identify import IdentifyConfig, identify, label_flags_at
+from core.datarepair.identify import IdentifyConfig, identify, label_flags_at, null_label_flags_at
 from core.datarepair.separate import concentrated_classes
 from core.defenses.runtime import runtime_for
 from core.progress import Progress
@@ -61,6 +62,16 @@ def main() -> None:
             print(f"  strong by class      {np.bincount(y[strong], minlength=10).tolist()}, "
                   f"class test rejects {np.flatnonzero(rejected).tolist()}: their weak flags "
                   f"{int(k_c[rejected].sum())}, bad among them {int((weak & bad & rejected[y]).sum())}", flush=True)
+            clean_strong = null_label_flags_at(ident, 0.95)
+            rej_null, p_null = concentrated_classes(y, strong, 10, 0.05, clean.y, clean_strong)
+            s_c = np.bincount(y[strong], minlength=10)
+            print(f"  train strong rate %  {np.round(100 * s_c / n_c, 1).tolist()}")
+            print(f"  clean strong m_c/l_c {np.bincount(clean.y[clean_strong], minlength=10).tolist()} / "
+                  f"{np.bincount(clean.y, minlength=10).tolist()}")
+            print(f"  clean-null Fisher p  {[float(f'{p:.2g}') for p in p_null]}, "
+                  f"rejects {np.flatnonzero(rej_null).tolist()}"
+                  f": their weak flags {int(k_c[rej_null].sum())}, bad among them "
+                  f"{int((weak & bad & rej_null[y]).sum())}", flush=True)
 
 
 if __name__ == "__main__":

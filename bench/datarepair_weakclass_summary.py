@@ -4,6 +4,10 @@ ACC (ASR) of each and the paired differences class_test − keep and class_test 
 seeds), ACC and ASR in points, and how often the class test fired (dropped the weak flags of some class).
 
     python -m bench.datarepair_weakclass_summary --design 0,1,2 bench/results/datarepair_weakclass_probe_*.json
+
+``--test "retain[act0.95 class_null]"`` summarises another tested variant the same way, with its difference to
+``class_test`` as a further column (records of several files are merged by row, seed and variant: the probe is
+deterministic, so a variant rerun in another file gives the same record).
 """
 
 from __future__ import annotations
@@ -28,35 +32,40 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--design", default="0,1,2", help="the seeds the rule was designed on (shown apart)")
+    ap.add_argument("--test", default=TEST, help="the tested variant")
     args = ap.parse_args()
+    test = args.test
+    bases = (KEEP, DROP) if test == TEST else (KEEP, DROP, TEST)
+    names = {KEEP: "keep", DROP: "drop", TEST: "class_test", test: test.split()[-1].rstrip("]")}
     design = set(map(int, args.design.split(",")))
     by: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
     for path in args.paths:
         for r in json.loads(path.read_text()):
             by[(f'{r.get("dataset", "fmnist")} {r["row"]}', r["seed"])][r["variant"]] = r
     rows = list(dict.fromkeys(k[0] for k in by))
-    print("| row | seeds | fired | ACC % keep / drop / class_test | ASR % keep / drop / class_test | "
-          "class_test − keep ACC | class_test − drop ACC | class_test − keep ASR | class_test − drop ASR |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cols = " / ".join(names[v] for v in (*bases, test))
+    diffs = [f"{names[test]} − {names[b]} {m}" for m in ("ACC", "ASR") for b in bases]
+    print(f"| row | seeds | fired | ACC % {cols} | ASR % {cols} | " + " | ".join(diffs) + " |")
+    print("|---" * (5 + len(diffs)) + "|")
     for row in rows:
         for group, pick in (("design", lambda s: s in design), ("held out", lambda s: s not in design),
                             ("all", lambda s: True)):
             cells = [by[k] for k in sorted(by) if k[0] == row and pick(k[1]) and all(v in by[k] for v in
-                                                                                     (KEEP, DROP, TEST))]
+                                                                                     (*bases, test))]
             if not cells:
                 continue
-            seeds = ",".join(str(c[TEST]["seed"]) for c in cells)
-            fired = sum(bool(c[TEST].get("weak_dropped_classes")) for c in cells)
-            acc = {v: [c[v]["acc"] for c in cells] for v in (KEEP, DROP, TEST)}
-            has_asr = cells[0][TEST]["asr"] is not None
-            asr = {v: [c[v]["asr"] for c in cells] for v in (KEEP, DROP, TEST)} if has_asr else None
-            d = {b: [t - k for t, k in zip(acc[TEST], acc[b], strict=True)] for b in (KEEP, DROP)}
-            a_cells = (" / ".join(f"{100 * np.mean(asr[v]):.1f}" for v in (KEEP, DROP, TEST)) if asr else "–")
-            da = ({b: mean_se([t - k for t, k in zip(asr[TEST], asr[b], strict=True)]) for b in (KEEP, DROP)} if asr
-                  else {KEEP: "–", DROP: "–"})
+            seeds = ",".join(str(c[test]["seed"]) for c in cells)
+            fired = sum(bool(c[test].get("weak_dropped_classes")) for c in cells)
+            acc = {v: [c[v]["acc"] for c in cells] for v in (*bases, test)}
+            has_asr = cells[0][test]["asr"] is not None
+            asr = {v: [c[v]["asr"] for c in cells] for v in (*bases, test)} if has_asr else None
+            d = {b: [t - k for t, k in zip(acc[test], acc[b], strict=True)] for b in bases}
+            a_cells = (" / ".join(f"{100 * np.mean(asr[v]):.1f}" for v in (*bases, test)) if asr else "–")
+            da = ({b: mean_se([t - k for t, k in zip(asr[test], asr[b], strict=True)]) for b in bases} if asr
+                  else dict.fromkeys(bases, "–"))
             print(f"| {row} | {group} ({seeds}) | {fired}/{len(cells)} | "
-                  f"{' / '.join(f'{100 * np.mean(acc[v]):.2f}' for v in (KEEP, DROP, TEST))} | {a_cells} | "
-                  f"{mean_se(d[KEEP])} | {mean_se(d[DROP])} | {da[KEEP]} | {da[DROP]} |")
+                  f"{' / '.join(f'{100 * np.mean(acc[v]):.2f}' for v in (*bases, test))} | {a_cells} | "
+                  + " | ".join(mean_se(d[b]) for b in bases) + " | " + " | ".join(da[b] for b in bases) + " |")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,16 @@ def label_flags_at(ident: Identification, quantile: float) -> np.ndarray:
     return np.max([null_scaled(s, nl, q)[0] for s, nl in ident.label_refs], axis=0) > 1.0
 
 
+def null_label_flags_at(ident: Identification, quantile: float) -> np.ndarray | None:
+    """Which held-out clean samples :func:`label_flags_at` would flag at ``quantile`` (same rule, same references,
+    each clean sample scored by a model that never trained on it): the clean null's own flags, so that a rate of
+    flags can be compared with what clean samples of the same class get. ``None`` without recorded references."""
+    if not ident.label_refs:
+        return None
+    q = 1 - (1 - quantile) / max(1, ident.n_split)
+    return np.max([null_scaled(s, nl, q)[1] for s, nl in ident.label_refs], axis=0) > 1.0
+
+
 def _check_finite(values: np.ndarray, what: str) -> None:
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):

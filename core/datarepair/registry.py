@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.datarepair.identify import Identification, IdentifyConfig, identify, label_flags_at
+from core.datarepair.identify import Identification, IdentifyConfig, identify, label_flags_at, null_label_flags_at
 from core.datarepair.repair import (
     EraseConfig,
     RepairTrainConfig,
@@ -59,7 +59,9 @@ class RetainExtra:
     # every flag acts (the two levels coincide at the defaults). docs/datarepair.md "Low precision" for why.
     act_quantile: float_in(0.5, 1.0, open_high=True) = 0.95
     # class_test: drop the weak flags only of the classes holding more strong flags than their share of the training
-    # set (binomial, Bonferroni over the classes at 1 - act_quantile; docs/datarepair.md "Which weak flags to drop")
+    # set (binomial, Bonferroni over the classes at 1 - act_quantile; docs/datarepair.md "Which weak flags to drop");
+    # class_null: the same against the held-out clean samples' flag rate in each class (Fisher exact); class_both:
+    # both tests must reject (docs/datarepair.md "Against the clean null's rate per class")
     weak_flags: WeakFlags = "keep"
 
 
@@ -139,7 +141,9 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
                    extra.relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
                    ident.reference_probs if extra.unlearn_when_all_agree else None,
                    ident.input_flagged, extra.input_weight, extra.drop_both_flagged, strong, extra.weak_flags,
-                   1 - extra.act_quantile)
+                   1 - extra.act_quantile,
+                   null_label_flags_at(ident, extra.act_quantile) if extra.weak_flags in ("class_null", "class_both")
+                   else None)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]

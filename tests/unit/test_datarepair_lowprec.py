@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.datarepair.identify import IdentifyConfig, identify, label_flags_at
+from core.datarepair.identify import IdentifyConfig, identify, label_flags_at, null_label_flags_at
 from core.datarepair.registry import repair_data, validate_params
 from core.datarepair.separate import concentrated_classes, separate
 from core.defenses.runtime import runtime_for
@@ -86,12 +86,62 @@ def test_class_test_drops_the_weak_flags_of_a_class_that_holds_the_strong_flags_
     assert kept.new_labels[[30, 60, 110, 160]].tolist() == [0, 1, 2, 3]
 
 
+def test_class_null_expects_more_flags_in_a_hard_class_and_still_finds_the_target() -> None:
+    """Four classes of 100 training and 100 clean samples. Class 0 (a backdoor's target): 40% of its training samples
+    strongly flagged, 2% of its clean ones. Class 1 (a hard class): 30% flagged, and its clean samples are flagged
+    30% of the time too. Against the class's share (class_test) both are rejected; against the clean null's rate in
+    the class (class_null) only the target is, so the hard class keeps its weak flags; class_both (both tests) too."""
+    k = 4
+    y = np.repeat(np.arange(k), 100)
+    clean_y = np.repeat(np.arange(k), 100)
+    strong = np.zeros(len(y), dtype=bool)
+    for c, n in enumerate((40, 30, 2, 2)):
+        strong[100 * c:100 * c + n] = True
+    clean_strong = np.zeros(len(clean_y), dtype=bool)
+    for c, n in enumerate((2, 30, 2, 2)):
+        clean_strong[100 * c:100 * c + n] = True
+    share, _ = concentrated_classes(y, strong, k, 0.05)
+    assert share.tolist() == [True, True, False, False]
+    rejected, pvals = concentrated_classes(y, strong, k, 0.05, clean_y, clean_strong)
+    assert rejected.tolist() == [True, False, False, False] and pvals[1] > 0.4
+    probs = np.full((len(y), k), 0.25, dtype=np.float32)
+    clean = np.repeat(np.eye(k, dtype=np.float32) * 0.97 + 0.01, 100, axis=0)  # in clean_y's order
+    weak = np.zeros(len(y), dtype=bool)
+    weak[[90, 190, 290, 390]] = True  # one per class
+    sep = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_null",
+                   clean_strong=clean_strong)
+    assert sep.details["weak_dropped_classes"] == [0]
+    assert sep.new_labels[[90, 190, 290, 390]].tolist() == [-1, 1, 2, 3]
+    both = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_both",
+                    clean_strong=clean_strong)
+    assert both.details["weak_dropped_classes"] == [0]
+    with pytest.raises(ValueError, match="clean_strong"):
+        separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_null")
+    # symmetric noise: every class holds 20% strong flags against 2% of its clean samples. Against the clean rate
+    # alone (class_null) every class is rejected, as if the weak flags were all dropped; class_both asks for
+    # concentration too and rejects none
+    noisy = np.zeros(len(y), dtype=bool)
+    for c in range(k):
+        noisy[100 * c:100 * c + 20] = True
+    clean_low = np.zeros(len(clean_y), dtype=bool)
+    clean_low[[0, 1, 100, 101, 200, 201, 300, 301]] = True
+    assert concentrated_classes(y, noisy, k, 0.05, clean_y, clean_low)[0].all()
+    spread = separate(noisy | weak, y, probs, clean, clean_y, 0.9, k, strong=noisy, weak_flags="class_both",
+                      clean_strong=clean_low)
+    assert spread.details["weak_dropped_classes"] == [] and spread.new_labels[[90, 190, 290, 390]].tolist() == [
+        0, 1, 2, 3]
+
+
 def test_flags_at_another_level_follow_the_same_rule_and_nest(digits: dict) -> None:
     cfg = IdentifyConfig(null_quantile=0.6, calib_epochs=3, calib_augment=False, scratch_epochs=20)
     ident = identify(digits["model"], digits["training"], digits["clean"], NORM, cfg, runtime_for("cpu"), 10,
                      Progress())
     assert np.array_equal(label_flags_at(ident, 0.6), ident.label_flagged)  # the configured level reproduced
     strict = label_flags_at(ident, 0.95)
+    for q in (0.6, 0.95):  # the clean null's own flags by the same rule: at most 1 - q of the clean samples
+        null = null_label_flags_at(ident, q)
+        assert null is not None and null.shape == (len(digits["clean"]),) and null.mean() <= 1 - q + 1e-9
+    assert not (null_label_flags_at(ident, 0.95) & ~null_label_flags_at(ident, 0.6)).any()
     assert strict.sum() < ident.label_flagged.sum() and not (strict & ~ident.label_flagged).any()
     bad = digits["bad"]
     # the stricter level is more precise: what it leaves out of the loose flags is mostly benign
@@ -112,10 +162,11 @@ def test_retain_with_loose_flags_keeps_the_weak_ones_with_their_label(digits: di
     assert "n_weak_flags" not in every.details  # at or below the flagging level every flag acts
     assert every.details["n_relabelled"] + every.details["n_dropped"] > loose.details["n_relabelled"] + \
         loose.details["n_dropped"]
-    by_class = repair_data("retain", digits["model"], training, digits["clean"], NORM,
-                           {**params, "weak_flags": "class_test"}, "cpu", 10)
-    assert by_class.details["weak_flags"] == "class_test" and "weak_dropped_classes" in by_class.details
-    assert by_class.details["n_weak_flags"] == n_weak  # the same identification, only the weak flags' fate differs
+    for rule in ("class_test", "class_both"):  # class_both: the registry passes the clean null's flags through
+        by_class = repair_data("retain", digits["model"], training, digits["clean"], NORM,
+                               {**params, "weak_flags": rule}, "cpu", 10)
+        assert by_class.details["weak_flags"] == rule and "weak_dropped_classes" in by_class.details
+        assert by_class.details["n_weak_flags"] == n_weak  # the same identification, only the weak flags' fate differs
     assert validate_params("retain", {"weak_flags": "class_test"})["weak_flags"] == "class_test"
     with pytest.raises(ValueError):
         validate_params("retain", {"weak_flags": "erase"})
