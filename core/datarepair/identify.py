@@ -209,8 +209,7 @@ def label_flags_at(ident: Identification, quantile: float) -> np.ndarray:
     base = ident.flagged if ident.label_flagged is None else ident.label_flagged
     if not ident.label_refs:
         return np.asarray(base, dtype=bool).copy()
-    q = 1 - (1 - quantile) / max(1, ident.n_split)
-    return np.max([null_scaled(s, nl, q)[0] for s, nl in ident.label_refs], axis=0) > 1.0
+    return _flags_at(ident, quantile)[0]
 
 
 def null_label_flags_at(ident: Identification, quantile: float) -> np.ndarray | None:
@@ -219,8 +218,16 @@ def null_label_flags_at(ident: Identification, quantile: float) -> np.ndarray | 
     flags can be compared with what clean samples of the same class get. ``None`` without recorded references."""
     if not ident.label_refs:
         return None
+    return _flags_at(ident, quantile)[1]
+
+
+def _flags_at(ident: Identification, quantile: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training flags, clean-null flags) of the recorded label references at null quantile ``quantile``: each
+    reference against its own null, Bonferroni over ``ident.n_split``, flagged by any reference."""
+    assert ident.label_refs
     q = 1 - (1 - quantile) / max(1, ident.n_split)
-    return np.max([null_scaled(s, nl, q)[1] for s, nl in ident.label_refs], axis=0) > 1.0
+    scaled = [null_scaled(s, nl, q) for s, nl in ident.label_refs]
+    return (np.max([u for u, _ in scaled], axis=0) > 1.0, np.max([nu for _, nu in scaled], axis=0) > 1.0)
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:

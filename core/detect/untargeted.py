@@ -42,7 +42,7 @@ import torch
 from core.detect.base import DetectContext, DetectorResult
 from core.detect.inversion import Additive, Family, Inversion, Patch, Schedule, Untargeted, smallest_triggers
 from core.detect.neural_cleanse import _log_ratio, _picture, nc_schedule, patch_inversion
-from core.detect.stats import null_p_value, small_outlier_scores
+from core.detect.stats import bonferroni, null_p_value, small_outlier_scores
 from core.detect.universal_perturbation import additive_inversion, up_schedule
 
 UT_FAMILIES = ("patch", "additive")
@@ -149,7 +149,7 @@ def untargeted(ctx: DetectContext) -> DetectorResult:
     limit = spread_limit(ctx.num_classes, cfg.ut_spread_fraction)
     spread = [f for f in fams if per[f]["comparable"] and per[f]["distinct_targets"] > limit]
     best = min(fams, key=lambda f: per[f]["p_value"])
-    p = min(1.0, len(fams) * per[best]["p_value"])
+    p = bonferroni([per[f]["p_value"] for f in fams])
     flagged = p < cfg.p_value
     if spread and not flagged:  # the map without a dominant label is the evidence: show that trigger's
         best = max(spread, key=lambda f: per[f]["distinct_targets"])
