@@ -65,7 +65,7 @@ from core.progress import Progress
 from core.ranges import BatchSize, Flag, LearningRate, check_fields, float_in, int_in
 from core.training import train_classifier
 
-Scorer = Literal["tracin", "loss", "cleanlab"]
+Scorer = Literal["tracin", "loss", "cleanlab", "ekfac"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ class IdentifyConfig:
     scratch_lr: LearningRate = 0.05
     # also flag inputs whose image statistics are not drawn like the clean inputs' (core/datarepair/quality.py)
     input_quality: Flag = True
+    # scorer ekfac: training samples (a seeded random subset) the EK-FAC curvature factors are fitted on
+    ekfac_factor_examples: int_in(100, 1_000_000) = 5000
     seed: int_in(0, 2**31 - 1) = 0
 
     def __post_init__(self) -> None:
@@ -269,7 +271,10 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     use_scratch = cfg.scratch_reference and cfg.scorer == "loss"
     scratch_train = np.zeros((n, k), dtype=np.float64)
     scratch_clean = np.zeros((len(clean), k), dtype=np.float64)
-    calib_share = 0.6 if use_scratch else 1.0
+    use_ekfac = cfg.scorer == "ekfac"
+    train_ekfac = np.zeros(n)
+    null_ekfac = np.zeros(len(clean))
+    calib_share = 0.6 if use_scratch else 0.5 if use_ekfac else 1.0
     marks = checkpoint_epochs(cfg.calib_epochs, cfg.checkpoints)
     parts = fold_index(len(clean), cfg.folds, cfg.seed)
     for f, held in enumerate(parts):
@@ -296,6 +301,16 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
             stage.update((epoch + 1) / cfg.calib_epochs)
         train_probs += p_train / cfg.folds  # the last mark is the end of the trajectory
         clean_probs[held] = p_null
+        if use_ekfac:  # influence on the fitting folds' mean loss under the calibrated model (influence.py)
+            from core.datarepair.influence import ekfac_harm
+
+            _check_finite(p_train.sum(1), "training samples' calibrated probabilities")
+            harm_train, harm_null = ekfac_harm(
+                calib, training, clean.subset(fit_idx), [training, clean.subset(held)], norm, rt,
+                cfg.ekfac_factor_examples, cfg.seed + 7 * f + 5, fold_stage.span(calib_share, 1.0),
+                cfg.score_batch_size)
+            train_ekfac += harm_train / cfg.folds
+            null_ekfac[held] = harm_null
         del calib, opt
         if use_scratch:  # a model that never saw the training data (module docstring)
             fresh = reinitialised(model, cfg.seed + 7 * f + 3)
@@ -310,6 +325,8 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     y = training.y.astype(np.int64)
     if cfg.scorer == "tracin":
         scores, null_scores = train_tracin / cfg.folds, null_tracin
+    elif use_ekfac:
+        scores, null_scores = train_ekfac, null_ekfac
     else:  # loss and cleanlab rank by the calibrated model's loss on the given label
         scores = -np.log(np.clip(train_probs[np.arange(n), y], 1e-12, 1.0)).astype(np.float64)
         null_scores = -np.log(np.clip(clean_probs[np.arange(len(clean)), clean.y], 1e-12, 1.0)).astype(np.float64)
