@@ -86,7 +86,7 @@ class IdentifyConfig:
     # also flag inputs whose image statistics are not drawn like the clean inputs' (core/datarepair/quality.py)
     input_quality: Flag = True
     # scorer ekfac: training samples (a seeded random subset) the EK-FAC curvature factors are fitted on
-    ekfac_factor_examples: int_in(100, 1_000_000) = 5000
+    ekfac_factor_examples: int_in(100, 1_000_000) = 2000
     seed: int_in(0, 2**31 - 1) = 0
 
     def __post_init__(self) -> None:
@@ -274,11 +274,12 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     use_ekfac = cfg.scorer == "ekfac"
     train_ekfac = np.zeros(n)
     null_ekfac = np.zeros(len(clean))
-    calib_share = 0.6 if use_scratch else 0.5 if use_ekfac else 1.0
+    calib_share = 0.6 if use_scratch else 1.0
+    folds_progress = progress.span(0.0, 0.3) if use_ekfac else progress
     marks = checkpoint_epochs(cfg.calib_epochs, cfg.checkpoints)
     parts = fold_index(len(clean), cfg.folds, cfg.seed)
     for f, held in enumerate(parts):
-        fold_stage = progress.span(f / cfg.folds, (f + 1) / cfg.folds)
+        fold_stage = folds_progress.span(f / cfg.folds, (f + 1) / cfg.folds)
         stage = fold_stage.span(0.0, calib_share)
         fit_idx = np.setdiff1d(np.arange(len(clean)), held)
         fit = DeviceImages(clean.subset(fit_idx), norm, rt)
@@ -301,16 +302,6 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
             stage.update((epoch + 1) / cfg.calib_epochs)
         train_probs += p_train / cfg.folds  # the last mark is the end of the trajectory
         clean_probs[held] = p_null
-        if use_ekfac:  # influence on the fitting folds' mean loss under the calibrated model (influence.py)
-            from core.datarepair.influence import ekfac_harm
-
-            _check_finite(p_train.sum(1), "training samples' calibrated probabilities")
-            harm_train, harm_null = ekfac_harm(
-                calib, training, clean.subset(fit_idx), [training, clean.subset(held)], norm, rt,
-                cfg.ekfac_factor_examples, cfg.seed + 7 * f + 5, fold_stage.span(calib_share, 1.0),
-                cfg.score_batch_size)
-            train_ekfac += harm_train / cfg.folds
-            null_ekfac[held] = harm_null
         del calib, opt
         if use_scratch:  # a model that never saw the training data (module docstring)
             fresh = reinitialised(model, cfg.seed + 7 * f + 3)
@@ -321,6 +312,16 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
             scratch_clean[held] = _probs(fresh, null, cfg.score_batch_size)
             del fresh
     _check_finite(train_probs.sum(1), "training samples' calibrated probabilities")
+    if use_ekfac:  # influence on each fold's fitting part's mean loss, under the given model (influence.py)
+        from core.datarepair.influence import ekfac_harm
+
+        pairs = [(clean.subset(np.setdiff1d(np.arange(len(clean)), held)), [training, clean.subset(held)])
+                 for held in parts]
+        harm = ekfac_harm(model, training, pairs, norm, rt, cfg.ekfac_factor_examples, cfg.seed + 5,
+                          progress.span(0.3, 1.0), cfg.score_batch_size)
+        train_ekfac = sum(h[0] for h in harm) / cfg.folds
+        for held, h in zip(parts, harm, strict=True):
+            null_ekfac[held] = h[1]
     train_probs = train_probs.astype(np.float32)
     y = training.y.astype(np.int64)
     if cfg.scorer == "tracin":

@@ -99,14 +99,16 @@ def _tracked_parameters(model: nn.Module) -> int:
     return sum(p.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) for p in m.parameters())
 
 
-def ekfac_harm(model: nn.Module, training: ImageSet, query: ImageSet, targets: list[ImageSet], norm: Normalization,
-               rt: Runtime, factor_examples: int, seed: int, progress: Progress,
-               batch_size: int = 512) -> list[np.ndarray]:
-    """Per set in ``targets``: each sample's harm on ``query``'s mean loss (module docstring), float64.
+def ekfac_harm(model: nn.Module, training: ImageSet, pairs: list[tuple[ImageSet, list[ImageSet]]],
+               norm: Normalization, rt: Runtime, factor_examples: int, seed: int, progress: Progress,
+               batch_size: int = 512, damping: float | None = None) -> list[list[np.ndarray]]:
+    """Per ``(query, targets)`` of ``pairs``, per set in ``targets``: each sample's harm on ``query``'s mean loss
+    (module docstring), float64; one EK-FAC fit serves every pair.
 
-    The EK-FAC factors are fitted under ``model`` on at most ``factor_examples`` training samples drawn at random
+    The factors are fitted under ``model`` on at most ``factor_examples`` training samples drawn at random
     (seeded): the curvature is an average over samples, which a few thousand estimate well, while its cost grows
-    with the number used. ``model`` is not modified (a copy is wrapped)."""
+    with the number used. ``damping`` ``None`` is kronfluence's heuristic (0.1 x the mean eigenvalue).
+    ``model`` is not modified (a copy is wrapped)."""
     Analyzer, prepare_model, FactorArguments, ScoreArguments, _ = _kronfluence()
     task = _task(norm, rt)
     wrapped = prepare_model(copy.deepcopy(model).to(rt.device), task)
@@ -114,9 +116,9 @@ def ekfac_harm(model: nn.Module, training: ImageSet, query: ImageSet, targets: l
     n_params = max(1, _tracked_parameters(model))
     train_batch = max(1, min(batch_size, GRADIENT_BUDGET // (4 * n_params)))
     sub = np.sort(np.random.default_rng(seed).permutation(len(training))[:min(factor_examples, len(training))])
-    factor_stage = progress.span(0.0, 0.4)
-    total = sum(len(t) for t in targets)
-    out: list[np.ndarray] = []
+    factor_stage, score_stage = progress.span(0.0, 0.5), progress.span(0.5, 1.0)
+    total = sum(len(t) for _, targets in pairs for t in targets)
+    out: list[list[np.ndarray]] = []
     with tempfile.TemporaryDirectory(prefix="antidote-ekfac-") as tmp:
         analyzer = Analyzer("harm", wrapped, task, cpu=cpu, log_level=logging.WARNING, disable_tqdm=True,
                             output_dir=tmp)
@@ -128,30 +130,31 @@ def ekfac_harm(model: nn.Module, training: ImageSet, query: ImageSet, targets: l
         except torch.linalg.LinAlgError as exc:  # a NaN/Inf covariance: its eigendecomposition fails
             raise ValueError(
                 "harm scores are not finite: the EK-FAC curvature factors of the training samples got NaN/Inf "
-                f"({exc}); the model's outputs or the calibration fine-tuning diverged (check the weights, the "
-                "normalisation and calib_lr)") from exc
+                f"({exc}); the model's outputs diverged (check the weights and the normalisation)") from exc
         factor_stage.update(1.0)
         progress.check()
-        score_args = ScoreArguments(aggregate_query_gradients=True, damping_factor=None)
-        query_set = _Images(query)
+        score_args = ScoreArguments(aggregate_query_gradients=True, damping_factor=damping)
         done = 0
-        for t, target in enumerate(targets):
-            data = _Images(target)
-            scores = np.empty(len(data), dtype=np.float64)
-            for c, start in enumerate(range(0, len(data), CHUNK)):
-                idx = list(range(start, min(start + CHUNK, len(data))))
-                name = f"s{t}_{c}"
-                analyzer.compute_pairwise_scores(
-                    name, "ekfac", query_set, data, per_device_query_batch_size=min(len(query), batch_size),
-                    per_device_train_batch_size=train_batch, train_indices=idx, score_args=score_args,
-                    overwrite_output_dir=True)
-                result = analyzer.load_pairwise_scores(name)
-                # kronfluence: <sum_q g_q, (G + lambda)^-1 g(z)> > 0 when z helps the query; harm is minus the mean
-                scores[start:start + len(idx)] = -result["all_modules"].double().sum(0).cpu().numpy() / len(query)
-                done += len(idx)
-                progress.span(0.4, 1.0).update(done / max(1, total))
-                progress.check()
-            out.append(scores)
+        for p, (query, targets) in enumerate(pairs):
+            query_set, per_target = _Images(query), []
+            for t, target in enumerate(targets):
+                data = _Images(target)
+                scores = np.empty(len(data), dtype=np.float64)
+                for c, start in enumerate(range(0, len(data), CHUNK)):
+                    idx = list(range(start, min(start + CHUNK, len(data))))
+                    name = f"q{p}_t{t}_{c}"
+                    analyzer.compute_pairwise_scores(
+                        name, "ekfac", query_set, data, per_device_query_batch_size=min(len(query), batch_size),
+                        per_device_train_batch_size=train_batch, train_indices=idx, score_args=score_args,
+                        overwrite_output_dir=True)
+                    result = analyzer.load_pairwise_scores(name)
+                    # kronfluence: <sum_q g_q, (G + lambda)^-1 g(z)> > 0 when z helps the query; harm: minus the mean
+                    scores[start:start + len(idx)] = -result["all_modules"].double().sum(0).cpu().numpy() / len(query)
+                    done += len(idx)
+                    score_stage.update(done / max(1, total))
+                    progress.check()
+                per_target.append(scores)
+            out.append(per_target)
     return out
 
 
