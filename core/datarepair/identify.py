@@ -13,12 +13,21 @@ of that short trajectory, every training sample and every held-out clean sample 
   k and gbar_k the mean gradient of the fine-tuning clean folds. The head gradient has the closed form
   ``(p - onehot(y)) [h, 1]^T``, so <g(z), gbar> = (p - e_y)^T G [h, 1] with G = gbar as a K x (D+1) matrix: per
   batch O(B x K) memory, never an N x P matrix, whatever N. Positive = a step on z raises the clean loss.
+- ``ekfac`` (core/datarepair/influence.py, the optional ``influence`` extra): the influence function of each
+  training sample on the clean set's mean loss, harm(z) = -<gbar_q, (G + lambda)^-1 g(z)> over every Linear / Conv2d
+  layer, with G kronfluence's EK-FAC curvature fitted on ``ekfac_factor_examples`` training samples. Under the
+  *given* model, not the calibrated ones: an influence function linearises around a minimum of the training loss,
+  which the given model is and a model fine-tuned on the clean set is not (and on a held-out seed it ranked better
+  under the given model, docs/datarepair.md). One factor fit; per fold the query is the fitting folds' loss and the
+  held-out fold is scored as the null, so no clean sample's score comes from a query it is part of, and the given
+  model never saw any clean sample. Bounded memory: one aggregated query gradient, batched training gradients.
 - ``cleanlab``: cleanlab's ``find_label_issues`` (confident learning, Northcutt et al. 2021) on the calibrated
   probabilities; flags by its own per-class thresholds; scores = 1 - cleanlab's self-confidence label quality.
 
-Flagging (``tracin`` and ``loss``): the held-out clean samples are scored exactly as the training samples (by a
-model that did not fine-tune on them), so their scores are a null distribution of "harmless" samples; a training
-sample is flagged when its score exceeds the null's ``null_quantile``. This controls the false-positive rate on
+Flagging (``tracin``, ``ekfac`` and ``loss``): the held-out clean samples are scored exactly as the training
+samples (by a model that did not fine-tune on them, with a query they are not in), so their scores are a null
+distribution of "harmless" samples; a training sample is flagged when its score exceeds the null's
+``null_quantile``. This controls the false-positive rate on
 harmless samples at about ``1 - null_quantile`` without knowing how much of the training set is corrupt. It is
 conservative: the given model already fitted its training samples (including their given labels), so harmless
 training samples score lower than unseen clean ones.
