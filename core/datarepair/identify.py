@@ -17,7 +17,7 @@ of that short trajectory, every training sample and every held-out clean sample 
   training sample on the clean set's mean loss, harm(z) = -<gbar_q, (G + lambda)^-1 g(z)> over every Linear / Conv2d
   layer, with G kronfluence's EK-FAC curvature fitted on ``ekfac_factor_examples`` training samples. Under the
   *given* model, not the calibrated ones: an influence function linearises around a minimum of the training loss,
-  which the given model is and a model fine-tuned on the clean set is not (and on a held-out seed it ranked better
+  which the given model is and a model fine-tuned on the clean set is not (and on the design seed it ranked better
   under the given model, docs/datarepair.md). One factor fit; per fold the query is the fitting folds' loss and the
   held-out fold is scored as the null, so no clean sample's score comes from a query it is part of, and the given
   model never saw any clean sample. Bounded memory: one aggregated query gradient, batched training gradients.
