@@ -12,6 +12,9 @@ approximation of H over every ``nn.Linear`` / ``nn.Conv2d`` of the network, fitt
 data, and lambda kronfluence's heuristic damping (0.1 x the mean eigenvalue). Where TracIn (the ``tracin`` scorer)
 takes the plain dot product along a trajectory and only at the head, this preconditions every layer by the inverse
 curvature: directions the training loss is flat in, which a mislabelled sample can move freely, weigh more.
+identify.py calls it under the given model (a training-loss minimum, the function's assumption), with each clean
+fold's complement as the query. Measured (BENCHMARKS.md §7.0e): above TracIn, 10-15 AUROC points below the
+default ``loss`` scorer on label noise, blind to BadNets, ~10x the cost; selectable, not the default.
 
 Memory is bounded whatever the number of training samples: kronfluence aggregates the query gradient (one gradient
 of the parameters' size, ``aggregate_query_gradients``), the factors are per layer (d_in^2 + d_out^2 and a
