@@ -13,12 +13,21 @@ of that short trajectory, every training sample and every held-out clean sample 
   k and gbar_k the mean gradient of the fine-tuning clean folds. The head gradient has the closed form
   ``(p - onehot(y)) [h, 1]^T``, so <g(z), gbar> = (p - e_y)^T G [h, 1] with G = gbar as a K x (D+1) matrix: per
   batch O(B x K) memory, never an N x P matrix, whatever N. Positive = a step on z raises the clean loss.
+- ``ekfac`` (core/datarepair/influence.py, the optional ``influence`` extra): the influence function of each
+  training sample on the clean set's mean loss, harm(z) = -<gbar_q, (G + lambda)^-1 g(z)> over every Linear / Conv2d
+  layer, with G kronfluence's EK-FAC curvature fitted on ``ekfac_factor_examples`` training samples. Under the
+  *given* model, not the calibrated ones: an influence function linearises around a minimum of the training loss,
+  which the given model is and a model fine-tuned on the clean set is not (and on the design seed it ranked better
+  under the given model, docs/datarepair.md). One factor fit; per fold the query is the fitting folds' loss and the
+  held-out fold is scored as the null, so no clean sample's score comes from a query it is part of, and the given
+  model never saw any clean sample. Bounded memory: one aggregated query gradient, batched training gradients.
 - ``cleanlab``: cleanlab's ``find_label_issues`` (confident learning, Northcutt et al. 2021) on the calibrated
   probabilities; flags by its own per-class thresholds; scores = 1 - cleanlab's self-confidence label quality.
 
-Flagging (``tracin`` and ``loss``): the held-out clean samples are scored exactly as the training samples (by a
-model that did not fine-tune on them), so their scores are a null distribution of "harmless" samples; a training
-sample is flagged when its score exceeds the null's ``null_quantile``. This controls the false-positive rate on
+Flagging (``tracin``, ``ekfac`` and ``loss``): the held-out clean samples are scored exactly as the training
+samples (by a model that did not fine-tune on them, with a query they are not in), so their scores are a null
+distribution of "harmless" samples; a training sample is flagged when its score exceeds the null's
+``null_quantile``. This controls the false-positive rate on
 harmless samples at about ``1 - null_quantile`` without knowing how much of the training set is corrupt. It is
 conservative: the given model already fitted its training samples (including their given labels), so harmless
 training samples score lower than unseen clean ones.
@@ -65,7 +74,7 @@ from core.progress import Progress
 from core.ranges import BatchSize, Flag, LearningRate, check_fields, float_in, int_in
 from core.training import train_classifier
 
-Scorer = Literal["tracin", "loss", "cleanlab"]
+Scorer = Literal["tracin", "loss", "cleanlab", "ekfac"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,8 @@ class IdentifyConfig:
     scratch_lr: LearningRate = 0.05
     # also flag inputs whose image statistics are not drawn like the clean inputs' (core/datarepair/quality.py)
     input_quality: Flag = True
+    # scorer ekfac: training samples (a seeded random subset) the EK-FAC curvature factors are fitted on
+    ekfac_factor_examples: int_in(100, 1_000_000) = 2000
     seed: int_in(0, 2**31 - 1) = 0
 
     def __post_init__(self) -> None:
@@ -269,11 +280,15 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     use_scratch = cfg.scratch_reference and cfg.scorer == "loss"
     scratch_train = np.zeros((n, k), dtype=np.float64)
     scratch_clean = np.zeros((len(clean), k), dtype=np.float64)
+    use_ekfac = cfg.scorer == "ekfac"
+    train_ekfac = np.zeros(n)
+    null_ekfac = np.zeros(len(clean))
     calib_share = 0.6 if use_scratch else 1.0
+    folds_progress = progress.span(0.0, 0.3) if use_ekfac else progress
     marks = checkpoint_epochs(cfg.calib_epochs, cfg.checkpoints)
     parts = fold_index(len(clean), cfg.folds, cfg.seed)
     for f, held in enumerate(parts):
-        fold_stage = progress.span(f / cfg.folds, (f + 1) / cfg.folds)
+        fold_stage = folds_progress.span(f / cfg.folds, (f + 1) / cfg.folds)
         stage = fold_stage.span(0.0, calib_share)
         fit_idx = np.setdiff1d(np.arange(len(clean)), held)
         fit = DeviceImages(clean.subset(fit_idx), norm, rt)
@@ -306,10 +321,22 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
             scratch_clean[held] = _probs(fresh, null, cfg.score_batch_size)
             del fresh
     _check_finite(train_probs.sum(1), "training samples' calibrated probabilities")
+    if use_ekfac:  # influence on each fold's fitting part's mean loss, under the given model (influence.py)
+        from core.datarepair.influence import ekfac_harm
+
+        pairs = [(clean.subset(np.setdiff1d(np.arange(len(clean)), held)), [training, clean.subset(held)])
+                 for held in parts]
+        harm = ekfac_harm(model, training, pairs, norm, rt, cfg.ekfac_factor_examples, cfg.seed + 5,
+                          progress.span(0.3, 1.0), cfg.score_batch_size)
+        train_ekfac = sum(h[0] for h in harm) / cfg.folds
+        for held, h in zip(parts, harm, strict=True):
+            null_ekfac[held] = h[1]
     train_probs = train_probs.astype(np.float32)
     y = training.y.astype(np.int64)
     if cfg.scorer == "tracin":
         scores, null_scores = train_tracin / cfg.folds, null_tracin
+    elif use_ekfac:
+        scores, null_scores = train_ekfac, null_ekfac
     else:  # loss and cleanlab rank by the calibrated model's loss on the given label
         scores = -np.log(np.clip(train_probs[np.arange(n), y], 1e-12, 1.0)).astype(np.float64)
         null_scores = -np.log(np.clip(clean_probs[np.arange(len(clean)), clean.y], 1e-12, 1.0)).astype(np.float64)
