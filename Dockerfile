@@ -18,7 +18,7 @@ COPY core ./core
 COPY migrations ./migrations
 COPY store ./store
 COPY worker ./worker
-RUN pip install . && useradd --create-home --uid 10001 antidote && mkdir -p /data && chown antidote /data
+RUN pip install ".[influence]" && useradd --create-home --uid 10001 antidote && mkdir -p /data && chown antidote /data
 
 USER antidote
 ENV ANTIDOTE_DATA_DIR=/data

@@ -281,6 +281,10 @@ def identify(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Normal
     scratch_train = np.zeros((n, k), dtype=np.float64)
     scratch_clean = np.zeros((len(clean), k), dtype=np.float64)
     use_ekfac = cfg.scorer == "ekfac"
+    if use_ekfac:  # before the calibration folds: a worker without the optional extra refuses at once
+        from core.datarepair.influence import require_kronfluence
+
+        require_kronfluence()
     train_ekfac = np.zeros(n)
     null_ekfac = np.zeros(len(clean))
     calib_share = 0.6 if use_scratch else 1.0

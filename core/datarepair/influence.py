@@ -51,9 +51,10 @@ def _kronfluence():
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
         from kronfluence.task import Task
-    except ImportError as exc:  # an optional extra
-        raise RuntimeError(
-            f"the 'ekfac' scorer needs kronfluence (>= 1.0.1), which is not installed: {INSTALL_HINT}") from exc
+    except ImportError as exc:  # an optional extra; a ValueError so the pipeline answers it as the spec's problem
+        raise ValueError(
+            f"scorer 'ekfac' needs kronfluence (>= 1.0.1), which this worker does not have ({INSTALL_HINT}); "
+            "choose another scorer ('loss', the default)") from exc
     del kronfluence
     return Analyzer, prepare_model, FactorArguments, ScoreArguments, Task
 
@@ -161,9 +162,6 @@ def ekfac_harm(model: nn.Module, training: ImageSet, pairs: list[tuple[ImageSet,
     return out
 
 
-def kronfluence_available() -> bool:
-    try:
-        _kronfluence()
-    except RuntimeError:
-        return False
-    return True
+def require_kronfluence() -> None:
+    """Refuse (``ValueError`` naming the extra) before any work where the optional extra is not installed."""
+    _kronfluence()

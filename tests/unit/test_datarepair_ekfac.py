@@ -55,7 +55,7 @@ def test_ekfac_non_finite_model_raises_naming_the_cause(noisy_digits: dict) -> N
 
 def test_missing_kronfluence_names_the_extra(noisy_digits: dict, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     monkeypatch.setitem(sys.modules, "kronfluence", None)  # import kronfluence -> ImportError
-    with pytest.raises(RuntimeError, match=r"antidote\[influence\]"):
+    with pytest.raises(ValueError, match=r"antidote\[influence\]"):
         repair_data("retain", noisy_digits["model"], noisy_digits["training"], noisy_digits["clean"], NORM,
                     {**FAST, "scorer": "ekfac"}, "cpu", 10)
 
