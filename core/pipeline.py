@@ -134,8 +134,10 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     report["verdict"] = _detect(spec, model, train_set, norm, dev, progress.stage("detect", *spans["detect"]),
                                 work_dir, artifacts, "trigger_class")
     repaired: torch.nn.Module | None = None  # the model a repair mode returns; a scan has none
+    final_scan: Any = None  # the detector's result on the repaired model where the repair already scanned it
     if spec.mode == "repair":
-        repaired = _repair(spec, model, train_set, norm, dev, progress.stage("repair", *spans["repair"]), report)
+        repaired, final_scan = _repair(spec, model, train_set, norm, dev, progress.stage("repair", *spans["repair"]),
+                                       report)
     elif spec.mode == "repair_data":
         assert loaded.training is not None  # load_inputs requires training_data in this mode
         report["data"]["training_images"] = len(loaded.training)
@@ -149,7 +151,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         report["after"] = after
         after["verdict"] = _detect(spec, repaired, train_set, norm, dev,
                                    progress.stage("detect_after", *spans["detect_after"]), work_dir, artifacts,
-                                   "repaired_trigger_class")
+                                   "repaired_trigger_class", reuse=final_scan)
         if before["asr"] is not None and after["asr"] is not None:
             from core.metrics import defense_effectiveness_rating
 
@@ -166,8 +168,10 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
 
 
 def _repair(spec: ScanSpec, model: torch.nn.Module, train_set: ImageSet, norm: Any, dev: torch.device,
-            stage: Progress, report: dict[str, Any]) -> torch.nn.Module:
-    """Mode repair: the backdoor repair on the clean part; its account goes to ``report["repair"]``."""
+            stage: Progress, report: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """Mode repair: the backdoor repair on the clean part; its account goes to ``report["repair"]``. Returns the
+    repaired model and the detector's result on it where the repair scanned it with the spec's detect config
+    (tsbd's escalation), else ``None``."""
     try:
         # the detector's verdict lets the automatic tsbd keep a clean model or repair it gently (its
         # clean_check); its own scans (clean_check "scan", the gentle repair's escalation) use the same config
@@ -181,7 +185,7 @@ def _repair(spec: ScanSpec, model: torch.nn.Module, train_set: ImageSet, norm: A
         raise InputError("spec.repair.params", str(exc)) from exc
     report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
                         "details": result.details, "timings": result.timings}
-    return result.model
+    return result.model, (result.final_scan if dcfg is not None else None)
 
 
 def _repair_data(spec: ScanSpec, model: torch.nn.Module, loaded: LoadedInputs, clean: ImageSet, norm: Any,
@@ -261,11 +265,17 @@ def write_sample_scores(path: Path, labels: np.ndarray, scores: np.ndarray, flag
 
 
 def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, dev: torch.device,
-            stage: Progress, work_dir: Path, artifacts: dict[str, Path], prefix: str) -> dict[str, Any]:
+            stage: Progress, work_dir: Path, artifacts: dict[str, Path], prefix: str,
+            reuse: Any = None) -> dict[str, Any]:
     """The detector's verdict on ``model`` from the clean data the repair may learn from (never the evaluation
-    set, so ACC/ASR stay independent of it); each inverted trigger becomes a PNG artifact ``<prefix>_<k>``."""
+    set, so ACC/ASR stay independent of it); each inverted trigger becomes a PNG artifact ``<prefix>_<k>``.
+    ``reuse``: a result of the same scan of ``model`` already run (the repair's own), reported instead of a rerun."""
     if not spec.detect.enabled:
         return {"label": None, "skipped": True, "reason": "spec.detect.enabled is false"}
+    if reuse is not None:
+        stage.update(1.0)
+        return _verdict(reuse, work_dir, artifacts, prefix) | {
+            "reused": "the repair's last escalation scan of this model (same clean data and detect config)"}
     from core.detect import scan_model
     from core.spec import detect_config
 
@@ -282,6 +292,11 @@ def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, 
         raise InputError(f"spec.detect.params.{exc.field}", str(exc)) from exc
     except ValueError as exc:  # data the detector cannot use (too few clean images, labels out of range)
         raise InputError("clean_data", f"trigger-free detection: {exc}") from exc
+    return _verdict(result, work_dir, artifacts, prefix)
+
+
+def _verdict(result: Any, work_dir: Path, artifacts: dict[str, Path], prefix: str) -> dict[str, Any]:
+    """A detector result as the report's verdict; each inverted trigger becomes a PNG artifact ``<prefix>_<k>``."""
     for cls, image in sorted(result.trigger_images.items()):
         artifacts[f"{prefix}_{cls}"] = _write_png(image, work_dir / f"{prefix}_{cls}.png")
     return {"label": result.verdict, "score": result.score, "suspected_targets": list(result.suspected_targets),

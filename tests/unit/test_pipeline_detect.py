@@ -98,7 +98,8 @@ def test_clean_data_the_detector_cannot_use_is_an_input_error_naming_the_field(t
 
 def test_the_repairs_own_scans_use_the_specs_detect_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An escalating gentle repair scans the repaired model itself: with the spec's detect settings, not the
-    detector's defaults (300 images, four detectors), and its attempts are in the report."""
+    detector's defaults (300 images, four detectors), its attempts are in the report, and the last attempt's scan
+    is the report's after-verdict (not scanned again)."""
     import core.detect
 
     seen: list[object] = []
@@ -119,3 +120,9 @@ def test_the_repairs_own_scans_use_the_specs_detect_config(tmp_path: Path, monke
     assert seen, "the escalation ran no scan"
     for config in seen:
         assert config.detectors == ("neural_cleanse",) and config.max_images == 200
+    # the detector runs once before the repair and once per escalation attempt; the report's after-verdict is the
+    # last attempt's scan of the returned model, not a rerun of it
+    assert len(seen) == 1 + len(escalation["attempts"]), (len(seen), escalation["attempts"])
+    after = result.report["after"]["verdict"]
+    assert "reused" in after and after["label"] == escalation["attempts"][-1]["verdict"]
+    assert after["score"] == escalation["attempts"][-1]["score"]

@@ -46,7 +46,7 @@ def detector_scan(clean: ImageSet, norm: Normalization, device: torch.device | s
         result = scan_model(model, clean, norm, config, device, num_classes, seed, progress=progress.update,
                             should_stop=lambda: bool(progress.check()))
         return {"verdict": result.verdict, "score": result.score,
-                "suspected_targets": list(result.suspected_targets)}
+                "suspected_targets": list(result.suspected_targets), "result": result}
 
     return scan
 
@@ -128,6 +128,7 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
         chosen |= {"neuron_ratio": n, "rule": choice.rule}
         details["auto"] = choice.as_dict()
     ladder: tuple[float, ...] = ()
+    last_scan: Any = None  # the detector's result on the returned model, where the escalation scanned it
     if gentle:
         assert n_gentle is not None
         n_full, n = n, n_gentle
@@ -157,7 +158,8 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
             "no scan: escalate_max_repairs = 1 allows no larger n")}
         chosen["rule"] = f"{chosen['rule']}; {details['escalation']['stopped']}"
     elif gentle and cfg.escalate:
-        outcome, n, details["escalation"] = _escalate(attempt, outcome, n, ladder, scan, len(data), cfg, progress)
+        outcome, n, details["escalation"], last_scan = _escalate(attempt, outcome, n, ladder, scan, len(data), cfg,
+                                                                 progress)
         if n > n_gentle + 1e-9:  # type: ignore[operator]
             chosen["rule"] = f"{chosen['rule']}; escalated to n = {n:g}: {details['escalation']['stopped']}"
         else:
@@ -184,19 +186,21 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     if cfg.finetune_adaptive:
         chosen |= {"finetune_epochs": schedule.epochs, "lr_finetune": schedule.lr}
     return RepairResult(model=repaired.eval(), method="tsbd" if cfg.neuron_ratio is None else "tsbd_fixed",
-                        params=params, chosen=chosen, timings=progress.finish(), details=details)
+                        params=params, chosen=chosen, timings=progress.finish(), details=details,
+                        final_scan=last_scan)
 
 
 def _escalate(attempt: Callable[[float], tuple[Any, ...]], outcome: tuple[Any, ...], n: float,
               ladder: tuple[float, ...], scan: Scan, images: int, cfg: TSBDConfig,
-              progress: Progress) -> tuple[tuple[Any, ...], float, dict[str, object]]:
+              progress: Progress) -> tuple[tuple[Any, ...], float, dict[str, object], Any]:
     """Close the loop on the detector after a gentle repair: scan the repaired model; while it is not called
     clean and ``ladder`` has a larger ``n`` left, repair again from the original model with it (``attempt``).
     Stop also where the clean subset's accuracy after stage 2 falls more than ``max(cfg.auto_tolerance, one
     standard error)`` below the best attempt so far (that subset is the one stage 2 trained on, so a drop
     there is lost clean function, not noise, but a small one may go unseen). The last attempt is returned:
     erring towards the larger ``n`` is the safe side (it costs accuracy, which the report shows). Returns the
-    outcome, its ``n`` and the account (every attempt: n, verdict, score, accuracy, seconds)."""
+    outcome, its ``n``, the account (every attempt: n, verdict, score, accuracy, seconds) and the detector's result
+    on the returned model (its last scan: every exit of the loop follows a scan of the current outcome)."""
     attempts: list[dict[str, object]] = []
     best = -1.0
     rest = list(ladder)
@@ -221,7 +225,7 @@ def _escalate(attempt: Callable[[float], tuple[Any, ...]], outcome: tuple[Any, .
             break
         n = rest.pop(0)
         outcome = attempt(n)
-    return outcome, n, {"ladder": list(ladder), "attempts": attempts, "stopped": stopped}
+    return outcome, n, {"ladder": list(ladder), "attempts": attempts, "stopped": stopped}, found.get("result")
 
 
 def _clean_check(model: nn.Module, cfg: TSBDConfig, verdict: str | None, scan: Scan,
