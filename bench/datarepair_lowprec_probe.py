@@ -41,6 +41,13 @@ VARIANTS: dict[str, dict] = {
     "retain[act0.95 class_test]": {"act": 0.95, "weak_flags": "class_test"},
     "retain[act0.95 class_null]": {"act": 0.95, "weak_flags": "class_null"},
     "retain[act0.95 class_both]": {"act": 0.95, "weak_flags": "class_both"},
+    "retain[act0.95 keep noise_matrix]": {"act": 0.95, "weak_flags": "keep", "relabel_prior": "noise_matrix"},
+    # exploratory (BENCHMARKS.md 7.0d): a relabelled sample whose given label is below chance also has that label
+    # unlearned (as a dropped one would), with and without the noise matrix
+    "retain[act0.95 keep unlearn_relabelled]": {"act": 0.95, "weak_flags": "keep", "unlearn_relabelled": True},
+    "retain[act0.95 keep noise_matrix unlearn_relabelled]": {"act": 0.95, "weak_flags": "keep",
+                                                             "relabel_prior": "noise_matrix",
+                                                             "unlearn_relabelled": True},
 }
 
 
@@ -101,13 +108,19 @@ def main() -> None:
                 all_agree = v.pop("all_agree", False)
                 unlearn_weight = v.pop("unlearn_weight", 0.5)
                 act = v.pop("act", None)
+                unlearn_relabelled = v.pop("unlearn_relabelled", False)
                 if act is not None and act > args.quantile:
                     v["strong"] = label_flags_at(ident, act)
                     if v.get("weak_flags") in ("class_null", "class_both"):
                         v["clean_strong"] = null_label_flags_at(ident, act)
+                if v.get("relabel_prior") == "noise_matrix":  # the noise matrix of each reference (separate.py)
+                    v["prior_probs"] = ident.reference_probs
                 sep = separate(label_flagged, data.y, ident.probs, ident.clean_probs, clean.y, 0.9, 10,
                                ident.reference, ident.reference_clean_probs,
                                ident.reference_probs if all_agree else None, ident.input_flagged, **v)
+                if unlearn_relabelled:
+                    below = ident.probs[np.arange(len(data.y)), data.y.astype(np.int64)] < 0.1
+                    sep.unlearn = sep.unlearn | (sep.relabelled & below)
                 repaired = prepare_model(copy.deepcopy(model), rt)
                 weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]
                 anchored_finetune(repaired, kept_set(data, sep.new_labels), clean,

@@ -30,7 +30,7 @@ from core.datarepair.repair import (
     retrain,
 )
 from core.datarepair.result import DataRepairResult
-from core.datarepair.separate import WeakFlags, separate
+from core.datarepair.separate import RelabelPrior, WeakFlags, separate
 from core.defenses.baselines import FinetuneConfig, vanilla_finetune
 from core.defenses.runtime import cuda_sync, prepare_model, runtime_for
 from core.progress import Progress
@@ -63,6 +63,11 @@ class RetainExtra:
     # class_null: the same against the held-out clean samples' flag rate in each class (Fisher exact); class_both:
     # both tests must reject (docs/datarepair.md "Against the clean null's rate per class")
     weak_flags: WeakFlags = "keep"
+    # noise_matrix: the relabel target and its confidence share the non-given probability among the other classes by
+    # Bayes' rule with the confident-learning noise matrix P(given | true) of each reference (cleanlab), so that under
+    # class-pair flips a flagged label goes back to its source class; under symmetric noise nothing changes
+    # (docs/datarepair.md "The noise's structure")
+    relabel_prior: RelabelPrior = "none"
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
                    ident.input_flagged, extra.input_weight, extra.drop_both_flagged, strong, extra.weak_flags,
                    1 - extra.act_quantile,
                    null_label_flags_at(ident, extra.act_quantile) if extra.weak_flags in ("class_null", "class_both")
-                   else None)
+                   else None, extra.relabel_prior, ident.reference_probs)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]
