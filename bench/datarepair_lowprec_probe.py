@@ -22,7 +22,13 @@ import torch
 
 from bench.datarepair_bench import NORMS, PROFILES, build, corrupt, split
 from core.attacks.base import make_backdoor_test_set
-from core.datarepair.identify import IdentifyConfig, identify, label_flags_at, null_label_flags_at
+from core.datarepair.identify import (
+    IdentifyConfig,
+    identify,
+    label_flags_at,
+    null_label_flags_at,
+    posterior_label_flags_at,
+)
 from core.datarepair.repair import EraseConfig, RepairTrainConfig, anchored_finetune, gradient_ascent, kept_set
 from core.datarepair.separate import separate
 from core.defenses.baselines import FinetuneConfig, vanilla_finetune
@@ -48,6 +54,12 @@ VARIANTS: dict[str, dict] = {
     "retain[act0.95 keep noise_matrix unlearn_relabelled]": {"act": 0.95, "weak_flags": "keep",
                                                              "relabel_prior": "noise_matrix",
                                                              "unlearn_relabelled": True},
+    # BENCHMARKS.md 7.0d, options b/c: the acting flags by the noise-matrix posterior of the given label
+    # (core.datarepair.identify.posterior_label_flags_at, retain's act_score="noise_posterior"), with the plain
+    # relabelling or with the noise-matrix one
+    "retain[act0.95 keep strong_posterior]": {"act": 0.95, "weak_flags": "keep", "strong_posterior": True},
+    "retain[act0.95 keep noise_matrix strong_posterior]": {"act": 0.95, "weak_flags": "keep",
+                                                           "relabel_prior": "noise_matrix", "strong_posterior": True},
 }
 
 
@@ -109,8 +121,10 @@ def main() -> None:
                 unlearn_weight = v.pop("unlearn_weight", 0.5)
                 act = v.pop("act", None)
                 unlearn_relabelled = v.pop("unlearn_relabelled", False)
+                strong_posterior = v.pop("strong_posterior", False)
                 if act is not None and act > args.quantile:
-                    v["strong"] = label_flags_at(ident, act)
+                    v["strong"] = (posterior_label_flags_at(ident, data.y, clean.y, act) if strong_posterior
+                                   else label_flags_at(ident, act))
                     if v.get("weak_flags") in ("class_null", "class_both"):
                         v["clean_strong"] = null_label_flags_at(ident, act)
                 if v.get("relabel_prior") == "noise_matrix":  # the noise matrix of each reference (separate.py)

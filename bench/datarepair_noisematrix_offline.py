@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bench.datarepair_bench import ASYM_FLIPS, NORMS, PROFILES, build, corrupt, split
-from core.datarepair.identify import IdentifyConfig, identify, label_flags_at
+from core.datarepair.identify import IdentifyConfig, _flags_at, identify, label_flags_at, null_scaled
 from core.datarepair.separate import noise_matrix, separate
 from core.defenses.runtime import runtime_for
 from core.progress import Progress
@@ -81,6 +81,25 @@ def main() -> None:
                       f"{au_post:.4f}", flush=True)
                 rec[f"ref{r}_T"] = t.tolist()
                 rec[f"ref{r}_auroc"] = [au_plain, au_post]
+            # option b: the flag score as -log of the posterior that the given label is the true one, each reference
+            # with its own matrix and its own clean null scored the same way (the clean labels, the same matrix)
+            cy = clean.y.astype(np.int64)
+            refs_post = []
+            for r, p in enumerate(ident.reference_probs):
+                t = np.asarray(rec[f"ref{r}_T"])
+                pc = ident.reference_clean_probs[r].astype(np.float64)
+                post = (p * t[y])[np.arange(len(y)), y] / (p * t[y]).sum(1)
+                post_c = (pc * t[cy])[np.arange(len(cy)), cy] / (pc * t[cy]).sum(1)
+                refs_post.append((-np.log(post + 1e-12), -np.log(post_c + 1e-12)))
+            for level in (args.quantile, 0.95):
+                plain_f = _flags_at(ident, level)[0]
+                q = 1 - (1 - level) / max(1, ident.n_split)
+                post_f = np.max([null_scaled(s, nl, q)[0] for s, nl in refs_post], axis=0) > 1.0
+                for name, f in (("plain", plain_f), ("posterior", post_f)):
+                    tp = int((f & bad).sum())
+                    rec[f"flags_{name}_{level:g}"] = [int(f.sum()), tp]
+                    print(f"  flags at {level:g} {name:9s}: {int(f.sum())} flagged, P {tp / max(1, f.sum()):.3f} "
+                          f"R {tp / max(1, bad.sum()):.3f}", flush=True)
             for prior in ("none", "noise_matrix"):
                 sep = separate(flagged, y, ident.probs, ident.clean_probs, clean.y, 0.9, 10, ident.reference,
                                ident.reference_clean_probs, None, ident.input_flagged, strong=strong,

@@ -6,6 +6,9 @@ new > old), and the relabel precision (fraction of the relabelled samples that g
 the seeds) with the relabelled counts.
 
     python -m bench.datarepair_noisematrix_summary --design 0,1,2 bench/results/datarepair_noisematrix_probe_*.json
+
+``--new`` / ``--old`` compare two other variants the same way (records of several files are merged by row, seed and
+variant: the probe is deterministic on one machine, so a variant rerun in another file gives the same record).
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--design", default="0,1,2", help="the seeds the choice was made on (shown apart)")
+    ap.add_argument("--new", default=NEW)
+    ap.add_argument("--old", default=OLD)
     args = ap.parse_args()
+    new, old = args.new, args.old
+    print(f"new = {new}, old = {old}\n")
     design = set(map(int, args.design.split(",")))
     by: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
     for path in args.paths:
@@ -53,21 +60,21 @@ def main() -> None:
         for group, pick in (("design", lambda s: s in design), ("held out", lambda s: s not in design),
                             ("all", lambda s: True)):
             cells = [by[k] for k in sorted(by) if k[0] == row and pick(k[1]) and all(v in by[k]
-                                                                                     for v in (OLD, NEW, ERASE))]
+                                                                                     for v in (old, new, ERASE))]
             if not cells:
                 continue
-            seeds = ",".join(str(c[NEW]["seed"]) for c in cells)
-            acc = {v: np.array([c[v]["acc"] for c in cells]) for v in (OLD, NEW, ERASE)}
-            wins = int((acc[NEW] > acc[OLD]).sum())
-            ties = int((acc[NEW] == acc[OLD]).sum())
-            prec = [100 * np.mean([c[NEW]["precision"] for c in cells])]
-            ro, rn = relabel(cells, OLD), relabel(cells, NEW)
-            asr = (" / ".join(f"{100 * np.mean([c[v]['asr'] for c in cells]):.1f}" for v in (OLD, NEW, ERASE))
-                   if cells[0][NEW]["asr"] is not None else "–")
+            seeds = ",".join(str(c[new]["seed"]) for c in cells)
+            acc = {v: np.array([c[v]["acc"] for c in cells]) for v in (old, new, ERASE)}
+            wins = int((acc[new] > acc[old]).sum())
+            ties = int((acc[new] == acc[old]).sum())
+            prec = [100 * np.mean([c[new]["precision"] for c in cells])]
+            ro, rn = relabel(cells, old), relabel(cells, new)
+            asr = (" / ".join(f"{100 * np.mean([c[v]['asr'] for c in cells]):.1f}" for v in (old, new, ERASE))
+                   if cells[0][new]["asr"] is not None else "–")
             print(f"| {row} | {group} ({seeds}) | {prec[0]:.0f} | "
-                  f"{' / '.join(f'{100 * acc[v].mean():.2f}' for v in (OLD, NEW, ERASE))} | "
-                  f"{mean_se(list(acc[NEW] - acc[OLD]))} | {wins}/{len(cells)} ({ties} tied) | "
-                  f"{mean_se(list(acc[NEW] - acc[ERASE]))} | {mean_se(list(acc[OLD] - acc[ERASE]))} | "
+                  f"{' / '.join(f'{100 * acc[v].mean():.2f}' for v in (old, new, ERASE))} | "
+                  f"{mean_se(list(acc[new] - acc[old]))} | {wins}/{len(cells)} ({ties} tied) | "
+                  f"{mean_se(list(acc[new] - acc[ERASE]))} | {mean_se(list(acc[old] - acc[ERASE]))} | "
                   f"{100 * ro[0] / max(1, ro[1]):.1f}% ({ro[0]}/{ro[1]}; {ro[2]}) → "
                   f"{100 * rn[0] / max(1, rn[1]):.1f}% ({rn[0]}/{rn[1]}; {rn[2]}) | {asr} |")
 

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,7 +19,14 @@ import torch.nn as nn
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.datarepair.identify import Identification, IdentifyConfig, identify, label_flags_at, null_label_flags_at
+from core.datarepair.identify import (
+    Identification,
+    IdentifyConfig,
+    identify,
+    label_flags_at,
+    null_label_flags_at,
+    posterior_label_flags_at,
+)
 from core.datarepair.repair import (
     EraseConfig,
     RepairTrainConfig,
@@ -37,6 +44,7 @@ from core.progress import Progress
 from core.ranges import Flag, check_params, field_types, float_in
 
 DEFAULT_DATA_REPAIR_METHOD = "retain"
+ActScore = Literal["loss", "noise_posterior"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,10 @@ class RetainExtra:
     # class-pair flips a flagged label goes back to its source class; under symmetric noise nothing changes
     # (docs/datarepair.md "The noise's structure")
     relabel_prior: RelabelPrior = "none"
+    # noise_posterior: the acting flags (at act_quantile, when above null_quantile) score -log of the posterior that the
+    # given label is the true one under each reference's noise matrix, against the clean null scored the same way
+    # (identify.posterior_label_flags_at; docs/datarepair.md "The noise's structure")
+    act_score: ActScore = "loss"
 
 
 @dataclass(frozen=True)
@@ -140,8 +152,10 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     progress.stage("separate", 0.6, 0.62)
     label_flagged = ident.flagged if ident.label_flagged is None else ident.label_flagged
     extra: RetainExtra = cfgs["extra"]
-    strong = (label_flags_at(ident, extra.act_quantile)
-              if extra.act_quantile > cfgs["identify"].null_quantile else None)
+    strong = None
+    if extra.act_quantile > cfgs["identify"].null_quantile:
+        strong = (posterior_label_flags_at(ident, training.y, clean.y, extra.act_quantile)
+                  if extra.act_score == "noise_posterior" else label_flags_at(ident, extra.act_quantile))
     sep = separate(label_flagged, training.y, ident.probs, ident.clean_probs, clean.y,
                    extra.relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
                    ident.reference_probs if extra.unlearn_when_all_agree else None,

@@ -1,11 +1,13 @@
-"""The noise's structure in the relabelling (issue 11, ``relabel_prior="noise_matrix"``): with the confident-learning
-noise matrix, a flagged label is sent back to the class its flips come from; under symmetric noise nothing changes."""
+"""The noise's structure (issue 11): with the confident-learning noise matrix, a flagged label is relabelled to the
+class its flips come from (``relabel_prior="noise_matrix"``; under symmetric noise nothing changes), and the acting
+flags can score the posterior of the given label (``act_score="noise_posterior"``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from core.datarepair.identify import Identification, label_flags_at, posterior_label_flags_at
 from core.datarepair.registry import default_params, validate_params
 from core.datarepair.separate import alternative_confidence, noise_matrix, separate
 
@@ -109,3 +111,37 @@ def test_the_prior_is_per_reference_and_a_retain_parameter() -> None:
     assert validate_params("retain", {"relabel_prior": "noise_matrix"})["relabel_prior"] == "noise_matrix"
     with pytest.raises(ValueError):
         validate_params("retain", {"relabel_prior": "bayes"})
+
+
+def _ident(probs: np.ndarray, y: np.ndarray, clean_probs: np.ndarray, clean_y: np.ndarray) -> Identification:
+    """A one-reference identification of these probabilities (the label loss against its clean null)."""
+    loss = -np.log(probs[np.arange(len(y)), y])
+    null = -np.log(clean_probs[np.arange(len(clean_y)), clean_y])
+    return Identification(scores=loss, flagged=np.zeros(len(y), bool), probs=probs.astype(np.float32),
+                          clean_probs=clean_probs.astype(np.float32), null_scores=null, details={},
+                          label_flagged=np.zeros(len(y), bool), label_refs=[(loss, null)], n_split=1)
+
+
+def test_the_posterior_flags_a_doubted_label_of_a_flip_destination_and_spare_a_class_without_noise() -> None:
+    rng = np.random.default_rng(3)
+    true = np.repeat(np.arange(K), 100)
+    given = true.copy()
+    given[:30] = 1  # flips 0 -> 1 only
+    probs = _probs_of(true, rng)
+    # two doubted samples, the same probability of their given label (0.3): one labelled 1 (a flip destination)
+    # that looks like a 0, one labelled 2 (a class no flip reaches) that looks like a 3
+    doubted = np.array([[0.62, 0.30, 0.04, 0.04], [0.04, 0.04, 0.30, 0.62]])
+    p_all = np.vstack([probs, doubted])
+    y = np.r_[given, 1, 2]
+    clean_y = np.repeat(np.arange(K), 50)
+    clean_probs = _probs_of(clean_y, rng)
+    clean_probs[::10] = np.roll(clean_probs[::10], 1, axis=1)  # a few hard clean samples give the null a tail
+    clean_probs[5::10] = np.full(K, 1 / K)
+    ident = _ident(p_all, y, clean_probs, clean_y)
+    plain = label_flags_at(ident, 0.95)
+    post = posterior_label_flags_at(ident, y, clean_y, 0.95)
+    assert plain[-1] == plain[-2]  # the loss cannot tell them apart
+    assert post[-2] and not post[-1]
+    assert post[:30].mean() > 0.9  # the planted flips stay flagged
+    assert validate_params("retain", {"act_score": "noise_posterior"})["act_score"] == "noise_posterior"
+    assert default_params("retain")["act_score"] == "loss"
