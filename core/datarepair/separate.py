@@ -51,6 +51,15 @@ symmetric noise it rejects nearly every class and behaves as ``"drop"``. ``"clas
 both tests do (concentrated *and* above the clean rate): never below ``"class_test"`` in what was measured and better
 on asymmetric noise, but it still fires on some flip destinations and on a CIFAR-10 sym20 class, so it is selectable
 and ``"class_test"`` is unchanged (BENCHMARKS.md 7.0c addendum).
+
+``relabel_prior="noise_matrix"`` uses the noise's structure in the relabelling: under class-conditional noise a wrong
+label comes from some classes more than others, ``T[i, j] = P(given i | true j)``, estimated by confident learning
+(:func:`noise_matrix`, cleanlab) per reference; the probability the model leaves to the classes other than the given
+one is shared among them by Bayes' rule with T (:func:`alternative_confidence`), so a flagged label of a flip
+destination is relabelled to its source class. Under symmetric noise it is the plain rule exactly. Measured
+(BENCHMARKS.md 7.0d): it relabels more true flips right and does not raise the repaired accuracy (negative), so it
+is not the default; the noise matrix helps where it chooses which flags act instead
+(:func:`core.datarepair.identify.posterior_label_flags_at`, ``retain``'s ``act_score="noise_posterior"``).
 """
 
 from __future__ import annotations
