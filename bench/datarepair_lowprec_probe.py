@@ -22,7 +22,13 @@ import torch
 
 from bench.datarepair_bench import NORMS, PROFILES, build, corrupt, split
 from core.attacks.base import make_backdoor_test_set
-from core.datarepair.identify import IdentifyConfig, identify, label_flags_at, null_label_flags_at
+from core.datarepair.identify import (
+    IdentifyConfig,
+    identify,
+    label_flags_at,
+    null_label_flags_at,
+    posterior_label_flags_at,
+)
 from core.datarepair.repair import EraseConfig, RepairTrainConfig, anchored_finetune, gradient_ascent, kept_set
 from core.datarepair.separate import separate
 from core.defenses.baselines import FinetuneConfig, vanilla_finetune
@@ -41,6 +47,19 @@ VARIANTS: dict[str, dict] = {
     "retain[act0.95 class_test]": {"act": 0.95, "weak_flags": "class_test"},
     "retain[act0.95 class_null]": {"act": 0.95, "weak_flags": "class_null"},
     "retain[act0.95 class_both]": {"act": 0.95, "weak_flags": "class_both"},
+    "retain[act0.95 keep noise_matrix]": {"act": 0.95, "weak_flags": "keep", "relabel_prior": "noise_matrix"},
+    # exploratory (BENCHMARKS.md 7.0d): a relabelled sample whose given label is below chance also has that label
+    # unlearned (as a dropped one would), with and without the noise matrix
+    "retain[act0.95 keep unlearn_relabelled]": {"act": 0.95, "weak_flags": "keep", "unlearn_relabelled": True},
+    "retain[act0.95 keep noise_matrix unlearn_relabelled]": {"act": 0.95, "weak_flags": "keep",
+                                                             "relabel_prior": "noise_matrix",
+                                                             "unlearn_relabelled": True},
+    # BENCHMARKS.md 7.0d, options b/c: the acting flags by the noise-matrix posterior of the given label
+    # (core.datarepair.identify.posterior_label_flags_at, retain's act_score="noise_posterior"), with the plain
+    # relabelling or with the noise-matrix one
+    "retain[act0.95 keep strong_posterior]": {"act": 0.95, "weak_flags": "keep", "strong_posterior": True},
+    "retain[act0.95 keep noise_matrix strong_posterior]": {"act": 0.95, "weak_flags": "keep",
+                                                           "relabel_prior": "noise_matrix", "strong_posterior": True},
 }
 
 
@@ -101,13 +120,21 @@ def main() -> None:
                 all_agree = v.pop("all_agree", False)
                 unlearn_weight = v.pop("unlearn_weight", 0.5)
                 act = v.pop("act", None)
+                unlearn_relabelled = v.pop("unlearn_relabelled", False)
+                strong_posterior = v.pop("strong_posterior", False)
                 if act is not None and act > args.quantile:
-                    v["strong"] = label_flags_at(ident, act)
+                    v["strong"] = (posterior_label_flags_at(ident, data.y, clean.y, act) if strong_posterior
+                                   else label_flags_at(ident, act))
                     if v.get("weak_flags") in ("class_null", "class_both"):
                         v["clean_strong"] = null_label_flags_at(ident, act)
+                if v.get("relabel_prior") == "noise_matrix":  # the noise matrix of each reference (separate.py)
+                    v["prior_probs"] = ident.reference_probs
                 sep = separate(label_flagged, data.y, ident.probs, ident.clean_probs, clean.y, 0.9, 10,
                                ident.reference, ident.reference_clean_probs,
                                ident.reference_probs if all_agree else None, ident.input_flagged, **v)
+                if unlearn_relabelled:
+                    below = ident.probs[np.arange(len(data.y)), data.y.astype(np.int64)] < 0.1
+                    sep.unlearn = sep.unlearn | (sep.relabelled & below)
                 repaired = prepare_model(copy.deepcopy(model), rt)
                 weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]
                 anchored_finetune(repaired, kept_set(data, sep.new_labels), clean,

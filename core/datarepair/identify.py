@@ -232,6 +232,34 @@ def null_label_flags_at(ident: Identification, quantile: float) -> np.ndarray | 
     return _flags_at(ident, quantile)[1]
 
 
+def posterior_label_flags_at(ident: Identification, y: np.ndarray, clean_y: np.ndarray,
+                             quantile: float) -> np.ndarray:
+    """The label references' flags at null quantile ``quantile`` by :func:`label_flags_at`'s rule, each reference
+    scoring instead ``-log`` of the posterior that the given label is the true one under class-conditional noise,
+    ``p(y | x) T[y, y] / sum_k p(k | x) T[y, k]``, with ``T[i, j] = P(given i | true j)`` its own confident-learning
+    noise matrix (:func:`core.datarepair.separate.noise_matrix`, from its probabilities of every training sample and
+    their given labels); its held-out clean samples are scored the same way (their labels, the same matrix), so the
+    clean null is the posterior's. A label that the matrix says receives no noise keeps a posterior near 1 however
+    much the model doubts it, and a doubted label of a class that receives flips is scored up: under class-pair flips
+    the flags concentrate on the flip destinations. Without recorded references: :func:`label_flags_at`."""
+    from core.datarepair.separate import noise_matrix
+
+    if not ident.label_refs:
+        return label_flags_at(ident, quantile)
+    y, clean_y = y.astype(np.int64), clean_y.astype(np.int64)
+    train = ident.reference_probs if ident.reference_probs is not None else [ident.probs]
+    held = ident.reference_clean_probs if ident.reference_clean_probs is not None else [ident.clean_probs]
+    q = 1 - (1 - quantile) / max(1, ident.n_split)
+    scaled = []
+    for p, pc in zip(train, held, strict=True):
+        t = noise_matrix(y, p, p.shape[1])
+        p, pc = p.astype(np.float64), pc.astype(np.float64)
+        post = (p * t[y])[np.arange(len(y)), y] / np.maximum((p * t[y]).sum(1), 1e-300)
+        post_c = (pc * t[clean_y])[np.arange(len(clean_y)), clean_y] / np.maximum((pc * t[clean_y]).sum(1), 1e-300)
+        scaled.append(null_scaled(-np.log(np.clip(post, 1e-12, 1.0)), -np.log(np.clip(post_c, 1e-12, 1.0)), q)[0])
+    return np.max(scaled, axis=0) > 1.0
+
+
 def _flags_at(ident: Identification, quantile: float) -> tuple[np.ndarray, np.ndarray]:
     """(training flags, clean-null flags) of the recorded label references at null quantile ``quantile``: each
     reference against its own null, Bonferroni over ``ident.n_split``, flagged by any reference."""

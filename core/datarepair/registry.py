@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,7 +19,14 @@ import torch.nn as nn
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.datarepair.identify import Identification, IdentifyConfig, identify, label_flags_at, null_label_flags_at
+from core.datarepair.identify import (
+    Identification,
+    IdentifyConfig,
+    identify,
+    label_flags_at,
+    null_label_flags_at,
+    posterior_label_flags_at,
+)
 from core.datarepair.repair import (
     EraseConfig,
     RepairTrainConfig,
@@ -30,13 +37,14 @@ from core.datarepair.repair import (
     retrain,
 )
 from core.datarepair.result import DataRepairResult
-from core.datarepair.separate import WeakFlags, separate
+from core.datarepair.separate import RelabelPrior, WeakFlags, separate
 from core.defenses.baselines import FinetuneConfig, vanilla_finetune
 from core.defenses.runtime import cuda_sync, prepare_model, runtime_for
 from core.progress import Progress
 from core.ranges import Flag, check_params, field_types, float_in
 
 DEFAULT_DATA_REPAIR_METHOD = "retain"
+ActScore = Literal["loss", "noise_posterior"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,15 @@ class RetainExtra:
     # class_null: the same against the held-out clean samples' flag rate in each class (Fisher exact); class_both:
     # both tests must reject (docs/datarepair.md "Against the clean null's rate per class")
     weak_flags: WeakFlags = "keep"
+    # noise_matrix: the relabel target and its confidence share the non-given probability among the other classes by
+    # Bayes' rule with the confident-learning noise matrix P(given | true) of each reference (cleanlab), so that under
+    # class-pair flips a flagged label goes back to its source class; under symmetric noise nothing changes
+    # (docs/datarepair.md "The noise's structure")
+    relabel_prior: RelabelPrior = "none"
+    # noise_posterior: the acting flags (at act_quantile, when above null_quantile) score -log of the posterior that the
+    # given label is the true one under each reference's noise matrix, against the clean null scored the same way
+    # (identify.posterior_label_flags_at; docs/datarepair.md "The noise's structure")
+    act_score: ActScore = "loss"
 
 
 @dataclass(frozen=True)
@@ -135,15 +152,17 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
     progress.stage("separate", 0.6, 0.62)
     label_flagged = ident.flagged if ident.label_flagged is None else ident.label_flagged
     extra: RetainExtra = cfgs["extra"]
-    strong = (label_flags_at(ident, extra.act_quantile)
-              if extra.act_quantile > cfgs["identify"].null_quantile else None)
+    strong = None
+    if extra.act_quantile > cfgs["identify"].null_quantile:
+        strong = (posterior_label_flags_at(ident, training.y, clean.y, extra.act_quantile)
+                  if extra.act_score == "noise_posterior" else label_flags_at(ident, extra.act_quantile))
     sep = separate(label_flagged, training.y, ident.probs, ident.clean_probs, clean.y,
                    extra.relabel_precision, num_classes, ident.reference, ident.reference_clean_probs,
                    ident.reference_probs if extra.unlearn_when_all_agree else None,
                    ident.input_flagged, extra.input_weight, extra.drop_both_flagged, strong, extra.weak_flags,
                    1 - extra.act_quantile,
                    null_label_flags_at(ident, extra.act_quantile) if extra.weak_flags in ("class_null", "class_both")
-                   else None)
+                   else None, extra.relabel_prior, ident.reference_probs)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))
     weights = None if sep.weights is None else sep.weights[sep.new_labels >= 0]

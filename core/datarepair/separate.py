@@ -51,6 +51,15 @@ symmetric noise it rejects nearly every class and behaves as ``"drop"``. ``"clas
 both tests do (concentrated *and* above the clean rate): never below ``"class_test"`` in what was measured and better
 on asymmetric noise, but it still fires on some flip destinations and on a CIFAR-10 sym20 class, so it is selectable
 and ``"class_test"`` is unchanged (BENCHMARKS.md 7.0c addendum).
+
+``relabel_prior="noise_matrix"`` uses the noise's structure in the relabelling: under class-conditional noise a wrong
+label comes from some classes more than others, ``T[i, j] = P(given i | true j)``, estimated by confident learning
+(:func:`noise_matrix`, cleanlab) per reference; the probability the model leaves to the classes other than the given
+one is shared among them by Bayes' rule with T (:func:`alternative_confidence`), so a flagged label of a flip
+destination is relabelled to its source class. Under symmetric noise it is the plain rule exactly. Measured
+(BENCHMARKS.md 7.0d): it relabels more true flips right and does not raise the repaired accuracy (negative), so it
+is not the default; the noise matrix helps where it chooses which flags act instead
+(:func:`core.datarepair.identify.posterior_label_flags_at`, ``retain``'s ``act_score="noise_posterior"``).
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from scipy.stats import binom, fisher_exact
 
 MIN_RELABEL_SUPPORT = 10  # held-out clean samples the confidence threshold must rest on at least
 WeakFlags = Literal["keep", "drop", "class_test", "class_null", "class_both"]
+RelabelPrior = Literal["none", "noise_matrix"]
 
 
 @dataclass
@@ -93,6 +103,47 @@ def relabel_threshold(clean_probs: np.ndarray, clean_y: np.ndarray, precision: f
     if len(ok) == 0:
         return float("inf")
     return float(conf[order][ok[-1]])
+
+
+def noise_matrix(y: np.ndarray, probs: np.ndarray, num_classes: int) -> np.ndarray:
+    """``T[i, j] = P(given label i | true label j)`` estimated by confident learning (Northcutt et al., JAIR 2021;
+    cleanlab's :func:`cleanlab.count.estimate_py_and_noise_matrices_from_probabilities`) from the given labels ``y``
+    and the calibrated models' probabilities of the same samples. K x K, columns sum to 1. A class absent from ``y``
+    or never predicted gets the identity column (no noise is assumed for it)."""
+    from cleanlab.count import estimate_py_and_noise_matrices_from_probabilities
+
+    y = y.astype(np.int64)
+    present = np.bincount(y, minlength=num_classes) > 0
+    p = np.clip(probs.astype(np.float64), 1e-12, None)
+    p = p / p.sum(1, keepdims=True)
+    if not present.all():  # cleanlab needs every class among the labels
+        return np.eye(num_classes)
+    _, t, _, _ = estimate_py_and_noise_matrices_from_probabilities(y, p)
+    t = np.nan_to_num(np.asarray(t, dtype=np.float64), nan=0.0)
+    bad = t.sum(0) <= 0
+    t[:, bad] = np.eye(num_classes)[:, bad]
+    return t / t.sum(0, keepdims=True)
+
+
+def alternative_confidence(probs: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Per sample and class the confidence that the class is the true one, the given label being the flag's suspect:
+    the given label keeps its probability ``p_y``, and the rest, ``1 - p_y``, is shared among the other classes by
+    Bayes' rule with the noise matrix, ``c_j = (1 - p_y) p_j T[y, j] / sum_{k != y} p_k T[y, k]`` (p(true = j | x,
+    given = y, the label wrong) ∝ p(j | x) P(given = y | true = j)). Under class-pair flips the mass goes to the
+    label's source class; under symmetric noise (``T[y, j]`` equal for every j != y) ``c = p`` exactly. Where the
+    matrix gives the label no source at all (every ``p_k T[y, k]`` zero, k != y), ``c = p`` too (no evidence)."""
+    y = y.astype(np.int64)
+    rows = np.arange(len(y))
+    p = probs.astype(np.float64)
+    w = p * t[y]  # (N, K): p_j T[y, j]
+    w[rows, y] = 0.0
+    total = w.sum(1)
+    out = p.copy()
+    ok = total > 0
+    rest = 1.0 - p[rows, y]
+    out[ok] = w[ok] * (rest[ok] / total[ok])[:, None]
+    out[rows[ok], y[ok]] = p[rows[ok], y[ok]]
+    return out
 
 
 def concentrated_classes(y: np.ndarray, strong: np.ndarray, num_classes: int, alpha: float,
@@ -136,7 +187,8 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
              reference_probs: list[np.ndarray] | None = None, input_flagged: np.ndarray | None = None,
              input_weight: float = 1.0, drop_both_flagged: bool = False, strong: np.ndarray | None = None,
              weak_flags: WeakFlags = "keep", class_alpha: float = 0.05,
-             clean_strong: np.ndarray | None = None) -> Separation:
+             clean_strong: np.ndarray | None = None, relabel_prior: RelabelPrior = "none",
+             prior_probs: list[np.ndarray] | None = None) -> Separation:
     """Relabel, confirm or drop each flagged sample (module docstring); unflagged samples keep their label.
     With ``reference`` (per sample, which of ``reference_clean_probs``' models gave its ``probs``), each sample's
     confidence threshold is calibrated on that model's own held-out clean probabilities; with ``reference_probs``
@@ -148,20 +200,40 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     or unlearned as above; the rest of ``flagged`` is kept with its label or dropped (``weak_flags``; ``"class_test"``:
     dropped in the classes :func:`concentrated_classes` finds at level ``class_alpha``, kept in the others;
     ``"class_null"``: the same with ``clean_strong``, the held-out clean samples' flags at the acting level, as the
-    per-class expectation)."""
+    per-class expectation). ``relabel_prior="noise_matrix"``: the relabel target and its confidence are
+    :func:`alternative_confidence`'s, with the noise matrix (:func:`noise_matrix`) estimated per reference from
+    ``prior_probs`` (each reference's probabilities of every training sample; ``probs`` without it) and applied to the
+    samples whose ``probs`` that reference gave; the confidence threshold is unchanged."""
     y = y.astype(np.int64)
     weak = np.zeros(len(y), dtype=bool)
     if strong is not None:
         weak = flagged & ~strong
         flagged = flagged & strong
-    pred = probs.argmax(1).astype(np.int64)
+    conf_probs = probs
+    prior_details: dict[str, object] = {}
+    if relabel_prior == "noise_matrix":
+        sources = prior_probs if prior_probs is not None else [probs]
+        which = (reference if reference is not None and len(sources) > 1
+                 else np.zeros(len(y), dtype=np.int64)).astype(np.int64)
+        mats = [noise_matrix(y, p, num_classes) for p in sources]
+        conf_probs = np.asarray(probs, dtype=np.float64).copy()
+        for r, t in enumerate(mats):
+            sel = which == r
+            if sel.any():
+                conf_probs[sel] = alternative_confidence(probs[sel], y[sel], t)
+        prior_details = {"relabel_prior": relabel_prior,
+                         "noise_matrices": [np.round(t, 4).tolist() for t in mats],
+                         "noise_rate_estimates": [float(1 - np.mean(np.diag(t))) for t in mats]}
+    elif relabel_prior != "none":
+        raise ValueError(f"unknown relabel_prior {relabel_prior!r}")
+    pred = conf_probs.argmax(1).astype(np.int64)
     if reference is None or reference_clean_probs is None:
         tau = relabel_threshold(clean_probs, clean_y, precision)
-        confident = probs.max(1) >= tau
+        confident = conf_probs.max(1) >= tau
         taus = [tau]
     else:
         taus = [relabel_threshold(cp, clean_y, precision) for cp in reference_clean_probs]
-        confident = probs.max(1) >= np.asarray(taus)[reference]
+        confident = conf_probs.max(1) >= np.asarray(taus)[reference]
         tau = taus[0]
     relabelled = flagged & confident & (pred != y)
     confirmed = flagged & confident & (pred == y)
@@ -197,6 +269,7 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     new_labels[relabelled] = pred[relabelled]
     new_labels[dropped] = -1
     details = {
+        **prior_details,
         "relabel_confidence": tau if np.isfinite(tau) else None,
         **({"relabel_confidence_scratch": taus[1] if np.isfinite(taus[1]) else None} if len(taus) > 1 else {}),
         **({"n_relabelled_by_scratch": int((relabelled & (reference == 1)).sum())} if len(taus) > 1 else {}),

@@ -172,3 +172,18 @@ def test_retain_with_loose_flags_keeps_the_weak_ones_with_their_label(digits: di
         validate_params("retain", {"weak_flags": "erase"})
     with pytest.raises(ValueError):
         validate_params("retain", {"act_quantile": 1.0})
+
+
+def test_retain_through_the_registry_with_the_noise_matrix(digits: dict) -> None:
+    """relabel_prior and act_score reach step 2: the noise matrices are reported, the acting flags are the posterior's
+    (the weak flags differ from the loss's), the flags themselves (step 1) do not change."""
+    training = digits["training"]
+    params = {**FAST, "null_quantile": 0.6, "input_quality": False}
+    plain = repair_data("retain", digits["model"], training, digits["clean"], NORM, params, "cpu", 10)
+    nm = repair_data("retain", digits["model"], training, digits["clean"], NORM,
+                     {**params, "relabel_prior": "noise_matrix", "act_score": "noise_posterior"}, "cpu", 10)
+    assert nm.params["relabel_prior"] == "noise_matrix" and nm.params["act_score"] == "noise_posterior"
+    assert nm.details["relabel_prior"] == "noise_matrix" and len(nm.details["noise_matrices"]) == 2
+    assert np.array_equal(nm.flagged, plain.flagged)
+    assert "relabel_prior" not in plain.details
+    assert nm.details["n_weak_flags"] != plain.details["n_weak_flags"]
