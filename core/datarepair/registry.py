@@ -76,10 +76,11 @@ class RetainExtra:
     # class-pair flips a flagged label goes back to its source class; under symmetric noise nothing changes
     # (docs/datarepair.md "The noise's structure")
     relabel_prior: RelabelPrior = "none"
-    # noise_posterior: the acting flags (at act_quantile, when above null_quantile) score -log of the posterior that the
-    # given label is the true one under each reference's noise matrix, against the clean null scored the same way
-    # (identify.posterior_label_flags_at; docs/datarepair.md "The noise's structure")
-    act_score: ActScore = "loss"
+    # noise_posterior (default): the acting flags (at act_quantile, when above null_quantile) score -log of the
+    # posterior that the given label is the true one under each reference's noise matrix, against the clean null
+    # scored the same way (identify.posterior_label_flags_at); loss: the plain calibrated loss. Nothing changes at
+    # the default null_quantile = act_quantile (docs/datarepair.md "The noise's structure" for the measurements)
+    act_score: ActScore = "noise_posterior"
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,8 @@ def test_retain_through_the_registry_with_the_noise_matrix(digits: dict) -> None
     (the weak flags differ from the loss's), the flags themselves (step 1) do not change."""
     training = digits["training"]
     params = {**FAST, "null_quantile": 0.6, "input_quality": False}
-    plain = repair_data("retain", digits["model"], training, digits["clean"], NORM, params, "cpu", 10)
+    plain = repair_data("retain", digits["model"], training, digits["clean"], NORM, {**params, "act_score": "loss"},
+                        "cpu", 10)
     nm = repair_data("retain", digits["model"], training, digits["clean"], NORM,
                      {**params, "relabel_prior": "noise_matrix", "act_score": "noise_posterior"}, "cpu", 10)
     assert nm.params["relabel_prior"] == "noise_matrix" and nm.params["act_score"] == "noise_posterior"

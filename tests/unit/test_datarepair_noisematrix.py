@@ -144,4 +144,5 @@ def test_the_posterior_flags_a_doubted_label_of_a_flip_destination_and_spare_a_c
     assert post[-2] and not post[-1]
     assert post[:30].mean() > 0.9  # the planted flips stay flagged
     assert validate_params("retain", {"act_score": "noise_posterior"})["act_score"] == "noise_posterior"
-    assert default_params("retain")["act_score"] == "loss"
+    assert validate_params("retain", {"act_score": "loss"})["act_score"] == "loss"
+    assert default_params("retain")["act_score"] == "noise_posterior"
