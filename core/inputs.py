@@ -99,6 +99,94 @@ def _check_learning_set(spec: ScanSpec, clean: ImageSet, has_test: bool) -> None
                              f"clean images (2 per identification fold), got {n}{seen}")
 
 
+def _detector_config(spec: ScanSpec) -> Any:
+    """The ``DetectConfig`` the scan's detector runs with, or ``None`` when it never runs: the spec's detect
+    section when enabled, else the defaults when a ``tsbd`` repair scans the model itself (``clean_check``
+    ``scan``)."""
+    from core.detect.config import DetectConfig
+    from core.spec import detect_config
+
+    if spec.detect.enabled:
+        return detect_config(spec.detect.params)
+    if spec.mode == "repair" and spec.repair.method == "tsbd" and spec.repair.params.get("clean_check") == "scan":
+        return DetectConfig()
+    return None
+
+
+def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
+    """Each inversion stamps its batch of clean images once per class in one forward pass (docs/detect.md): refuse
+    a step whose stamped images (as float32, counted in images of the upload's size) would exceed the bytes any
+    one upload may make the service allocate (``limits.max_expanded_bytes``), naming the setting to lower."""
+    cfg = _detector_config(spec)
+    if cfg is None:
+        return
+    k = spec.model.num_classes
+    image_bytes = 4 * image_shape[0] * image_shape[1] * image_shape[2]
+    per_class = {"nc_batch_size": cfg.nc_batch_size}  # Neural Cleanse, the universal perturbation, untargeted
+    if "feature_inversion" in cfg.detectors:
+        per_class["fi_batch_size"] = cfg.fi_batch_size
+    if "max_margin" in cfg.detectors:
+        per_class["mm_starts"] = cfg.mm_starts
+    if not set(cfg.detectors) & {"neural_cleanse", "universal_perturbation", "untargeted"}:
+        del per_class["nc_batch_size"]
+    for name, per in per_class.items():
+        need = k * per * image_bytes
+        if need > limits.max_expanded_bytes:
+            most = limits.max_expanded_bytes // (k * image_bytes)
+            h, w, c = image_shape
+            fix = f"set {name} to at most {most}" if most >= 1 else "use smaller images or fewer classes"
+            bound = limits.max_expanded_bytes / 2**30
+            raise InputError(f"spec.detect.params.{name}",
+                             f"the detector stamps num_classes x {name} = {k} x {per} images of {w}x{h}x{c} in one "
+                             f"step, {need / 2**30:.1f} GiB as float32, over the {bound:.1f} GiB an upload may make "
+                             f"the service allocate; {fix}, or set \"detect\": {{\"enabled\": false}}")
+
+
+def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
+    """What the worker would otherwise find only when it runs, checked on a shape-only (meta) model: that the
+    architecture takes images of this size, that the repair finds the layers it works on, and that the
+    detector's batches fit the allocation bound (:func:`_check_detector_batches`)."""
+    import torch
+    import torch.nn as nn
+
+    from core.models.registry import create_model
+
+    h, w, c = image_shape
+    m = spec.model
+    try:
+        with torch.device("meta"):
+            model = create_model(m.architecture, m.num_classes, m.in_channels).eval()
+    except NotImplementedError:  # an architecture that cannot be built shape-only: the worker checks it
+        model = None
+    if model is not None:
+        try:
+            with torch.device("meta"), torch.no_grad():
+                model(torch.empty(1, c, h, w))
+        except NotImplementedError:  # an operation without a shape-only form: nothing to conclude
+            pass
+        except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
+            why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise InputError("clean_data", f"{m.architecture} cannot take {w}x{h} images: {why}") from exc
+        linear = any(isinstance(x, nn.Linear) for x in model.modules())
+        if spec.mode == "repair" and spec.repair.method in ("tsbd", "tsbd_fixed"):
+            from core.defenses.tsbd.config import TSBDConfig
+            from core.defenses.tsbd.nwc import covered_conv_layers
+
+            exclude = tuple(spec.repair.params.get("layer_exclude", TSBDConfig.layer_exclude))
+            if not covered_conv_layers(model, exclude):
+                raise InputError("spec.repair.params.layer_exclude",
+                                 f"{m.architecture} has no Conv2d layer whose name contains none of {list(exclude)}: "
+                                 "TSBD would have nothing to work on")
+        if spec.mode == "repair" and spec.repair.params.get("robust_hparams") and not linear:
+            raise InputError("spec.repair.params.robust_hparams",
+                             f"{m.architecture} has no nn.Linear head for robust_hparams to refit")
+        if spec.mode == "repair_data" and spec.repair_data.method != "finetune_clean" and not linear:
+            raise InputError("spec.repair_data.method",
+                             f"data-repair method {spec.repair_data.method!r} scores samples on the model's "
+                             f"nn.Linear classifier head; {m.architecture} has none")
+    _check_detector_batches(spec, image_shape, limits)
+
+
 def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> LoadedInputs:
     """Load every part and check it against the spec and the other parts; raises ``InputError``."""
     if inputs.training_data is not None and spec.mode != "repair_data":
@@ -152,6 +240,7 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
         except (ValueError, TypeError) as exc:
             raise InputError("spec.attack", str(exc)) from exc
     _check_learning_set(spec, clean, sets["test_data"] is not None)
+    _check_model_takes(spec, clean.image_shape, limits)
     return LoadedInputs(checkpoint, clean, sets["test_data"], sets["poisoned_data"], sets["training_data"],
                         tuple(f.as_dict() for f in findings), mask)
 

@@ -1,0 +1,90 @@
+"""Checks load_inputs makes at upload on a shape-only copy of the model, so that a spec the worker could only
+fail on late (image size, layers, head, the detector's batch memory) is a 422 naming the field instead."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.data.formats import DataLimits
+from core.data.imageset import ImageSet
+from core.inputs import InputError, ScanInputs, UploadedFile, load_inputs
+from core.models.registry import create_model
+from core.spec import ScanSpec
+from tests.helpers import write_npz, write_safetensors
+
+
+def _inputs(tmp_path: Path, architecture: str, num_classes: int, side: int, channels: int,
+            n: int = 40) -> ScanInputs:
+    weights = create_model(architecture, num_classes, channels).state_dict()
+    model = write_safetensors(tmp_path / "m.safetensors", weights)
+    rng = np.random.default_rng(0)
+    clean = write_npz(tmp_path / "c.npz", ImageSet(rng.integers(0, 256, (n, side, side, channels), dtype=np.uint8),
+                                                   np.arange(n) % num_classes))
+    return ScanInputs(UploadedFile(model, "m.safetensors"), UploadedFile(clean, "c.npz"))
+
+
+def _spec(architecture: str, num_classes: int, channels: int, **extra: object) -> ScanSpec:
+    return ScanSpec.model_validate_json(json.dumps({
+        "model": {"architecture": architecture, "num_classes": num_classes, "in_channels": channels},
+        "detect": {"enabled": False}, **{"mode": "scan", **extra}}))
+
+
+def _refused(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits = DataLimits()) -> InputError:
+    with pytest.raises(InputError) as info:
+        load_inputs(spec, inputs, limits)
+    return info.value
+
+
+def test_an_image_size_the_architecture_cannot_take_is_refused(tmp_path: Path) -> None:
+    """vgg19_bn pools five times: 16x16 images vanish before its head (the worker failed with an internal error)."""
+    small = _inputs(tmp_path, "vgg19_bn", 10, 16, 3)
+    err = _refused(_spec("vgg19_bn", 10, 3), small)
+    assert err.field == "clean_data" and "vgg19_bn cannot take 16x16 images" in err.message
+    load_inputs(_spec("vgg19_bn", 10, 3), _inputs(tmp_path, "vgg19_bn", 10, 32, 3), DataLimits())
+
+
+def test_tsbd_layer_exclude_that_leaves_no_layer_is_refused(tmp_path: Path) -> None:
+    """Every resnet20 Conv2d name contains "conv": TSBD would fail after its first stage."""
+    inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
+    for method in ("tsbd", "tsbd_fixed"):
+        spec = _spec("resnet20", 10, 1, mode="repair",
+                     repair={"method": method, "params": {"layer_exclude": ["downsample", "conv"]}})
+        err = _refused(spec, inputs)
+        assert err.field == "spec.repair.params.layer_exclude" and "no Conv2d layer" in err.message
+    load_inputs(_spec("resnet20", 10, 1, mode="repair", repair={"method": "tsbd"}), inputs, DataLimits())
+
+
+def test_a_head_the_method_needs_is_checked_at_upload(tmp_path: Path) -> None:
+    """squeezenet's classifier is a Conv2d: robust_hparams and the scoring data repairs need an nn.Linear."""
+    inputs = _inputs(tmp_path, "torchvision.squeezenet1_1", 10, 32, 3)
+    err = _refused(_spec("torchvision.squeezenet1_1", 10, 3, mode="repair",
+                         repair={"method": "finetune", "params": {"robust_hparams": True}}), inputs)
+    assert err.field == "spec.repair.params.robust_hparams" and "no nn.Linear head" in err.message
+    training = write_npz(tmp_path / "t.npz", ImageSet(np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10))
+    with_training = ScanInputs(inputs.model, inputs.clean_data, training_data=UploadedFile(training, "t.npz"))
+    err = _refused(_spec("torchvision.squeezenet1_1", 10, 3, mode="repair_data"), with_training)
+    assert err.field == "spec.repair_data.method" and "nn.Linear classifier head" in err.message
+    load_inputs(_spec("torchvision.squeezenet1_1", 10, 3, mode="repair_data",
+                      repair_data={"method": "finetune_clean"}), with_training, DataLimits())
+
+
+def test_the_detector_s_per_step_batch_is_bounded_by_the_allocation_limit(tmp_path: Path) -> None:
+    """One inversion step stamps num_classes x batch images: 10 x 1024 digits-size images are 2.5 MiB as float32,
+    refused under a 2 MiB allocation bound, with the largest batch that fits named (the default 16 passes)."""
+    inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
+    limits = DataLimits(max_expanded_bytes=2 * 2**20)
+    big = {"enabled": True, "params": {"nc_batch_size": 1024}}
+    err = _refused(_spec("resnet20", 10, 1, detect=big), inputs, limits)
+    assert err.field == "spec.detect.params.nc_batch_size" and "set nc_batch_size to at most 819" in err.message
+    err = _refused(_spec("resnet20", 10, 1, detect={"params": {"fi_batch_size": 1024}}), inputs, limits)
+    assert err.field == "spec.detect.params.fi_batch_size"
+    # the detector off: nothing is stamped, unless a tsbd repair scans the model itself (with the defaults)
+    load_inputs(_spec("resnet20", 10, 1, detect={"enabled": False, "params": {"nc_batch_size": 1024}}), inputs, limits)
+    load_inputs(_spec("resnet20", 10, 1, detect={"enabled": True}), inputs, limits)
+    tiny = DataLimits(max_expanded_bytes=30_000)  # under the default 10 x 16 x 256 B
+    scans = _spec("resnet20", 10, 1, mode="repair", repair={"method": "tsbd", "params": {"clean_check": "scan"}})
+    assert _refused(scans, inputs, tiny).field == "spec.detect.params.nc_batch_size"
