@@ -99,6 +99,10 @@ def _check_learning_set(spec: ScanSpec, clean: ImageSet, has_test: bool) -> None
                              f"clean images (2 per identification fold), got {n}{seen}")
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _detector_config(spec: ScanSpec) -> Any:
     """The ``DetectConfig`` the scan's detector runs with, or ``None`` when it never runs: the spec's detect
     section when enabled, else the defaults when a ``tsbd`` repair scans the model itself (``clean_check``
@@ -135,11 +139,30 @@ def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], l
             most = limits.max_expanded_bytes // (k * image_bytes)
             h, w, c = image_shape
             fix = f"set {name} to at most {most}" if most >= 1 else "use smaller images or fewer classes"
-            bound = limits.max_expanded_bytes / 2**30
             raise InputError(f"spec.detect.params.{name}",
                              f"the detector stamps num_classes x {name} = {k} x {per} images of {w}x{h}x{c} in one "
-                             f"step, {need / 2**30:.1f} GiB as float32, over the {bound:.1f} GiB an upload may make "
-                             f"the service allocate; {fix}, or set \"detect\": {{\"enabled\": false}}")
+                             f"step, {_size(need)} as float32, over the {_size(limits.max_expanded_bytes)} an upload "
+                             f"may make the service allocate; {fix}, or set \"detect\": {{\"enabled\": false}}")
+
+
+def _check_ekfac_factors(model: Any, described: str, limits: DataLimits) -> None:
+    """The ``ekfac`` scorer fits, per ``nn.Linear`` / ``nn.Conv2d``, a d_in x d_in and a d_out x d_out covariance
+    and a d_in x d_out eigenvalue matrix (core/datarepair/influence.py): quadratic in the layer's width where the
+    uploaded weights are linear in it (a 64-wide head of 100,000 classes: 26 MB of weights, 40 GB of factors).
+    Refuse factors past the bytes an upload may make the service allocate (``limits.max_expanded_bytes``)."""
+    import torch.nn as nn
+
+    floats = 0
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            d_out = layer.weight.shape[0]
+            d_in = layer.weight[0].numel() + (layer.bias is not None)
+            floats += d_in * d_in + d_out * d_out + d_in * d_out
+    if 4 * floats > limits.max_expanded_bytes:
+        raise InputError("spec.repair_data.params.scorer",
+                         f"scorer 'ekfac' would fit {_size(4 * floats)} of EK-FAC factors (float32) for "
+                         f"{described}, over the {_size(limits.max_expanded_bytes)} an "
+                         "upload may make the service allocate; choose another scorer ('loss', the default)")
 
 
 def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
@@ -184,6 +207,8 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
             raise InputError("spec.repair_data.method",
                              f"data-repair method {spec.repair_data.method!r} scores samples on the model's "
                              f"nn.Linear classifier head; {m.architecture} has none")
+        if spec.mode == "repair_data" and spec.repair_data.params.get("scorer") == "ekfac":
+            _check_ekfac_factors(model, f"{m.architecture} with num_classes={m.num_classes}", limits)
     _check_detector_batches(spec, image_shape, limits)
 
 

@@ -88,3 +88,18 @@ def test_the_detector_s_per_step_batch_is_bounded_by_the_allocation_limit(tmp_pa
     tiny = DataLimits(max_expanded_bytes=30_000)  # under the default 10 x 16 x 256 B
     scans = _spec("resnet20", 10, 1, mode="repair", repair={"method": "tsbd", "params": {"clean_check": "scan"}})
     assert _refused(scans, inputs, tiny).field == "spec.detect.params.nc_batch_size"
+
+
+def test_ekfac_factors_quadratic_in_the_widths_are_bounded(tmp_path: Path) -> None:
+    """resnet20's EK-FAC factors are 10.5 MB (float32): refused under an 8 MiB allocation bound with scorer ekfac,
+    while the default scorer (no factors) passes the same bound."""
+    inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
+    training = write_npz(tmp_path / "t.npz", ImageSet(np.zeros((20, 8, 8, 1), np.uint8), np.arange(20) % 10))
+    with_training = ScanInputs(inputs.model, inputs.clean_data, training_data=UploadedFile(training, "t.npz"))
+    limits = DataLimits(max_expanded_bytes=8 * 2**20)
+    spec = _spec("resnet20", 10, 1, mode="repair_data", repair_data={"method": "retain", "params": {"scorer": "ekfac"}})
+    err = _refused(spec, with_training, limits)
+    assert err.field == "spec.repair_data.params.scorer" and "10.0 MiB of EK-FAC factors" in err.message
+    assert "of EK-FAC factors (float32) for resnet20 with num_classes=10" in err.message
+    load_inputs(_spec("resnet20", 10, 1, mode="repair_data"), with_training, limits)
+    load_inputs(spec, with_training, DataLimits())
