@@ -165,6 +165,28 @@ def _check_ekfac_factors(model: Any, described: str, limits: DataLimits) -> None
                          "upload may make the service allocate; choose another scorer ('loss', the default)")
 
 
+def _check_identification_arrays(spec: ScanSpec, n_train: int, n_clean: int, limits: DataLimits) -> None:
+    """Identification (core/datarepair/identify.py) keeps every training and clean sample's class probabilities,
+    float64 for the training samples and float32 for the clean ones, and as much again in float64 for the
+    from-scratch reference (scorer ``loss`` with ``scratch_reference``): refuse when those arrays exceed the bytes
+    an upload may make the service allocate (``limits.max_expanded_bytes``); tiny images of many classes would
+    otherwise cost far more than the upload."""
+    if spec.repair_data.method == "finetune_clean":
+        return
+    from core.datarepair.identify import IdentifyConfig
+
+    params = spec.repair_data.params
+    scratch = (params.get("scratch_reference", IdentifyConfig.scratch_reference)
+               and params.get("scorer", IdentifyConfig.scorer) == "loss")
+    k = spec.model.num_classes
+    need = k * (8 * n_train + 4 * n_clean) + (k * 8 * (n_train + n_clean) if scratch else 0)
+    if need > limits.max_expanded_bytes:
+        raise InputError("training_data", f"identifying harmful samples keeps per-class probabilities of its "
+                                          f"{n_train} training and {n_clean} clean images for num_classes={k}: "
+                                          f"{_size(need)}, over the {_size(limits.max_expanded_bytes)} an upload may "
+                                          "make the service allocate; upload fewer training images")
+
+
 def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
     """What the worker would otherwise find only when it runs, checked on a shape-only (meta) model: that the
     architecture takes images of this size, that the repair finds the layers it works on, and that the
@@ -266,6 +288,8 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
             raise InputError("spec.attack", str(exc)) from exc
     _check_learning_set(spec, clean, sets["test_data"] is not None)
     _check_model_takes(spec, clean.image_shape, limits)
+    if sets["training_data"] is not None:
+        _check_identification_arrays(spec, len(sets["training_data"]), len(clean), limits)
     return LoadedInputs(checkpoint, clean, sets["test_data"], sets["poisoned_data"], sets["training_data"],
                         tuple(f.as_dict() for f in findings), mask)
 

@@ -103,3 +103,18 @@ def test_ekfac_factors_quadratic_in_the_widths_are_bounded(tmp_path: Path) -> No
     assert "of EK-FAC factors (float32) for resnet20 with num_classes=10" in err.message
     load_inputs(_spec("resnet20", 10, 1, mode="repair_data"), with_training, limits)
     load_inputs(spec, with_training, DataLimits())
+
+
+def test_identification_s_per_class_arrays_are_bounded(tmp_path: Path) -> None:
+    """20 training and 40 clean images of 10 classes: 3,200 bytes of probabilities, 8,000 with the from-scratch
+    reference; refused under a 6,000-byte bound only with it (the file checks pass: every array is smaller)."""
+    inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
+    training = write_npz(tmp_path / "t.npz", ImageSet(np.zeros((20, 8, 8, 1), np.uint8), np.arange(20) % 10))
+    with_training = ScanInputs(inputs.model, inputs.clean_data, training_data=UploadedFile(training, "t.npz"))
+    limits = DataLimits(max_expanded_bytes=6000)
+    err = _refused(_spec("resnet20", 10, 1, mode="repair_data"), with_training, limits)
+    assert err.field == "training_data" and "20 training and 40 clean images for num_classes=10" in err.message
+    load_inputs(_spec("resnet20", 10, 1, mode="repair_data",
+                      repair_data={"method": "retain", "params": {"scratch_reference": False}}), with_training, limits)
+    load_inputs(_spec("resnet20", 10, 1, mode="repair_data", repair_data={"method": "finetune_clean"}), with_training,
+                limits)
