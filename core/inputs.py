@@ -194,16 +194,12 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
     import torch
     import torch.nn as nn
 
-    from core.models.registry import create_model
+    from core.models.registry import shape_model
 
     h, w, c = image_shape
     m = spec.model
-    try:
-        with torch.device("meta"):
-            model = create_model(m.architecture, m.num_classes, m.in_channels).eval()
-    except NotImplementedError:  # an architecture that cannot be built shape-only: the worker checks it
-        model = None
-    if model is not None:
+    model = shape_model(m.architecture, m.num_classes, m.in_channels).eval()
+    if any(p.is_meta for p in model.parameters()):  # (one built on the CPU is not run here: the worker finds out)
         try:
             with torch.device("meta"), torch.no_grad():
                 model(torch.empty(1, c, h, w))
@@ -212,25 +208,25 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
         except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
             why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise InputError("clean_data", f"{m.architecture} cannot take {w}x{h} images: {why}") from exc
-        linear = any(isinstance(x, nn.Linear) for x in model.modules())
-        if spec.mode == "repair" and spec.repair.method in ("tsbd", "tsbd_fixed"):
-            from core.defenses.tsbd.config import TSBDConfig
-            from core.defenses.tsbd.nwc import covered_conv_layers
+    linear = any(isinstance(x, nn.Linear) for x in model.modules())
+    if spec.mode == "repair" and spec.repair.method in ("tsbd", "tsbd_fixed"):
+        from core.defenses.tsbd.config import TSBDConfig
+        from core.defenses.tsbd.nwc import covered_conv_layers
 
-            exclude = tuple(spec.repair.params.get("layer_exclude", TSBDConfig.layer_exclude))
-            if not covered_conv_layers(model, exclude):
-                raise InputError("spec.repair.params.layer_exclude",
-                                 f"{m.architecture} has no Conv2d layer whose name contains none of {list(exclude)}: "
-                                 "TSBD would have nothing to work on")
-        if spec.mode == "repair" and spec.repair.params.get("robust_hparams") and not linear:
-            raise InputError("spec.repair.params.robust_hparams",
-                             f"{m.architecture} has no nn.Linear head for robust_hparams to refit")
-        if spec.mode == "repair_data" and spec.repair_data.method != "finetune_clean" and not linear:
-            raise InputError("spec.repair_data.method",
-                             f"data-repair method {spec.repair_data.method!r} scores samples on the model's "
-                             f"nn.Linear classifier head; {m.architecture} has none")
-        if spec.mode == "repair_data" and spec.repair_data.params.get("scorer") == "ekfac":
-            _check_ekfac_factors(model, f"{m.architecture} with num_classes={m.num_classes}", limits)
+        exclude = tuple(spec.repair.params.get("layer_exclude", TSBDConfig.layer_exclude))
+        if not covered_conv_layers(model, exclude):
+            raise InputError("spec.repair.params.layer_exclude",
+                             f"{m.architecture} has no Conv2d layer whose name contains none of {list(exclude)}: "
+                             "TSBD would have nothing to work on")
+    if spec.mode == "repair" and spec.repair.params.get("robust_hparams") and not linear:
+        raise InputError("spec.repair.params.robust_hparams",
+                         f"{m.architecture} has no nn.Linear head for robust_hparams to refit")
+    if spec.mode == "repair_data" and spec.repair_data.method != "finetune_clean" and not linear:
+        raise InputError("spec.repair_data.method",
+                         f"data-repair method {spec.repair_data.method!r} scores samples on the model's "
+                         f"nn.Linear classifier head; {m.architecture} has none")
+    if spec.mode == "repair_data" and spec.repair_data.params.get("scorer") == "ekfac":
+        _check_ekfac_factors(model, f"{m.architecture} with num_classes={m.num_classes}", limits)
     _check_detector_batches(spec, image_shape, limits)
 
 

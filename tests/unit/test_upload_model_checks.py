@@ -118,3 +118,13 @@ def test_identification_s_per_class_arrays_are_bounded(tmp_path: Path) -> None:
                       repair_data={"method": "retain", "params": {"scratch_reference": False}}), with_training, limits)
     load_inputs(_spec("resnet20", 10, 1, mode="repair_data", repair_data={"method": "finetune_clean"}), with_training,
                 limits)
+
+
+def test_an_architecture_that_cannot_be_built_shape_only_still_uploads(tmp_path: Path) -> None:
+    """torchvision's regnets compute their widths with real tensors while they build: the meta-device check of the
+    weights raised NotImplementedError (an internal error at upload); they are now checked on a CPU build."""
+    inputs = _inputs(tmp_path, "torchvision.regnet_x_400mf", 10, 32, 3)
+    load_inputs(_spec("torchvision.regnet_x_400mf", 10, 3), inputs, DataLimits())
+    wrong = _spec("torchvision.regnet_x_400mf", 12, 3)
+    err = _refused(wrong, inputs)
+    assert err.field == "model"
