@@ -261,6 +261,12 @@ class ScanSpec(BaseModel):
         if self.attack is not None and self.attack.target >= self.model.num_classes:
             raise ValueError(f"attack.target {self.attack.target} is not a class of a "
                              f"{self.model.num_classes}-class model")
+        if (self.mode == "repair" and self.repair.method == "tsbd" and self.repair.params.get("clean_check") == "given"
+                and not self.detect.enabled):
+            # without the detector there is no verdict to read: the repair would quietly fall back to the full rule
+            raise ValueError("repair.params.clean_check 'given' reads the detector's verdict on the uploaded model, "
+                             "but detect.enabled is false: switch the detector on, or use clean_check 'scan' (the "
+                             "repair scans the model itself) or 'off'")
         return self
 
 

@@ -102,6 +102,8 @@ NAN, INF = float("nan"), float("inf")
     (_repair("tsbd", auto_probes=[0.3, 0.3]), "repair.params", "auto_probes must not repeat a value"),
     # "" is in every layer name: it would exclude every Conv2d, and the repair would fail after its first stage
     (_repair("tsbd", layer_exclude=["shortcut", ""]), "repair.params.layer_exclude.1", "at least 1 character"),
+    ({**_repair("tsbd", clean_check="given"), "detect": {"enabled": False}}, "",
+     "clean_check 'given' reads the detector's verdict on the uploaded model, but detect.enabled is false"),
     (_repair("tsbd", auto_rule="biggest"), "repair.params.auto_rule", "'recovery', 'width', 'collapse' or 'retention'"),
     (_repair("tsbd", auto_min_n=0.9), "repair.params", "auto_min_n <= auto_max_n"),
     (_repair("tsbd", augment=1), "repair.params.augment", "valid boolean"),
