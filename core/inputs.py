@@ -185,6 +185,23 @@ def _check_identification_arrays(spec: ScanSpec, n_train: int, n_clean: int, lim
                                           f"{n_train} training and {n_clean} clean images for num_classes={k}: "
                                           f"{_size(need)}, over the {_size(limits.max_expanded_bytes)} an upload may "
                                           "make the service allocate; upload fewer training images")
+    if spec.repair_data.method != "retain":
+        return
+    from core.datarepair.registry import RetainExtra
+
+    # the confident-learning noise matrix P(given | true), K x K float64 per label reference (separate.noise_matrix),
+    # used by relabel_prior noise_matrix and by act_score noise_posterior where act_quantile is above null_quantile
+    prior = params.get("relabel_prior", RetainExtra.relabel_prior) == "noise_matrix"
+    posterior = (params.get("act_score", RetainExtra.act_score) == "noise_posterior"
+                 and params.get("act_quantile", RetainExtra.act_quantile)
+                 > params.get("null_quantile", IdentifyConfig.null_quantile))
+    matrices = 8 * k * k * (2 if scratch else 1)
+    if (prior or posterior) and matrices > limits.max_expanded_bytes:
+        name = "relabel_prior" if prior else "act_score"
+        raise InputError(f"spec.repair_data.params.{name}",
+                         f"{name} {params.get(name, getattr(RetainExtra, name))!r} estimates a num_classes x "
+                         f"num_classes noise matrix per reference: {_size(matrices)} for num_classes={k}, over the "
+                         f"{_size(limits.max_expanded_bytes)} an upload may make the service allocate")
 
 
 def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:

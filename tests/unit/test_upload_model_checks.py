@@ -128,3 +128,23 @@ def test_an_architecture_that_cannot_be_built_shape_only_still_uploads(tmp_path:
     wrong = _spec("torchvision.regnet_x_400mf", 12, 3)
     err = _refused(wrong, inputs)
     assert err.field == "model"
+
+
+def test_the_noise_matrices_of_many_classes_are_bounded(tmp_path: Path) -> None:
+    """100 classes: a 100 x 100 float64 noise matrix per reference is 160,000 bytes for the two references,
+    refused under a 100,000-byte bound when an option estimates it (the per-sample arrays, 80,000 bytes, pass);
+    the default retain (act_quantile = null_quantile) never builds it and passes."""
+    inputs = _inputs(tmp_path, "resnet20", 100, 8, 1)
+    training = write_npz(tmp_path / "t.npz", ImageSet(np.zeros((20, 8, 8, 1), np.uint8), np.arange(20)))
+    with_training = ScanInputs(inputs.model, inputs.clean_data, training_data=UploadedFile(training, "t.npz"))
+    limits = DataLimits(max_expanded_bytes=100_000)
+
+    def retain(**params: object) -> ScanSpec:
+        return _spec("resnet20", 100, 1, mode="repair_data", repair_data={"method": "retain", "params": params})
+
+    err = _refused(retain(relabel_prior="noise_matrix"), with_training, limits)
+    assert err.field == "spec.repair_data.params.relabel_prior" and "noise matrix" in err.message
+    err = _refused(retain(act_quantile=0.99), with_training, limits)
+    assert err.field == "spec.repair_data.params.act_score"
+    load_inputs(retain(), with_training, limits)
+    load_inputs(retain(act_quantile=0.99, act_score="loss"), with_training, limits)
