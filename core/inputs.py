@@ -119,8 +119,9 @@ def _detector_config(spec: ScanSpec) -> Any:
 
 def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
     """Each inversion stamps its batch of clean images once per class in one forward pass (docs/detect.md): refuse
-    a step whose stamped images (as float32, counted in images of the upload's size) would exceed the bytes any
-    one upload may make the service allocate (``limits.max_expanded_bytes``), naming the setting to lower."""
+    a step of more images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound), or whose stamped images
+    (as float32) would exceed the bytes any one upload may make the service allocate (``limits.max_expanded_bytes``),
+    naming the setting to lower."""
     cfg = _detector_config(spec)
     if cfg is None:
         return
@@ -133,7 +134,16 @@ def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], l
         per_class["mm_starts"] = cfg.mm_starts
     if not set(cfg.detectors) & {"neural_cleanse", "universal_perturbation", "untargeted"}:
         del per_class["nc_batch_size"]
+    from core.ranges import MAX_BATCH_SIZE
+
     for name, per in per_class.items():
+        if k * per > MAX_BATCH_SIZE:  # the bound on one step's images every repair's batch size obeys
+            most = MAX_BATCH_SIZE // k
+            fix = f"set {name} to at most {most}" if most >= 1 else f"no batch fits {k} classes"
+            raise InputError(f"spec.detect.params.{name}",
+                             f"the detector runs num_classes x {name} = {k} x {per} = {k * per} images in one step, "
+                             f"over the {MAX_BATCH_SIZE} images a step may hold (the batch-size bound of every "
+                             f"repair); {fix}, or set \"detect\": {{\"enabled\": false}}")
         need = k * per * image_bytes
         if need > limits.max_expanded_bytes:
             most = limits.max_expanded_bytes // (k * image_bytes)

@@ -28,8 +28,8 @@ def env(embedded_settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClien
     from api.app import create_app
 
     embedded_settings.data_dir.mkdir(parents=True)
-    # 2 MiB: the per-step bound of the detector test below, far above what the small files here expand to
-    embedded_settings.max_zip_expanded_bytes = 2 * 2**20
+    # 512 KiB: the per-step bound of the detector test below, far above what the small files here expand to
+    embedded_settings.max_zip_expanded_bytes = 512 * 2**10
     upgrade_database(embedded_settings.resolved_database_url)
     with make_session_factory(make_engine(embedded_settings.resolved_database_url))() as s:
         key = repository.create_api_key(s, "hostile")
@@ -67,7 +67,9 @@ def _repair(**params: Any) -> dict[str, Any]:
     # found only once the model and the data are known: checked at upload on a shape-only model
     (_repair(layer_exclude=["downsample", "conv"]), "c.npz", "spec.repair.params.layer_exclude", "no Conv2d layer"),
     (_spec(detect={"params": {"nc_batch_size": 1024}}), "c.npz", "spec.detect.params.nc_batch_size",
-     "set nc_batch_size to at most 819"),
+     "over the 4096 images a step may hold"),
+    (_spec(detect={"params": {"nc_batch_size": 400}}), "c.npz", "spec.detect.params.nc_batch_size",
+     "set nc_batch_size to at most 204"),
     (_spec(), "empty_images.npz", "clean_data", "at least one pixel"),
 ])
 def test_hostile_specs_are_422_at_their_field_and_store_nothing(env: tuple[TestClient, dict[str, str], Path],

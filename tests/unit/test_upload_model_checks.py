@@ -73,14 +73,19 @@ def test_a_head_the_method_needs_is_checked_at_upload(tmp_path: Path) -> None:
 
 
 def test_the_detector_s_per_step_batch_is_bounded_by_the_allocation_limit(tmp_path: Path) -> None:
-    """One inversion step stamps num_classes x batch images: 10 x 1024 digits-size images are 2.5 MiB as float32,
-    refused under a 2 MiB allocation bound, with the largest batch that fits named (the default 16 passes)."""
+    """One inversion step stamps num_classes x batch images: 10 x 1024 are over the 4096 images any step may hold;
+    10 x 400 digits-size images (1,000 KiB as float32) are refused under a 512 KiB allocation bound; each time
+    with the largest batch that fits named (the default 16 passes)."""
     inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
-    limits = DataLimits(max_expanded_bytes=2 * 2**20)
-    big = {"enabled": True, "params": {"nc_batch_size": 1024}}
-    err = _refused(_spec("resnet20", 10, 1, detect=big), inputs, limits)
-    assert err.field == "spec.detect.params.nc_batch_size" and "set nc_batch_size to at most 819" in err.message
-    err = _refused(_spec("resnet20", 10, 1, detect={"params": {"fi_batch_size": 1024}}), inputs, limits)
+    err = _refused(_spec("resnet20", 10, 1, detect={"params": {"nc_batch_size": 1024}}), inputs)
+    assert err.field == "spec.detect.params.nc_batch_size" and "set nc_batch_size to at most 409" in err.message
+    err = _refused(_spec("resnet20", 10, 1, detect={"params": {"mm_starts": 1024, "detectors": ["max_margin"],
+                                                               "voting_detectors": ["max_margin"]}}), inputs)
+    assert err.field == "spec.detect.params.mm_starts" and "over the 4096 images a step may hold" in err.message
+    limits = DataLimits(max_expanded_bytes=512 * 2**10)
+    err = _refused(_spec("resnet20", 10, 1, detect={"params": {"nc_batch_size": 400}}), inputs, limits)
+    assert err.field == "spec.detect.params.nc_batch_size" and "set nc_batch_size to at most 204" in err.message
+    err = _refused(_spec("resnet20", 10, 1, detect={"params": {"fi_batch_size": 400}}), inputs, limits)
     assert err.field == "spec.detect.params.fi_batch_size"
     # the detector off: nothing is stamped, unless a tsbd repair scans the model itself (with the defaults)
     load_inputs(_spec("resnet20", 10, 1, detect={"enabled": False, "params": {"nc_batch_size": 1024}}), inputs, limits)
