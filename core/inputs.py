@@ -119,9 +119,10 @@ def _detector_config(spec: ScanSpec) -> Any:
 
 def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
     """Each inversion stamps its batch of clean images once per class in one forward pass (docs/detect.md): refuse
-    a step of more images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound), or whose stamped images
-    (as float32) would exceed the bytes any one upload may make the service allocate (``limits.max_expanded_bytes``),
-    naming the setting to lower."""
+    a step of more images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound; not the feature
+    inversion, whose K copies are of a late feature map), or whose stamped images or maps (as float32, counted in
+    images of the upload's size) would exceed the bytes any one upload may make the service allocate
+    (``limits.max_expanded_bytes``), naming the setting to lower."""
     cfg = _detector_config(spec)
     if cfg is None:
         return
@@ -137,7 +138,9 @@ def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], l
     from core.ranges import MAX_BATCH_SIZE
 
     for name, per in per_class.items():
-        if k * per > MAX_BATCH_SIZE:  # the bound on one step's images every repair's batch size obeys
+        # the bound on one step's images every repair's batch size obeys; the feature inversion runs its batch up to
+        # the layer once and only the rest of the network on the K copies (feature_inversion.py), so not it
+        if name != "fi_batch_size" and k * per > MAX_BATCH_SIZE:
             most = MAX_BATCH_SIZE // k
             fix = f"set {name} to at most {most}" if most >= 1 else f"no batch fits {k} classes"
             raise InputError(f"spec.detect.params.{name}",

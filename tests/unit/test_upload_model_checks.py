@@ -153,3 +153,12 @@ def test_the_noise_matrices_of_many_classes_are_bounded(tmp_path: Path) -> None:
     assert err.field == "spec.repair_data.params.act_score"
     load_inputs(retain(), with_training, limits)
     load_inputs(retain(act_quantile=0.99, act_score="loss"), with_training, limits)
+
+
+def test_the_feature_inversion_s_copies_are_not_held_to_the_image_count(tmp_path: Path) -> None:
+    """K x fi_batch_size copies are of a late feature map, not full passes: 10 x 1024 pass the 4096-image bound
+    that 10 x 1024 Neural Cleanse images do not (the byte bound still applies to both)."""
+    inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
+    load_inputs(_spec("resnet20", 10, 1, detect={"params": {"fi_batch_size": 1024}}), inputs, DataLimits())
+    assert _refused(_spec("resnet20", 10, 1, detect={"params": {"nc_batch_size": 1024}}), inputs).field == \
+        "spec.detect.params.nc_batch_size"
