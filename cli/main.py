@@ -141,13 +141,23 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
     raise typer.Exit(client.GATE_FAILED if failures else client.PASS)
 
 
+SPEC_FILE_MAX_BYTES = 64 * 1024  # the API's bound on the spec part (api/uploads.py SPEC_MAX_BYTES)
+
+
 def _build_spec(mode: str, architecture: str | None, num_classes: int | None, in_channels: int,
                 attack: str | None, target: int, spec_file: Path | None, method: str | None) -> dict[str, Any]:
     if spec_file is not None:
         try:
-            spec = json.loads(spec_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            size = spec_file.stat().st_size
+            if size > SPEC_FILE_MAX_BYTES:  # the API refuses it anyway: do not read a huge file to send it
+                raise client.ClientError(f"--spec: {spec_file} is {size} bytes, over the API's limit of "
+                                         f"{SPEC_FILE_MAX_BYTES} for the spec")
+            spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
             raise client.ClientError(f"--spec: {exc}") from exc
+        if not isinstance(spec, dict):
+            raise client.ClientError(f"--spec: {spec_file} must hold a JSON object (docs/api.md), got "
+                                     f"{type(spec).__name__}")
     else:
         if not architecture or not num_classes:
             raise client.ClientError("give --spec FILE, or --architecture and --num-classes")
@@ -157,7 +167,10 @@ def _build_spec(mode: str, architecture: str | None, num_classes: int | None, in
         spec["attack"] = {"type": attack, "target": target}
     if method:  # the section of the mode: repair's backdoor repair, or repair_data's data repair
         section = "repair_data" if mode == "repair_data" else "repair"
-        spec[section] = {"method": method, "params": spec.get(section, {}).get("params", {})}
+        given = spec.get(section, {})
+        if not isinstance(given, dict):
+            raise client.ClientError(f"--spec: {section} must be a JSON object, got {type(given).__name__}")
+        spec[section] = {"method": method, "params": given.get("params", {})}
     return spec
 
 

@@ -99,6 +99,167 @@ def _check_learning_set(spec: ScanSpec, clean: ImageSet, has_test: bool) -> None
                              f"clean images (2 per identification fold), got {n}{seen}")
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _detector_config(spec: ScanSpec) -> Any:
+    """The ``DetectConfig`` the scan's detector runs with, or ``None`` when it never runs: the spec's detect
+    section when enabled, else the defaults when a ``tsbd`` repair scans the model itself (``clean_check``
+    ``scan``)."""
+    from core.detect.config import DetectConfig
+    from core.spec import detect_config
+
+    if spec.detect.enabled:
+        return detect_config(spec.detect.params)
+    if spec.mode == "repair" and spec.repair.method == "tsbd" and spec.repair.params.get("clean_check") == "scan":
+        return DetectConfig()
+    return None
+
+
+def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
+    """Each inversion stamps its batch of clean images once per class in one forward pass (docs/detect.md): refuse
+    a step of more images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound; not the feature
+    inversion, whose K copies are of a late feature map), or whose stamped images or maps (as float32, counted in
+    images of the upload's size) would exceed the bytes any one upload may make the service allocate
+    (``limits.max_expanded_bytes``), naming the setting to lower."""
+    cfg = _detector_config(spec)
+    if cfg is None:
+        return
+    k = spec.model.num_classes
+    image_bytes = 4 * image_shape[0] * image_shape[1] * image_shape[2]
+    per_class = {"nc_batch_size": cfg.nc_batch_size}  # Neural Cleanse, the universal perturbation, untargeted
+    if "feature_inversion" in cfg.detectors:
+        per_class["fi_batch_size"] = cfg.fi_batch_size
+    if "max_margin" in cfg.detectors:
+        per_class["mm_starts"] = cfg.mm_starts
+    if not set(cfg.detectors) & {"neural_cleanse", "universal_perturbation", "untargeted"}:
+        del per_class["nc_batch_size"]
+    from core.ranges import MAX_BATCH_SIZE
+
+    for name, per in per_class.items():
+        # the bound on one step's images every repair's batch size obeys; the feature inversion runs its batch up to
+        # the layer once and only the rest of the network on the K copies (feature_inversion.py), so not it
+        if name != "fi_batch_size" and k * per > MAX_BATCH_SIZE:
+            most = MAX_BATCH_SIZE // k
+            fix = f"set {name} to at most {most}" if most >= 1 else f"no batch fits {k} classes"
+            raise InputError(f"spec.detect.params.{name}",
+                             f"the detector runs num_classes x {name} = {k} x {per} = {k * per} images in one step, "
+                             f"over the {MAX_BATCH_SIZE} images a step may hold (the batch-size bound of every "
+                             f"repair); {fix}, or set \"detect\": {{\"enabled\": false}}")
+        need = k * per * image_bytes
+        if need > limits.max_expanded_bytes:
+            most = limits.max_expanded_bytes // (k * image_bytes)
+            h, w, c = image_shape
+            fix = f"set {name} to at most {most}" if most >= 1 else "use smaller images or fewer classes"
+            raise InputError(f"spec.detect.params.{name}",
+                             f"the detector stamps num_classes x {name} = {k} x {per} images of {w}x{h}x{c} in one "
+                             f"step, {_size(need)} as float32, over the {_size(limits.max_expanded_bytes)} an upload "
+                             f"may make the service allocate; {fix}, or set \"detect\": {{\"enabled\": false}}")
+
+
+def _check_ekfac_factors(model: Any, described: str, limits: DataLimits) -> None:
+    """The ``ekfac`` scorer fits, per ``nn.Linear`` / ``nn.Conv2d``, a d_in x d_in and a d_out x d_out covariance
+    and a d_in x d_out eigenvalue matrix (core/datarepair/influence.py): quadratic in the layer's width where the
+    uploaded weights are linear in it (a 64-wide head of 100,000 classes: 26 MB of weights, 40 GB of factors).
+    Refuse factors past the bytes an upload may make the service allocate (``limits.max_expanded_bytes``)."""
+    import torch.nn as nn
+
+    floats = 0
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            d_out = layer.weight.shape[0]
+            d_in = layer.weight[0].numel() + (layer.bias is not None)
+            floats += d_in * d_in + d_out * d_out + d_in * d_out
+    if 4 * floats > limits.max_expanded_bytes:
+        raise InputError("spec.repair_data.params.scorer",
+                         f"scorer 'ekfac' would fit {_size(4 * floats)} of EK-FAC factors (float32) for "
+                         f"{described}, over the {_size(limits.max_expanded_bytes)} an "
+                         "upload may make the service allocate; choose another scorer ('loss', the default)")
+
+
+def _check_identification_arrays(spec: ScanSpec, n_train: int, n_clean: int, limits: DataLimits) -> None:
+    """Identification (core/datarepair/identify.py) keeps every training and clean sample's class probabilities,
+    float64 for the training samples and float32 for the clean ones, and as much again in float64 for the
+    from-scratch reference (scorer ``loss`` with ``scratch_reference``): refuse when those arrays exceed the bytes
+    an upload may make the service allocate (``limits.max_expanded_bytes``); tiny images of many classes would
+    otherwise cost far more than the upload."""
+    if spec.repair_data.method == "finetune_clean":
+        return
+    from core.datarepair.identify import IdentifyConfig
+
+    params = spec.repair_data.params
+    scratch = (params.get("scratch_reference", IdentifyConfig.scratch_reference)
+               and params.get("scorer", IdentifyConfig.scorer) == "loss")
+    k = spec.model.num_classes
+    need = k * (8 * n_train + 4 * n_clean) + (k * 8 * (n_train + n_clean) if scratch else 0)
+    if need > limits.max_expanded_bytes:
+        raise InputError("training_data", f"identifying harmful samples keeps per-class probabilities of its "
+                                          f"{n_train} training and {n_clean} clean images for num_classes={k}: "
+                                          f"{_size(need)}, over the {_size(limits.max_expanded_bytes)} an upload may "
+                                          "make the service allocate; upload fewer training images")
+    if spec.repair_data.method != "retain":
+        return
+    from core.datarepair.registry import RetainExtra
+
+    # the confident-learning noise matrix P(given | true), K x K float64 per label reference (separate.noise_matrix),
+    # used by relabel_prior noise_matrix and by act_score noise_posterior where act_quantile is above null_quantile
+    prior = params.get("relabel_prior", RetainExtra.relabel_prior) == "noise_matrix"
+    posterior = (params.get("act_score", RetainExtra.act_score) == "noise_posterior"
+                 and params.get("act_quantile", RetainExtra.act_quantile)
+                 > params.get("null_quantile", IdentifyConfig.null_quantile))
+    matrices = 8 * k * k * (2 if scratch else 1)
+    if (prior or posterior) and matrices > limits.max_expanded_bytes:
+        name = "relabel_prior" if prior else "act_score"
+        raise InputError(f"spec.repair_data.params.{name}",
+                         f"{name} {params.get(name, getattr(RetainExtra, name))!r} estimates a num_classes x "
+                         f"num_classes noise matrix per reference: {_size(matrices)} for num_classes={k}, over the "
+                         f"{_size(limits.max_expanded_bytes)} an upload may make the service allocate")
+
+
+def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
+    """What the worker would otherwise find only when it runs, checked on a shape-only (meta) model: that the
+    architecture takes images of this size, that the repair finds the layers it works on, and that the
+    detector's batches fit the allocation bound (:func:`_check_detector_batches`)."""
+    import torch
+    import torch.nn as nn
+
+    from core.models.registry import shape_model
+
+    h, w, c = image_shape
+    m = spec.model
+    model = shape_model(m.architecture, m.num_classes, m.in_channels).eval()
+    if any(p.is_meta for p in model.parameters()):  # (one built on the CPU is not run here: the worker finds out)
+        try:
+            with torch.device("meta"), torch.no_grad():
+                model(torch.empty(1, c, h, w))
+        except NotImplementedError:  # an operation without a shape-only form: nothing to conclude
+            pass
+        except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
+            why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise InputError("clean_data", f"{m.architecture} cannot take {w}x{h} images: {why}") from exc
+    linear = any(isinstance(x, nn.Linear) for x in model.modules())
+    if spec.mode == "repair" and spec.repair.method in ("tsbd", "tsbd_fixed"):
+        from core.defenses.tsbd.config import TSBDConfig
+        from core.defenses.tsbd.nwc import covered_conv_layers
+
+        exclude = tuple(spec.repair.params.get("layer_exclude", TSBDConfig.layer_exclude))
+        if not covered_conv_layers(model, exclude):
+            raise InputError("spec.repair.params.layer_exclude",
+                             f"{m.architecture} has no Conv2d layer whose name contains none of {list(exclude)}: "
+                             "TSBD would have nothing to work on")
+    if spec.mode == "repair" and spec.repair.params.get("robust_hparams") and not linear:
+        raise InputError("spec.repair.params.robust_hparams",
+                         f"{m.architecture} has no nn.Linear head for robust_hparams to refit")
+    if spec.mode == "repair_data" and spec.repair_data.method != "finetune_clean" and not linear:
+        raise InputError("spec.repair_data.method",
+                         f"data-repair method {spec.repair_data.method!r} scores samples on the model's "
+                         f"nn.Linear classifier head; {m.architecture} has none")
+    if spec.mode == "repair_data" and spec.repair_data.params.get("scorer") == "ekfac":
+        _check_ekfac_factors(model, f"{m.architecture} with num_classes={m.num_classes}", limits)
+    _check_detector_batches(spec, image_shape, limits)
+
+
 def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> LoadedInputs:
     """Load every part and check it against the spec and the other parts; raises ``InputError``."""
     if inputs.training_data is not None and spec.mode != "repair_data":
@@ -152,6 +313,9 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
         except (ValueError, TypeError) as exc:
             raise InputError("spec.attack", str(exc)) from exc
     _check_learning_set(spec, clean, sets["test_data"] is not None)
+    _check_model_takes(spec, clean.image_shape, limits)
+    if sets["training_data"] is not None:
+        _check_identification_arrays(spec, len(sets["training_data"]), len(clean), limits)
     return LoadedInputs(checkpoint, clean, sets["test_data"], sets["poisoned_data"], sets["training_data"],
                         tuple(f.as_dict() for f in findings), mask)
 

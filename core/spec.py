@@ -19,12 +19,19 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     architecture: str = Field(description="preactresnet18, resnet20, vgg19_bn or torchvision.<name>")
-    num_classes: int = Field(ge=2, le=100_000)
+    num_classes: int = Field(ge=2, le=100_000, strict=True)  # a JSON integer: 10.0 and true are refused
     in_channels: Literal[1, 3] = 3
     mean: list[Mean] | None = Field(None, min_length=1, max_length=3,
                                     description="per-channel mean of x/255, each in [0, 1]; default: none")
     std: list[Std] | None = Field(None, min_length=1, max_length=3,
                                   description="per-channel std of x/255, each in [0.001, 1]; default: none")
+
+    @field_validator("in_channels", mode="before")
+    @classmethod
+    def _integer_channels(cls, v: Any) -> Any:
+        if isinstance(v, bool | float):  # true == 1.0 == 1 to a Literal; neither is a JSON integer
+            raise ValueError(f"in_channels must be the JSON integer 1 or 3, got {v!r}")
+        return v
 
     @field_validator("architecture")
     @classmethod
@@ -53,7 +60,7 @@ class AttackSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: str
-    target: int = Field(0, ge=0, le=100_000)
+    target: int = Field(0, ge=0, le=100_000, strict=True)
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's own settings (docs/)")
 
     @field_validator("type")
@@ -246,7 +253,7 @@ class ScanSpec(BaseModel):
     repair: RepairSpec = Field(default_factory=RepairSpec)
     repair_data: RepairDataSpec = Field(default_factory=RepairDataSpec)
     detect: DetectSpec = Field(default_factory=DetectSpec)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, strict=True)
     notify: NotifySpec | None = None
 
     @model_validator(mode="after")
@@ -254,6 +261,12 @@ class ScanSpec(BaseModel):
         if self.attack is not None and self.attack.target >= self.model.num_classes:
             raise ValueError(f"attack.target {self.attack.target} is not a class of a "
                              f"{self.model.num_classes}-class model")
+        if (self.mode == "repair" and self.repair.method == "tsbd" and self.repair.params.get("clean_check") == "given"
+                and not self.detect.enabled):
+            # without the detector there is no verdict to read: the repair would quietly fall back to the full rule
+            raise ValueError("repair.params.clean_check 'given' reads the detector's verdict on the uploaded model, "
+                             "but detect.enabled is false: switch the detector on, or use clean_check 'scan' (the "
+                             "repair scans the model itself) or 'off'")
         return self
 
 

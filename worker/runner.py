@@ -10,6 +10,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -132,7 +133,12 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
     timings = progress.timings
     work = Path(tempfile.mkdtemp(prefix=f"antidote-{scan_id}-"))
     try:
-        spec = ScanSpec.model_validate(spec_json)
+        try:
+            spec = ScanSpec.model_validate(spec_json)
+        except ValidationError as exc:  # stored under rules since tightened (queued before an upgrade)
+            first = exc.errors()[0]
+            loc = ".".join(str(x) for x in ("spec", *first["loc"]))
+            raise InputError(loc, f"the stored spec is not valid under this version's rules: {first['msg']}") from exc
         inputs = _fetch_inputs(ctx.store, inputs_meta, work)
         limits = DataLimits(**ctx.settings.data_limits())
         progress.check()  # fetching the inputs may have used up the time, or the client canceled meanwhile

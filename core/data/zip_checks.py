@@ -38,11 +38,13 @@ def check_ratio(what: str, expanded: int, stored: int, limits: DataLimits) -> No
 
 
 def check_count_and_pixels(n: int, h: int, w: int, limits: DataLimits) -> None:
-    """Refuse no images, too many, or images over the per-image pixel limit."""
+    """Refuse no images, too many, images without pixels, or images over the per-image pixel limit."""
     if n == 0:
         raise DataFormatError("the data holds no images")
     if n > limits.max_images:
         raise DataFormatError(f"the data holds {n} images, over the limit of {limits.max_images}")
+    if h < 1 or w < 1:
+        raise DataFormatError(f"images are {w}x{h} pixels: an image needs at least one pixel in each direction")
     if h * w > limits.max_pixels_per_image:
         raise DataFormatError(
             f"images are {w}x{h} = {h * w} pixels, over the limit of {limits.max_pixels_per_image}"

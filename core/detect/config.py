@@ -107,9 +107,14 @@ class DetectConfig:
         if bad or len(set(self.ut_families)) != len(self.ut_families):
             raise ConfigError("ut_families", f"name each of 'patch', 'additive' at most once, got "
                                              f"{list(self.ut_families)}")
-        unknown = [d for d in (*self.detectors, *self.voting_detectors) if d not in DETECTORS]
-        if unknown:
-            raise ConfigError("detectors", f"unknown detector(s) {unknown}; valid: {sorted(DETECTORS)}")
+        for name in ("detectors", "voting_detectors"):
+            unknown = [d for d in getattr(self, name) if d not in DETECTORS]
+            if unknown:
+                raise ConfigError(name, f"unknown detector(s) {[d[:64] for d in unknown[:5]]}; valid: "
+                                        f"{sorted(DETECTORS)}")
+            names = getattr(self, name)
+            if len(set(names)) != len(names):  # a detector named twice would run (and cost) twice
+                raise ConfigError(name, f"name each detector at most once, got {list(names)}")
         if not self.detectors:
             raise ConfigError("detectors", "name at least one detector (switch detection off in the spec instead)")
         if not set(self.voting_detectors) & set(self.detectors):

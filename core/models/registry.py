@@ -56,6 +56,19 @@ def is_known_architecture(name: str) -> bool:
     return False
 
 
+def shape_model(architecture: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The model's structure for shape checks: built on the meta device (no memory, no initialisation), or, for a
+    builder that computes with real tensors while it builds (torchvision's regnets read their block widths back
+    with ``.tolist()``, which meta tensors cannot), on the CPU; ``next(model.parameters()).is_meta`` tells which."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return create_model(architecture, num_classes, in_channels)
+    except NotImplementedError:
+        return create_model(architecture, num_classes, in_channels)
+
+
 def create_model(architecture: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A new ``architecture`` model with random weights, ``num_classes`` outputs and ``in_channels`` inputs.
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.models.checkpoint.tensors import tensor_problem
-from core.models.registry import create_model
+from core.models.registry import shape_model
 
 _LIST_LIMIT = 10
 
@@ -41,8 +41,7 @@ def check_state_dict(
 ) -> None:
     """Raise :class:`ArchitectureMismatchError` or :class:`NonFiniteWeightsError` unless ``state_dict`` loads
     strictly into ``create_model(architecture, num_classes, in_channels)``."""
-    with torch.device("meta"):
-        model = create_model(architecture, num_classes, in_channels)
+    model = shape_model(architecture, num_classes, in_channels)
     _check(model, strip_module_prefix(state_dict), _describe(architecture, num_classes, in_channels))
 
 

@@ -198,6 +198,18 @@ def _bad_cases(files: dict[str, Path], tmp: Path,
          spec_json("repair_data", repair_data={"method": "retain", "params": {"folds": 3}}), 422, "clean_data",
          "needs at least 6 clean images (2 per identification fold), got 4"),
         ("unknown part", {"weights": ("w.bin", b"x")}, None, 422, "weights", ""),
+        # the holes found after issue 8: each was queued before and failed late, ran twice or ran out of proportion
+        ("images without pixels", {"clean_data": ("c.npz", _npz(x=np.zeros((12, 0, 0), np.uint8),
+                                                                 y=np.arange(12) % 10))}, None, 422, "clean_data",
+         "at least one pixel"),
+        ("a detector named twice", {}, spec_json(detect={"params": {"detectors": ["neural_cleanse"] * 2}}), 422,
+         "spec.detect.params.detectors", "at most once"),
+        ("a seed of true", {}, spec_json(seed=True), 422, "spec.seed", "valid integer"),
+        ("layer_exclude leaving TSBD no layer", {}, spec_json("repair", repair={
+            "method": "tsbd", "params": {"layer_exclude": ["downsample", "conv"]}}), 422,
+         "spec.repair.params.layer_exclude", "no Conv2d layer"),
+        ("a detector step over 4096 images", {}, spec_json(detect={"params": {"nc_batch_size": 1024}}), 422,
+         "spec.detect.params.nc_batch_size", "set nc_batch_size to at most 409"),
     ]
 
 

@@ -97,3 +97,23 @@ def test_the_summary_shows_every_detector_with_its_role_and_its_suspects() -> No
     assert "  universal_perturbation (votes): p 0.0194, suspects [2]" in lines
     assert "  feature_inversion (evidence): p 0.0293, suspects [0]" in lines
     assert "  untargeted (evidence): skipped: no 4-D feature map" in lines
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (b"[1, 2]", "must hold a JSON object"),
+    (b"null", "must hold a JSON object"),
+    (b'{"repair": "tsbd"}', "repair must be a JSON object"),
+    (b"\xff\xfe{", "--spec: 'utf-8' codec can't decode"),
+    (b"{" + b" " * (64 * 1024) + b"}", "over the API's limit of 65536"),
+])
+def test_a_bad_spec_file_is_an_error_naming_it_before_any_upload(tmp_path: Any, content: bytes, says: str) -> None:
+    """Before: a list, null or a string section crashed _build_spec with a TypeError/AttributeError that named no
+    option, and a spec file of any size was read whole."""
+    spec = tmp_path / "spec.json"
+    spec.write_bytes(content)
+    # an unreachable URL: the error must come before any request
+    result = CliRunner().invoke(app, ["repair", "--model", "m.pt", "--clean-data", "c.npz", "--spec", str(spec),
+                                      "--method", "tsbd", "--api-key", "k", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == client.ERROR
+    assert says in " ".join(result.output.split()), result.output
+    assert "TypeError" not in result.output and "AttributeError" not in result.output

@@ -95,6 +95,9 @@ def test_npz_wrong_dtype(tmp_path: Path) -> None:
         (np.zeros((2, 2, 2, 3), np.uint8), np.array([0.0, 1.0]), "integer labels"),
         (np.zeros((0, 2, 2, 3), np.uint8), np.zeros(0, np.int64), "no images"),
         (np.zeros((2, 40, 40, 3), np.uint8), np.array([0, 1]), "over the limit of 1024"),
+        # images without pixels: no model takes them, and the worker would fail on them late
+        (np.zeros((2, 0, 0, 3), np.uint8), np.array([0, 1]), "0x0 pixels: an image needs at least one pixel"),
+        (np.zeros((2, 8, 0), np.uint8), np.array([0, 1]), "0x8 pixels"),
     ],
 )
 def test_npz_bad_shapes(tmp_path: Path, x: np.ndarray, y: np.ndarray, message: str) -> None:

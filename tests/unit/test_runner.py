@@ -134,6 +134,18 @@ def test_input_that_turns_out_bad_fails_with_invalid_input(ctx: WorkerContext, t
     assert scan.error_code == "invalid_input" and "model:" in (scan.error_message or "")
 
 
+def test_a_stored_spec_the_rules_now_refuse_fails_as_invalid_input(ctx: WorkerContext, tmp_path: Path) -> None:
+    """A scan queued before an upgrade tightened the spec (here: a detector named twice) fails naming the field,
+    not with an internal error; the scan row and its inputs stay."""
+    spec = {"mode": "scan", "model": SPEC_MODEL, "detect": {"params": {"detectors": ["neural_cleanse"] * 2}}}
+    scan_id = _queue_scan(ctx, tmp_path, spec)
+    assert execute_scan(ctx, scan_id) == "failed"
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.error_code == "invalid_input", scan.error_message
+    assert "spec.detect.params.detectors" in (scan.error_message or "") and "at most once" in (scan.error_message or "")
+    assert scan.inputs["model"]["key"]
+
+
 def test_storage_failure_is_an_internal_error(ctx: WorkerContext, tmp_path: Path) -> None:
     scan_id = _queue_scan(ctx, tmp_path)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, Strict
 
 from core.ranges import (
     MAX_EPOCHS,
@@ -28,10 +28,12 @@ REFERENCE_N_SWEEP: tuple[float, ...] = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0
 AUTO_RULES = ("recovery", "width", "collapse", "retention")
 # the reference's stage 2 sees 21 epochs x 2,500 images (5% of CIFAR-10): the budget the adaptive schedule keeps
 REFERENCE_FINETUNE_IMAGES = 21 * 2_500
-# each candidate costs one forward pass over the clean subset
-Candidates = Annotated[tuple[Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)], ...],
+# each candidate costs one forward pass over the clean subset; a JSON number each (``"0.5"`` and ``true`` are
+# refused), and distinct: a repeated n repeats its pass and its row of the sweep (checked in __post_init__)
+Candidates = Annotated[tuple[Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)], ...],
                        Field(min_length=1, max_length=32)]
-LayerNames = Annotated[tuple[Annotated[str, Field(max_length=200)], ...], Field(max_length=64)]
+# substrings of the Conv2d names TSBD leaves alone: an empty one is in every name and would exclude them all
+LayerNames = Annotated[tuple[Annotated[str, Field(min_length=1, max_length=200)], ...], Field(max_length=64)]
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,12 @@ class TSBDConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        for name in ("auto_candidates", "auto_probes"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                repeated = sorted({v for v in values if values.count(v) > 1})
+                raise ValueError(f"{name} must not repeat a value (each costs a pass over the clean subset), "
+                                 f"got {repeated} more than once")
         if not 0.0 <= self.auto_retention_min_n <= self.auto_retention_max_n <= 1.0:
             raise ValueError("need auto_retention_min_n <= auto_retention_max_n")
         if not 0.0 <= self.auto_min_n <= self.auto_max_n <= 1.0:
