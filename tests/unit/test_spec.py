@@ -99,6 +99,8 @@ NAN, INF = float("nan"), float("inf")
     (_repair("tsbd", auto_candidates=["0.5"]), "repair.params.auto_candidates.0", "valid number"),
     (_repair("tsbd", auto_candidates=[True]), "repair.params.auto_candidates.0", "valid number"),
     (_repair("tsbd", auto_candidates=[0.5, 0.1, 0.5]), "repair.params", "auto_candidates must not repeat a value"),
+    (_repair("tsbd", escalate=True), "repair.params", "escalate acts on the detector's verdict"),
+    (_repair("tsbd", gentle_verdicts="all"), "repair.params", "gentle_verdicts 'all' acts on the detector's verdict"),
     (_repair("tsbd", auto_probes=[0.3, 0.3]), "repair.params", "auto_probes must not repeat a value"),
     # "" is in every layer name: it would exclude every Conv2d, and the repair would fail after its first stage
     (_repair("tsbd", layer_exclude=["shortcut", ""]), "repair.params.layer_exclude.1", "at least 1 character"),

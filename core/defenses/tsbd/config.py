@@ -140,6 +140,11 @@ class TSBDConfig:
                 repeated = sorted({v for v in values if values.count(v) > 1})
                 raise ValueError(f"{name} must not repeat a value (each costs a pass over the clean subset), "
                                  f"got {repeated} more than once")
+        if self.clean_check == "off" and (self.escalate or self.gentle_verdicts == "all"):
+            # both act on the detector's verdict, which clean_check off never reads: they would be ignored silently
+            given = "escalate" if self.escalate else "gentle_verdicts 'all'"
+            raise ValueError(f"{given} acts on the detector's verdict, which clean_check 'off' never reads: set "
+                             "clean_check to 'given' or 'scan', or leave it out")
         if not 0.0 <= self.auto_retention_min_n <= self.auto_retention_max_n <= 1.0:
             raise ValueError("need auto_retention_min_n <= auto_retention_max_n")
         if not 0.0 <= self.auto_min_n <= self.auto_max_n <= 1.0:
