@@ -248,6 +248,13 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
             raise InputError("spec.repair.params.layer_exclude",
                              f"{m.architecture} has no Conv2d layer whose name contains none of {list(exclude)}: "
                              "TSBD would have nothing to work on")
+    if spec.mode == "repair" and spec.repair.method == "fine_pruning":
+        from core.defenses.baselines import last_conv_layer
+
+        try:
+            last_conv_layer(model)
+        except ValueError as exc:
+            raise InputError("spec.repair.method", f"fine_pruning cannot work on {m.architecture}: {exc}") from exc
     if spec.mode == "repair" and spec.repair.params.get("robust_hparams") and not linear:
         raise InputError("spec.repair.params.robust_hparams",
                          f"{m.architecture} has no nn.Linear head for robust_hparams to refit")

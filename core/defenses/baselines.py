@@ -106,11 +106,27 @@ def _finetune(model: nn.Module, data: DeviceImages, cfg: FinetuneConfig, progres
 
 
 def last_conv_layer(model: nn.Module) -> str:
-    """The name of the last ``Conv2d`` in module order (the layer fine-pruning prunes)."""
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not names:
+    """The name of the last feature ``Conv2d`` in module order (the layer fine-pruning prunes). A last conv with no
+    ``nn.Linear`` after it makes the logits (SqueezeNet's ``classifier.1``: one channel per class), so the conv
+    before it is the last feature layer; pruning the logits conv would switch classes off. Raises ``ValueError``
+    where there is no feature conv to prune: no ``Conv2d``, only the logits conv, or only a patch embedding
+    (a ViT's or Swin's ``kernel_size == stride`` stem, whose channels are token dimensions, not late features)."""
+    modules = list(model.named_modules())
+    convs = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    if not convs:
         raise ValueError("the model has no Conv2d layer to prune")
-    return names[-1]
+    if not any(isinstance(m, nn.Linear) for _, m in modules[convs[-1] + 1:]):
+        if len(convs) == 1:
+            raise ValueError(f"the model's only Conv2d ({modules[convs[0]][0]}) makes the logits: no feature "
+                             "channels to prune")
+        convs = convs[:-1]
+    name, conv = modules[convs[-1]]
+    assert isinstance(conv, nn.Conv2d)
+    if len(convs) == 1 and conv.kernel_size == conv.stride and conv.kernel_size != (1, 1):
+        raise ValueError(f"the model's only Conv2d ({name}) is a patch embedding (kernel {conv.kernel_size} = "
+                         "stride): fine-pruning prunes a late convolutional layer's channels, and this model has "
+                         "none")
+    return name
 
 
 def mean_channel_activation(model: nn.Module, layer: str, data: DeviceImages, batch_size: int = 1024

@@ -33,9 +33,12 @@ class NWC:
 
     def top_channels(self, n: float) -> list[torch.Tensor]:
         """Per layer, a boolean mask of the channels among the global top ``round(n * num_channels)`` by NWC
-        (ranked together across layers, largest first, no normalisation, as the reference does)."""
+        (ranked together across layers, largest first, no normalisation, as the reference does). A channel that
+        unlearning did not move (NWC 0) is never among them: where unlearning moved nothing (a model already at
+        chance on the clean subset stops it before its first step) ranking the ties would pick channels by their
+        position, the stem's first."""
         flat = self.flat()
-        k = min(len(flat), max(0, round(n * len(flat))))
+        k = min(int((flat > 0).sum()), max(0, round(n * len(flat))))
         chosen = torch.zeros(len(flat), dtype=torch.bool)
         if k > 0:
             # stable descending order so that ties resolve the same way every time

@@ -41,7 +41,9 @@ def zero_masks(nwc: NWC, n: float, m: float) -> tuple[list[torch.Tensor], ZeroSu
     masks = []
     for d, c in zip(nwc.weight_change, channel_masks, strict=True):
         shape = (-1,) + (1,) * (d.dim() - 1)
-        masks.append((d >= threshold) & c.view(shape))
+        # a weight unlearning did not move (|dW| = 0) is not one it moved most: never zeroed, even where more
+        # than 1 - m of the pool is unmoved (threshold 0)
+        masks.append((d >= threshold) & (d > 0) & c.view(shape))
     summary = ZeroSummary(
         neuron_ratio=n, weight_ratio=m, channels_selected=int(sum(int(c.sum()) for c in channel_masks)),
         channels_total=nwc.num_channels, weights_zeroed=int(sum(int(mk.sum()) for mk in masks)),

@@ -111,6 +111,10 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     chosen: dict[str, object] = {"action": "gentle" if gentle else "repaired", "why": check["why"]}
     details: dict[str, object] = {"clean_check": check,
                                   "subset_filter": filtered.details if filtered is not None else {"applied": False}}
+    if nwc.num_channels and float(nwc.flat().sum()) == 0.0:
+        chosen["note"] = (f"clean unlearning moved no weight: the clean subset's accuracy "
+                          f"{unlearned.accuracy_before:.3g} was already at or below its threshold "
+                          f"{unlearned.threshold:.3g} (chance), so no channel was zeroed and only stage 2 ran")
     n = cfg.neuron_ratio
     n_gentle: float | None = None
     stage_n = progress.stage("choose_n", stop1 + 0.01, stop_n)
