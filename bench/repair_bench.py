@@ -9,8 +9,10 @@ Issue 10's axes: ``--arch`` (small_cnn, resnet20, preactresnet18, vgg19_bn, torc
 ``torchvision_resnet18_32``), IAB and CLB among the attacks, the attack
 ``clean`` (a model trained without poisoning), ``--defender-poison 0.02``, ``--retune N`` (the retuning attack on
 the unrepaired model and on every repaired one: N poisoned training images among 4N clean defender images, ASR
-after 1 and 5 epochs), and the variant flag ``"subset_filter"`` (False: TSBD without its poisoned-subset
-filter; True: a baseline with it). The GPU command, one run per architecture:
+after 1 and 5 epochs; ``--retune-lr``, ``--retune-epochs 1,5,20``, ``--retune-freeze-bn`` make it gentler and
+``--retune-clean-baseline`` retunes the clean model on the same images, BENCHMARKS.md §2.12), and the variant
+flag ``"subset_filter"`` (False: TSBD without its poisoned-subset filter; True: a baseline with it).
+The GPU command, one run per architecture:
 
     for a in preactresnet18 resnet20 vgg19_bn torchvision_resnet18_32; do for p in 0 0.02; do
       python bench/repair_bench.py --profile gpu --data .carry/cifar10_small.npz --arch $a --defender-poison $p \
@@ -34,6 +36,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,12 +227,41 @@ def run_method(method: str, model: nn.Module, subset: ImageSet, norm: Normalizat
     return res
 
 
+@dataclass(frozen=True)
+class RetuneSpec:
+    """The retuning attack's setting (``--retune*``): ``n`` poisoned training images among ``4n`` clean defender
+    images; plain SGD (momentum 0.9, batch 32) at ``lr``; ACC/ASR after each count of ``epochs``."""
+    n: int = 0
+    lr: float = 0.01
+    epochs: tuple[int, ...] = RETUNE_EPOCHS
+    freeze_bn: bool = False  # batch-norm layers in eval mode while retuning (their statistics stay)
+    clean_baseline: bool = False  # also retune the benchmark's clean model on each attack's images
+
+
+def parse_epochs(text: str) -> tuple[int, ...]:
+    """``"1,5,20"`` -> ``(1, 5, 20)``: positive, strictly increasing epoch counts."""
+    try:
+        out = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of epoch counts: {text!r}") from None
+    if not out or out[0] < 1 or any(b <= a for a, b in zip(out, out[1:], strict=False)):
+        raise argparse.ArgumentTypeError(f"epoch counts must be positive and increasing: {text!r}")
+    return out
+
+
+def retune_spec(args: argparse.Namespace) -> RetuneSpec:
+    return RetuneSpec(args.retune, args.retune_lr, args.retune_epochs or RETUNE_EPOCHS, args.retune_freeze_bn,
+                      args.retune_clean_baseline)
+
+
 def retuning_attack(model: nn.Module, retune: ImageSet, norm: Normalization, device: str, seed: int,
-                    measure) -> dict[str, float]:
-    """The retuning attack of the benchmark (never part of a repair): plain SGD (lr 0.01, momentum 0.9,
-    batch 32) of a copy of ``model`` on ``retune`` (a few poisoned images among clean ones); ACC/ASR after each
-    epoch count of :data:`RETUNE_EPOCHS`. A repair that only hid the backdoor lets ASR return within an
-    epoch or two; one that removed it needs as long as a clean model does to learn the trigger anew."""
+                    measure: Callable[[nn.Module], dict[str, float]],
+                    spec: RetuneSpec = RetuneSpec()) -> dict[str, float]:
+    """The retuning attack of the benchmark (never part of a repair): plain SGD (``spec.lr``, default 0.01;
+    momentum 0.9, batch 32; batch-norm statistics frozen with ``spec.freeze_bn``) of a copy of ``model`` on
+    ``retune`` (a few poisoned images among clean ones); ACC/ASR (``measure``, the bench's evaluation) after
+    each epoch count of ``spec.epochs``. A repair that only hid the backdoor lets ASR return faster than a
+    clean model learns the trigger from the same images (``spec.clean_baseline``); one that removed it does not."""
     import copy
 
     rt = runtime_for(device)
@@ -237,9 +269,9 @@ def retuning_attack(model: nn.Module, retune: ImageSet, norm: Normalization, dev
     data = DeviceImages(retune, norm, rt)
     out: dict[str, float] = {}
     done = 0
-    for epochs in RETUNE_EPOCHS:
-        sgd_finetune(m, data, epochs=epochs - done, lr=0.01, batch_size=32, momentum=0.9, weight_decay=0.0,
-                     augment=False, seed=seed + done)
+    for epochs in spec.epochs:
+        sgd_finetune(m, data, epochs=epochs - done, lr=spec.lr, batch_size=32, momentum=0.9, weight_decay=0.0,
+                     augment=False, seed=seed + done, freeze_bn=spec.freeze_bn)
         done = epochs
         m.eval()
         e = measure(m)
@@ -257,7 +289,25 @@ def model_cache_path(folder: str | None, prof: Profile, attack: str, seed: int, 
     return Path(folder) / name
 
 
-def main() -> None:
+def clean_reference_model(prof: Profile, train: ImageSet, norm: Normalization, num_classes: int, device: str,
+                          seed: int, cache_folder: str | None) -> nn.Module:
+    """The model the attack name ``clean`` trains (same architecture, images, recipe and seed; no poisoning),
+    loaded from ``cache_folder`` under the same name when it is there, else trained and saved there."""
+    torch.manual_seed(seed)
+    model = build_model(prof, train.image_shape[2], num_classes)
+    cached = model_cache_path(cache_folder, prof, CLEAN_MODEL, seed, len(train))
+    if cached is not None and cached.exists():
+        model.load_state_dict(torch.load(cached, map_location="cpu"))
+        return model.to(device)
+    train_classifier(model, train, norm, prof.epochs, prof.lr, prof.batch_size, device, augment=prof.augment,
+                     seed=seed)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, cached)
+    return model
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
     ap.add_argument("--data", help="a .npz with x_train, y_train, x_test, y_test (default: the cached set)")
@@ -277,11 +327,25 @@ def main() -> None:
     ap.add_argument("--retune", type=int, default=0,
                     help="retuning attack: fine-tune each repaired (and the unrepaired) model on this many "
                          "poisoned training images plus 4x as many clean defender images; 0: off")
+    ap.add_argument("--retune-lr", type=float, default=RetuneSpec.lr, help="the retuning attack's SGD lr")
+    ap.add_argument("--retune-epochs", type=parse_epochs, default=None,
+                    help="comma list of epoch counts at which the retuned model's ACC/ASR are measured "
+                         f"(default {','.join(map(str, RETUNE_EPOCHS))})")
+    ap.add_argument("--retune-freeze-bn", action="store_true",
+                    help="batch-norm layers in eval mode while retuning (their running statistics stay)")
+    ap.add_argument("--retune-clean-baseline", action="store_true",
+                    help="also retune the benchmark's clean model (the attack 'clean': same recipe, no "
+                         "poisoning) on each attack's images: how fast a clean model learns the trigger")
     ap.add_argument("--model-cache", help="a folder: each trained backdoored model is saved there and loaded "
                     "instead of trained when the same profile, architecture, attack and seed come again "
                     "(not for IAB and CLB, whose attack objects are trained too)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    retune = retune_spec(args)
 
     prof = PROFILES[args.profile]
     if args.tiny:
@@ -316,6 +380,8 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
         "torch": torch.__version__, "methods": methods, "defender_source": defender_source,
         "n_test_used": len(test), "attacks": {}}
+    if retune.n > 0:
+        report["retune"] = dataclasses.asdict(retune)
     for attack_name in prof.attacks:
         t0 = time.perf_counter()
         base_name, a2a = attack_name.removesuffix(A2A_SUFFIX), attack_name.endswith(A2A_SUFFIX)
@@ -376,8 +442,15 @@ def main() -> None:
             pick = np.random.default_rng(args.seed + 7).permutation(len(src.poisoned_index))[: args.retune]
             clean_part = defender.subset(np.arange(min(len(defender), 4 * args.retune)))
             retune_set = ImageSet.concat(src.data.subset(src.poisoned_index[pick]), clean_part)
-            entry["retune"] = retuning_attack(model, retune_set, norm, device, args.seed, measure)
+            entry["retune"] = retuning_attack(model, retune_set, norm, device, args.seed, measure, retune)
             print(f"[{attack_name}] retuning the unrepaired model: {entry['retune']}", flush=True)
+            if retune.clean_baseline and not clean_model:
+                if "clean" not in cache:
+                    cache["clean"] = clean_reference_model(prof, train, norm, num_classes, device, args.seed,
+                                                           args.model_cache)
+                entry["clean_baseline"] = {**measure(cache["clean"]), "retune": retuning_attack(
+                    cache["clean"], retune_set, norm, device, args.seed, measure, retune)}
+                print(f"[{attack_name}] retuning the clean model: {entry['clean_baseline']}", flush=True)
         if device.startswith("cuda") and "warmup_s" not in report:
             # one short untimed repair first, so that the timed ones do not pay for cuDNN autotuning and
             # the first bf16 kernels (the first timed repair took 8 s instead of 5 without it)
@@ -411,7 +484,7 @@ def main() -> None:
                     "planted": int(planted.sum()), "planted_dropped": int((planted & dropped).sum())}
             if retune_set is not None:
                 entry["methods"][label]["retune"] = retuning_attack(res.model, retune_set, norm, device, args.seed,
-                                                                    measure)
+                                                                    measure, retune)
             print(f"[{attack_name}] {label}: ACC {after['acc']:.3f} ASR {after['asr']:.3f} "
                   f"RA {after['ra']:.3f} DER {der:.3f} ({res.timings['total']:.1f}s) {res.chosen}", flush=True)
         if attack_name in prof.sweep_attacks:
@@ -438,8 +511,12 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
-def _retune(r: dict | None) -> str:
-    return "" if not r else " / ".join(_pct(r[f"asr_{e}"]) for e in RETUNE_EPOCHS)
+def _retune(r: dict | None, epochs: tuple[int, ...]) -> str:
+    """ASR after each epoch count (ACC after each in brackets)."""
+    if not r:
+        return ""
+    return (" / ".join(_pct(r[f"asr_{e}"]) for e in epochs) + " ("
+            + " / ".join(_pct(r[f"acc_{e}"]) for e in epochs) + ")")
 
 
 def render_markdown(report: dict) -> str:
@@ -447,6 +524,8 @@ def render_markdown(report: dict) -> str:
     attacks = report["attacks"]
     methods = report["methods"]
     cfg = report["config"]
+    spec = report.get("retune", {})
+    epochs = tuple(spec.get("epochs", RETUNE_EPOCHS))
     lines = [f"### Repair benchmark, profile `{report['profile']}`{' (tiny)' if report['tiny'] else ''}", "",
              f"{cfg['architecture']} on {cfg['n_train']} {cfg['dataset']} training images, 10% poisoning, "
              f"target 0; defender subset {cfg['n_defender']} clean images unseen in training (from the "
@@ -460,15 +539,23 @@ def render_markdown(report: dict) -> str:
              + ". ASR of `_a2a` (all-to-all) rows: prediction == (true label + 1) mod 10; the means leave them out.",
              "",
              "Filter: images the poisoned-subset filter dropped (planted poisoned ones among them / planted). "
-             f"Retune: ASR after {' / '.join(str(e) for e in RETUNE_EPOCHS)} epochs of the retuning attack "
-             "(a few poisoned images among clean ones; benchmark only).", "",
-             "| attack | method | ACC | ASR | RA | DER | chosen | filter | retune ASR | time (s) |",
+             f"Retune: ASR after {' / '.join(str(e) for e in epochs)} epochs of the retuning attack, ACC in "
+             "brackets (a few poisoned images among clean ones; benchmark only"
+             + (f": {spec['n']} poisoned + {4 * spec['n']} clean, SGD lr {spec['lr']:g}"
+                + (", batch-norm statistics frozen" if spec["freeze_bn"] else "") if spec else "")
+             + "). `clean baseline`: the clean model (trained without poisoning) on the same trigger and "
+             "retuned on the same images.", "",
+             "| attack | method | ACC | ASR | RA | DER | chosen | filter | retune ASR (ACC) | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     sums: dict[str, list[dict]] = {m: [] for m in ("none", *methods)}
     for name, e in attacks.items():
         b = e["before"]
         lines.append(f"| {name} | none | {_pct(b['acc'])} | {_pct(b['asr'])} | {_pct(b['ra'])} | — | | | "
-                     f"{_retune(e.get('retune'))} | |")
+                     f"{_retune(e.get('retune'), epochs)} | |")
+        if "clean_baseline" in e:
+            c = e["clean_baseline"]
+            lines.append(f"| {name} | clean baseline | {_pct(c['acc'])} | {_pct(c['asr'])} | {_pct(c['ra'])} | — "
+                         f"| | | {_retune(c['retune'], epochs)} | |")
         in_mean = not name.endswith(A2A_SUFFIX) and name != CLEAN_MODEL
         if in_mean:
             sums["none"].append(b)
@@ -478,7 +565,7 @@ def render_markdown(report: dict) -> str:
             f = r.get("filter")
             filt = f"{f['dropped']} ({f['planted_dropped']}/{f['planted']})" if f else ""
             lines.append(f"| {name} | {m} | {_pct(r['acc'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | "
-                         f"{r['der']:.3f} | {chosen} | {filt} | {_retune(r.get('retune'))} | "
+                         f"{r['der']:.3f} | {chosen} | {filt} | {_retune(r.get('retune'), epochs)} | "
                          f"{r['timings']['total']:.1f} |")
             if in_mean:
                 sums[m].append(r)

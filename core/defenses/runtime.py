@@ -152,24 +152,31 @@ def infer_num_classes(model: nn.Module, data: DeviceImages) -> int:
 
 def sgd_finetune(model: nn.Module, data: DeviceImages, *, epochs: int, lr: float, batch_size: int,
                  momentum: float, weight_decay: float, augment: bool, seed: int,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, freeze_bn: bool = False) -> None:
     """Plain supervised fine-tuning in place (constant lr, as the reference's stage 2 without its penalty);
-    polls ``progress`` between batches and reports each epoch."""
+    polls ``progress`` between batches and reports each epoch. ``freeze_bn``: batch-norm layers stay in eval
+    mode (their running statistics do not move; their affine weights still train)."""
     progress = progress or Progress()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     order_gen = make_generator(seed)
     aug_gen = augment_generator(data.rt, seed + 1)
     for epoch in range(epochs):
-        sgd_epoch(model, data, opt, batch_size, augment, order_gen, aug_gen, progress)
+        sgd_epoch(model, data, opt, batch_size, augment, order_gen, aug_gen, progress, freeze_bn=freeze_bn)
         progress.update((epoch + 1) / epochs)
 
 
 def sgd_epoch(model: nn.Module, data: DeviceImages, opt: torch.optim.Optimizer, batch_size: int, augment: bool,
-              order_gen: torch.Generator, aug_gen: torch.Generator, progress: Progress) -> None:
-    """One epoch of plain cross-entropy steps in train mode, polling ``progress`` between batches (the one
-    supervised loop that fine-tuning baselines and data repair's calibration share)."""
+              order_gen: torch.Generator, aug_gen: torch.Generator, progress: Progress,
+              freeze_bn: bool = False) -> None:
+    """One epoch of plain cross-entropy steps in train mode (batch-norm layers in eval mode with
+    ``freeze_bn``), polling ``progress`` between batches (the one supervised loop that fine-tuning baselines
+    and data repair's calibration share)."""
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     for idx in data.batches(batch_size, order_gen):
         progress.check()
         x = data.inputs(idx, augment=augment, generator=aug_gen)

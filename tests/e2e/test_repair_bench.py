@@ -43,8 +43,9 @@ def test_tiny_cpu_run_writes_the_whole_report(tmp_path: Path) -> None:
 
 
 def test_tiny_run_with_clean_model_retuning_and_filter_rows(tmp_path: Path) -> None:
-    """The issue-10 columns: a clean model among the attacks, the retuning attack on every row, TSBD without
-    its filter and a baseline with it, and the filter's drop counts; ``--arch`` picks the architecture."""
+    """The issue-10 columns: a clean model among the attacks, the retuning attack on every row (the gentle
+    one, with the clean model's baseline), TSBD without its filter and a baseline with it, and the filter's
+    drop counts; ``--arch`` picks the architecture."""
     rng = np.random.default_rng(1)
     data = tmp_path / "random.npz"
     np.savez(data, x_train=rng.integers(0, 256, (2400, 28, 28, 1), dtype=np.uint8),
@@ -56,14 +57,21 @@ def test_tiny_run_with_clean_model_retuning_and_filter_rows(tmp_path: Path) -> N
     proc = subprocess.run(
         [sys.executable, "bench/repair_bench.py", "--profile", "cpu", "--tiny", "--data", str(data),
          "--arch", "small_cnn", "--attacks", "badnets,clean", "--defender-poison", "0.02", "--sweep", "",
-         "--methods", "tsbd", "--variants", variants, "--retune", "10", "--out", str(out)],
+         "--methods", "tsbd", "--variants", variants, "--retune", "10", "--retune-epochs", "1,3",
+         "--retune-lr", "0.003", "--retune-freeze-bn", "--retune-clean-baseline", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["attacks"]) == {"badnets", "clean"}
     for entry in report["attacks"].values():
-        assert set(entry["retune"]) == {"asr_1", "acc_1", "asr_5", "acc_5"}
+        assert set(entry["retune"]) == {"asr_1", "acc_1", "asr_3", "acc_3"}
         assert all(set(m["retune"]) == set(entry["retune"]) for m in entry["methods"].values())
+    assert report["retune"] == {"n": 10, "lr": 0.003, "epochs": [1, 3], "freeze_bn": True, "clean_baseline": True}
+    # the baseline is the model the attack "clean" trains (same recipe, BadNets' trigger and retuning images)
+    base, clean = report["attacks"]["badnets"]["clean_baseline"], report["attacks"]["clean"]
+    assert "clean_baseline" not in clean
+    assert base["acc"] == clean["before"]["acc"] and base["asr"] == clean["before"]["asr"]
+    assert base["retune"] == clean["retune"]
     bad = report["attacks"]["badnets"]["methods"]
     assert bad["tsbd"]["details"]["subset_filter"]["applied"] and "filter" in bad["tsbd"]
     assert bad["tsbd"]["filter"]["planted"] == 6  # 2% of the 300 defender images
@@ -71,5 +79,6 @@ def test_tiny_run_with_clean_model_retuning_and_filter_rows(tmp_path: Path) -> N
     assert bad["finetune_filter"]["details"]["subset_filter"]["applied"]
     assert report["attacks"]["clean"]["methods"]["tsbd"]["filter"]["planted"] == 0
     text = out.read_text()
-    assert "| clean | tsbd |" in text and "retune ASR" in text
+    assert "| clean | tsbd |" in text and "retune ASR" in text and "| badnets | clean baseline |" in text
+    assert "SGD lr 0.003, batch-norm statistics frozen" in text
     assert text.count("| **mean of 1** |") == 1 + len(report["methods"])  # the clean model is left out
