@@ -8,8 +8,9 @@ called from ``__post_init__``). The bounds are what a real repair needs, so that
 methods also poll ``Progress.check()`` so the time limit still applies inside those bounds.
 
 Bounds (docs/ lists them per method): epochs 0..``MAX_EPOCHS`` (300: 3x FT-SAM's 100, 14x TSBD's 21),
-batch sizes 1..``MAX_BATCH_SIZE`` (4096), learning rates finite in (0, ``MAX_LEARNING_RATE``] (1.0: SGD
-diverges above it on normalised inputs), momentum in [0, 1), weight decay in [0, 0.1], ratios in [0, 1].
+batch sizes 1..``MAX_BATCH_SIZE`` (4096), learning rates finite in [``MIN_LEARNING_RATE``, ``MAX_LEARNING_RATE``] (1e-10: a smaller step
+is below float32's resolution of a weight of 0.01 even at unit gradient, so the run would change nothing and still
+report a repair; 1.0: SGD diverges above it on normalised inputs), momentum in [0, 1), weight decay in [0, 0.1], ratios in [0, 1].
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 MAX_EPOCHS = 300
 MAX_BATCH_SIZE = 4096
 MAX_LEARNING_RATE = 1.0
+MIN_LEARNING_RATE = 1e-10
 
 Flag = Annotated[bool, Strict()]
 """A JSON boolean (``1`` or ``"yes"`` is refused)."""
@@ -34,8 +36,9 @@ Epochs = Annotated[int, Strict(), Field(ge=0, le=MAX_EPOCHS)]
 """Passes over the clean subset: a whole number in [0, MAX_EPOCHS]."""
 BatchSize = Annotated[int, Strict(), Field(ge=1, le=MAX_BATCH_SIZE)]
 """Images per step: a whole number in [1, MAX_BATCH_SIZE]."""
-LearningRate = Annotated[float, Strict(), Field(gt=0.0, le=MAX_LEARNING_RATE, allow_inf_nan=False)]
-"""An SGD step size: finite, in (0, MAX_LEARNING_RATE]."""
+LearningRate = Annotated[float, Strict(), Field(ge=MIN_LEARNING_RATE, le=MAX_LEARNING_RATE, allow_inf_nan=False)]
+"""An SGD step size: finite, in [MIN_LEARNING_RATE, MAX_LEARNING_RATE] (5e-324 would be a repair that changes
+nothing)."""
 Momentum = Annotated[float, Strict(), Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
 """SGD momentum in [0, 1)."""
 WeightDecay = Annotated[float, Strict(), Field(ge=0.0, le=0.1, allow_inf_nan=False)]

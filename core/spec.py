@@ -278,7 +278,7 @@ def parameter_reference() -> str:
     from core.attacks.registry import ATTACKS, attack_param_types
     from core.defenses.registry import COMMON_PARAMS, REPAIR_METHODS
     from core.defenses.robust_head import RobustHeadConfig
-    from core.ranges import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LEARNING_RATE, describe
+    from core.ranges import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LEARNING_RATE, MIN_LEARNING_RATE, describe
 
     def row(name: str, tp: Any, default: Any) -> str:
         shown = list(default) if isinstance(default, tuple) else default
@@ -290,7 +290,7 @@ def parameter_reference() -> str:
              "it, e.g. `spec.repair.params.epochs`. Whole numbers must be JSON integers (`2.5` and `true` are "
              "refused), numbers must be finite (`NaN`, `Infinity` are refused), switches JSON booleans.", "",
              f"Common bounds: epochs 0-{MAX_EPOCHS}, batch sizes 1-{MAX_BATCH_SIZE}, learning rates in "
-             f"(0, {MAX_LEARNING_RATE:g}]; with at most `ANTIDOTE_MAX_IMAGES` images this bounds a repair's "
+             f"[{MIN_LEARNING_RATE:g}, {MAX_LEARNING_RATE:g}]; with at most `ANTIDOTE_MAX_IMAGES` images this bounds a repair's "
              "work, and the scan time limit (`ANTIDOTE_SCAN_TIME_LIMIT_S`) still stops it between batches.", "",
              "## `spec.model`", "", "| field | type and range | default |", "| --- | --- | --- |"]
     for name, info in ModelSpec.model_fields.items():

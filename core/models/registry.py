@@ -5,7 +5,9 @@ Weights never come from here: nothing is downloaded; checkpoints are loaded sepa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -57,16 +59,43 @@ def is_known_architecture(name: str) -> bool:
 
 
 def shape_model(architecture: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """The model's structure for shape checks: built on the meta device (no memory, no initialisation), or, for a
-    builder that computes with real tensors while it builds (torchvision's regnets read their block widths back
-    with ``.tolist()``, which meta tensors cannot), on the CPU; ``next(model.parameters()).is_meta`` tells which."""
+    """The model's structure for shape checks, built on the meta device (no memory, no initialisation: a
+    spec naming a 640M-parameter regnet costs the API nothing). torchvision's regnets compute their block widths
+    with real tensors while they build (``.tolist()``, which meta tensors cannot); that small computation runs
+    on the CPU and the model itself on meta. A builder that still needs real tensors is built on the CPU;
+    ``next(model.parameters()).is_meta`` tells which."""
     import torch
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _regnet_widths_on_cpu():
             return create_model(architecture, num_classes, in_channels)
     except NotImplementedError:
         return create_model(architecture, num_classes, in_channels)
+
+
+_REGNET_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _regnet_widths_on_cpu() -> Iterator[None]:
+    """While building, torchvision's ``BlockParams.from_init_params`` (regnets' width arithmetic on a few dozen
+    numbers, read back as Python ints) runs under an inner CPU device context; the same numbers come out, so
+    another thread building a real regnet meanwhile is unaffected."""
+    import torch
+    from torchvision.models import regnet
+
+    with _REGNET_PATCH_LOCK:
+        original = regnet.BlockParams.__dict__["from_init_params"]
+
+        def on_cpu(cls: type, *args: object, **kwargs: object) -> object:
+            with torch.device("cpu"):
+                return original.__func__(cls, *args, **kwargs)
+
+        regnet.BlockParams.from_init_params = classmethod(on_cpu)  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            regnet.BlockParams.from_init_params = original  # type: ignore[method-assign]
 
 
 def create_model(architecture: str, num_classes: int, in_channels: int = 3) -> nn.Module:

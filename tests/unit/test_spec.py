@@ -84,7 +84,11 @@ NAN, INF = float("nan"), float("inf")
     (_repair("tsbd", unlearn_max_epochs=0), "repair.params.unlearn_max_epochs", "greater than or equal to 1"),
     (_repair("tsbd", batch_size=0), "repair.params.batch_size", "greater than or equal to 1"),
     (_repair("fine_pruning", batch_size=10**6), "repair.params.batch_size", "less than or equal to 4096"),
-    (_repair("finetune", lr=0), "repair.params.lr", "greater than 0"),
+    (_repair("finetune", lr=0), "repair.params.lr", "greater than or equal to 0.0000000001"),
+    # a denormal step size: a repair that changes nothing and would still be reported as one
+    (_repair("tsbd", lr_finetune=5e-324), "repair.params.lr_finetune", "greater than or equal to 0.0000000001"),
+    ({"mode": "repair_data", "model": MODEL, "repair_data": {"method": "retain", "params": {"scratch_lr": 1e-300}}},
+     "repair_data.params.scratch_lr", "greater than or equal to 0.0000000001"),
     (_repair("finetune", lr=NAN), "repair.params.lr", "finite"),
     (_repair("tsbd", lr_finetune=INF), "repair.params.lr_finetune", "finite"),
     (_repair("tsbd", lr_unlearn=5.0), "repair.params.lr_unlearn", "less than or equal to 1"),

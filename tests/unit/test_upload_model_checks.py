@@ -12,7 +12,7 @@ import pytest
 from core.data.formats import DataLimits
 from core.data.imageset import ImageSet
 from core.inputs import InputError, ScanInputs, UploadedFile, load_inputs
-from core.models.registry import create_model
+from core.models.registry import create_model, shape_model
 from core.spec import ScanSpec
 from tests.helpers import write_npz, write_safetensors
 
@@ -125,14 +125,24 @@ def test_identification_s_per_class_arrays_are_bounded(tmp_path: Path) -> None:
                 limits)
 
 
-def test_an_architecture_that_cannot_be_built_shape_only_still_uploads(tmp_path: Path) -> None:
-    """torchvision's regnets compute their widths with real tensors while they build: the meta-device check of the
-    weights raised NotImplementedError (an internal error at upload); they are now checked on a CPU build."""
+def test_regnets_are_checked_shape_only(tmp_path: Path) -> None:
+    """torchvision's regnets compute their widths with real tensors while they build: the meta-device build raised
+    NotImplementedError (an internal error at upload), then a CPU build cost a 640M-parameter regnet_y_128gf 3 GB
+    and 27 s per upload naming it. Their width arithmetic now runs on the CPU and the model on meta: the same
+    shapes, no memory, and the image-size check runs on them too."""
+    meta = shape_model("torchvision.regnet_y_128gf", 10, 3)
+    assert all(p.is_meta for p in meta.parameters()) and sum(p.numel() for p in meta.parameters()) > 6e8
+    small = shape_model("torchvision.regnet_x_400mf", 10, 3)
+    real = create_model("torchvision.regnet_x_400mf", 10, 3)
+    assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
     inputs = _inputs(tmp_path, "torchvision.regnet_x_400mf", 10, 32, 3)
     load_inputs(_spec("torchvision.regnet_x_400mf", 10, 3), inputs, DataLimits())
-    wrong = _spec("torchvision.regnet_x_400mf", 12, 3)
-    err = _refused(wrong, inputs)
+    err = _refused(_spec("torchvision.regnet_x_400mf", 12, 3), inputs)
     assert err.field == "model"
+    (tmp_path / "gray").mkdir()  # 1-channel images for the 3-channel stem
+    gray = ScanInputs(inputs.model, _inputs(tmp_path / "gray", "torchvision.regnet_x_400mf", 10, 32, 1).clean_data)
+    err = _refused(_spec("torchvision.regnet_x_400mf", 10, 3), gray)
+    assert err.field == "clean_data"
 
 
 def test_the_noise_matrices_of_many_classes_are_bounded(tmp_path: Path) -> None:
