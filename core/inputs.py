@@ -263,6 +263,12 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
                          f"data-repair method {spec.repair_data.method!r} scores samples on the model's "
                          f"nn.Linear classifier head; {m.architecture} has none")
     if spec.mode == "repair_data" and spec.repair_data.params.get("scorer") == "ekfac":
+        from core.datarepair.influence import require_kronfluence
+
+        try:  # the API runs the worker's image (Dockerfile): without the extra here the worker lacks it too
+            require_kronfluence()
+        except ValueError as exc:
+            raise InputError("spec.repair_data.params.scorer", str(exc)) from exc
         _check_ekfac_factors(model, f"{m.architecture} with num_classes={m.num_classes}", limits)
     _check_detector_batches(spec, image_shape, limits)
 

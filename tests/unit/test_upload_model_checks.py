@@ -4,6 +4,7 @@ fail on late (image size, layers, head, the detector's batch memory) is a 422 na
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,18 @@ def test_ekfac_factors_quadratic_in_the_widths_are_bounded(tmp_path: Path) -> No
     assert "of EK-FAC factors (float32) for resnet20 with num_classes=10" in err.message
     load_inputs(_spec("resnet20", 10, 1, mode="repair_data"), with_training, limits)
     load_inputs(spec, with_training, DataLimits())
+
+
+def test_ekfac_without_kronfluence_is_refused_at_submission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the optional extra the API accepted scorer ekfac (202) and the worker failed the scan later."""
+    monkeypatch.setitem(sys.modules, "kronfluence", None)  # `import kronfluence` raises ImportError
+    inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
+    training = write_npz(tmp_path / "t.npz", ImageSet(np.zeros((20, 8, 8, 1), np.uint8), np.arange(20) % 10))
+    with_training = ScanInputs(inputs.model, inputs.clean_data, training_data=UploadedFile(training, "t.npz"))
+    spec = _spec("resnet20", 10, 1, mode="repair_data", repair_data={"method": "retain", "params": {"scorer": "ekfac"}})
+    err = _refused(spec, with_training)
+    assert err.field == "spec.repair_data.params.scorer" and "antidote[influence]" in err.message
+    load_inputs(_spec("resnet20", 10, 1, mode="repair_data"), with_training, DataLimits())
 
 
 def test_identification_s_per_class_arrays_are_bounded(tmp_path: Path) -> None:
