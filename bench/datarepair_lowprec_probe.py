@@ -44,9 +44,9 @@ VARIANTS: dict[str, dict] = {
     "retain[no_unlearn]": {"unlearn_weight": 0.0},
     "retain[act0.95 keep]": {"act": 0.95, "weak_flags": "keep"},
     "retain[act0.95 drop]": {"act": 0.95, "weak_flags": "drop"},
+    # the two-test rule (share and clean null). Result files before it replaced them name it `class_both`, and
+    # `class_test` there is the share test alone, `class_null` the clean-null test alone (BENCHMARKS.md 7.0c)
     "retain[act0.95 class_test]": {"act": 0.95, "weak_flags": "class_test"},
-    "retain[act0.95 class_null]": {"act": 0.95, "weak_flags": "class_null"},
-    "retain[act0.95 class_both]": {"act": 0.95, "weak_flags": "class_both"},
     "retain[act0.95 keep noise_matrix]": {"act": 0.95, "weak_flags": "keep", "relabel_prior": "noise_matrix"},
     # exploratory (BENCHMARKS.md 7.0d): a relabelled sample whose given label is below chance also has that label
     # unlearned (as a dropped one would), with and without the noise matrix
@@ -125,7 +125,7 @@ def main() -> None:
                 if act is not None and act > args.quantile:
                     v["strong"] = (posterior_label_flags_at(ident, data.y, clean.y, act) if strong_posterior
                                    else label_flags_at(ident, act))
-                    if v.get("weak_flags") in ("class_null", "class_both"):
+                    if v.get("weak_flags") == "class_test":
                         v["clean_strong"] = null_label_flags_at(ident, act)
                 if v.get("relabel_prior") == "noise_matrix":  # the noise matrix of each reference (separate.py)
                     v["prior_probs"] = ident.reference_probs

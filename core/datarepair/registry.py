@@ -66,10 +66,9 @@ class RetainExtra:
     # the other flagged samples are kept with their label or dropped (weak_flags). At or below null_quantile:
     # every flag acts (the two levels coincide at the defaults). docs/datarepair.md "Low precision" for why.
     act_quantile: float_in(0.5, 1.0, open_high=True) = 0.95
-    # class_test: drop the weak flags only of the classes holding more strong flags than their share of the training
-    # set (binomial, Bonferroni over the classes at 1 - act_quantile; docs/datarepair.md "Which weak flags to drop");
-    # class_null: the same against the held-out clean samples' flag rate in each class (Fisher exact); class_both:
-    # both tests must reject (docs/datarepair.md "Against the clean null's rate per class")
+    # class_test: drop the weak flags only of the classes holding more strong flags than both their share of the
+    # training set (binomial) and the held-out clean samples' flag rate in that class (Fisher exact), each
+    # Bonferroni over the classes at 1 - act_quantile (docs/datarepair.md "Which weak flags to drop")
     weak_flags: WeakFlags = "keep"
     # noise_matrix: the relabel target and its confidence share the non-given probability among the other classes by
     # Bayes' rule with the confident-learning noise matrix P(given | true) of each reference (cleanlab), so that under
@@ -162,7 +161,7 @@ def _run_retain(model: nn.Module, training: ImageSet, clean: ImageSet, norm: Nor
                    ident.reference_probs if extra.unlearn_when_all_agree else None,
                    ident.input_flagged, extra.input_weight, extra.drop_both_flagged, strong, extra.weak_flags,
                    1 - extra.act_quantile,
-                   null_label_flags_at(ident, extra.act_quantile) if extra.weak_flags in ("class_null", "class_both")
+                   null_label_flags_at(ident, extra.act_quantile) if extra.weak_flags == "class_test"
                    else None, extra.relabel_prior, ident.reference_probs)
     repaired = prepare_model(copy.deepcopy(model), rt)
     unlearn = training.subset(np.flatnonzero(sep.unlearn))

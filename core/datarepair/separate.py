@@ -35,22 +35,18 @@ benign part is kept) or dropped (``"drop"``). At the default flagging level the 
 changes.
 
 ``weak_flags="class_test"`` decides per class (:func:`concentrated_classes`): an all-to-one backdoor puts its poisons
-under one given label, so the strong flags of that label are far more than the label's share of the training set
-predicts (one-sided binomial test, Bonferroni over the K classes at level ``class_alpha``, 1 - act_quantile in
-``retain``); the weak flags of such a class are dropped (the likely poisons among them go), those of the other
-classes kept. Why the strong flags and not the weak ones: the weak flags of the target class are not above its share
-(measured, docs/datarepair.md "Which weak flags to drop"): benign false alarms crowd in the hard classes, and the
-target class holds its own images plus the poisons. Not the default: class-dependent label noise (asymmetric flips)
-is class-concentrated too, and there dropping the weak flags of the flip classes cost ~0.3 points (BENCHMARKS.md 7.0c).
-
-The share is the wrong expectation where classes differ in hardness (benign strong flags crowd in the hard classes).
-``"class_null"`` expects instead the clean null's own rate in the class (the held-out clean samples flagged by the
-same references at the same level, ``clean_strong``; one-sided Fisher exact test per class, Bonferroni over K): it
-spares the hard classes, but it asks "is there noise in class c", not "is the noise concentrated in c", so under
-symmetric noise it rejects nearly every class and behaves as ``"drop"``. ``"class_both"`` rejects a class only when
-both tests do (concentrated *and* above the clean rate): never below ``"class_test"`` in what was measured and better
-on asymmetric noise, but it still fires on some flip destinations and on a CIFAR-10 sym20 class, so it is selectable
-and ``"class_test"`` is unchanged (BENCHMARKS.md 7.0c addendum).
+under one given label, so that label's strong flags are both far more than its share of the training set predicts
+(one-sided binomial) and far above the rate at which the same references flag the held-out clean samples of that
+class (``clean_strong``, one-sided Fisher exact test); each test is Bonferroni over the K classes at level
+``class_alpha`` (1 - act_quantile in ``retain``), and a class both tests reject has its weak flags dropped (the
+likely poisons among them go), the other classes keep theirs. Why the strong flags and not the weak ones: the weak
+flags of the target class are not above its share (measured, docs/datarepair.md "Which weak flags to drop"). Why
+both tests: the share alone rejects the hard classes, where benign strong flags crowd (it cost ~0.3 points on
+asymmetric noise); the clean rate alone asks "is there noise in class c", not "is it concentrated in c", and under
+symmetric noise rejects nearly every class (it became ``"drop"``). Requiring both was never below the share test
+alone in any measured cell and better on asymmetric noise (BENCHMARKS.md 7.0c and its addendum, where the two-test
+rule is named ``class_both`` and the share test alone ``class_test``); it still fires on some flip destinations and
+on a CIFAR-10 sym20 class, so it is not the default.
 
 ``relabel_prior="noise_matrix"`` uses the noise's structure in the relabelling: under class-conditional noise a wrong
 label comes from some classes more than others, ``T[i, j] = P(given i | true j)``, estimated by confident learning
@@ -71,7 +67,7 @@ import numpy as np
 from scipy.stats import binom, fisher_exact
 
 MIN_RELABEL_SUPPORT = 10  # held-out clean samples the confidence threshold must rest on at least
-WeakFlags = Literal["keep", "drop", "class_test", "class_null", "class_both"]
+WeakFlags = Literal["keep", "drop", "class_test"]
 RelabelPrior = Literal["none", "noise_matrix"]
 
 
@@ -198,9 +194,9 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     sample flagged by both (its input and its label untrusted) instead of relabelling it from that input. With
     ``strong`` (the label flags at the acting level), only ``flagged & strong`` are relabelled, confirmed, dropped
     or unlearned as above; the rest of ``flagged`` is kept with its label or dropped (``weak_flags``; ``"class_test"``:
-    dropped in the classes :func:`concentrated_classes` finds at level ``class_alpha``, kept in the others;
-    ``"class_null"``: the same with ``clean_strong``, the held-out clean samples' flags at the acting level, as the
-    per-class expectation). ``relabel_prior="noise_matrix"``: the relabel target and its confidence are
+    dropped in the classes :func:`concentrated_classes` rejects at level ``class_alpha`` both against their share of
+    the training set and against ``clean_strong``, the held-out clean samples' flags at the acting level, kept in the
+    others). ``relabel_prior="noise_matrix"``: the relabel target and its confidence are
     :func:`alternative_confidence`'s, with the noise matrix (:func:`noise_matrix`) estimated per reference from
     ``prior_probs`` (each reference's probabilities of every training sample; ``probs`` without it) and applied to the
     samples whose ``probs`` that reference gave; the confidence threshold is unchanged."""
@@ -248,15 +244,13 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
     classes: list[int] = []
     if weak_flags == "drop":
         dropped = dropped | weak
-    elif weak_flags in ("class_test", "class_null", "class_both") and strong is not None:
-        if weak_flags != "class_test" and clean_strong is None:
-            raise ValueError(f'weak_flags="{weak_flags}" needs clean_strong (the clean null\'s flags at the acting '
-                             'level)')
-        rejected = np.ones(num_classes, dtype=bool)
-        if weak_flags != "class_null":  # more strong flags than the class's share of the training set
-            rejected &= concentrated_classes(y, flagged, num_classes, class_alpha)[0]
-        if weak_flags != "class_test":  # a higher strong-flag rate than the clean samples of the class get
-            rejected &= concentrated_classes(y, flagged, num_classes, class_alpha, clean_y, clean_strong)[0]
+    elif weak_flags == "class_test" and strong is not None:
+        if clean_strong is None:
+            raise ValueError('weak_flags="class_test" needs clean_strong (the clean null\'s flags at the acting level)')
+        # more strong flags than the class's share of the training set, and a higher strong-flag rate than the
+        # clean samples of the class get
+        rejected = (concentrated_classes(y, flagged, num_classes, class_alpha)[0]
+                    & concentrated_classes(y, flagged, num_classes, class_alpha, clean_y, clean_strong)[0])
         classes = np.flatnonzero(rejected).tolist()
         dropped = dropped | (weak & rejected[y])
     if input_flagged is not None:  # input untrusted, label uncontested: kept at input_weight (0: dropped)
@@ -280,19 +274,13 @@ def separate(flagged: np.ndarray, y: np.ndarray, probs: np.ndarray, clean_probs:
         **({"n_weak_flags": int(weak.sum()), "weak_flags": weak_flags,
             "weak_rule": ("label-flagged but not at the acting level (act_quantile): not relabelled or unlearned, "
                           + {"keep": "kept with its label", "drop": "dropped",
-                             "class_test": (f"dropped in the classes whose strong flags exceed their share of the "
-                                            f"training set (one-sided binomial, Bonferroni over {num_classes} "
-                                            f"classes at {class_alpha:g}), kept in the others"),
-                             "class_null": (f"dropped in the classes whose strong-flag rate exceeds the held-out clean "
-                                            f"samples' rate in that class (one-sided Fisher exact test, Bonferroni "
-                                            f"over {num_classes} classes at {class_alpha:g}), kept in the others"),
-                             "class_both": (f"dropped in the classes whose strong flags exceed both their share of "
+                             "class_test": (f"dropped in the classes whose strong flags exceed both their share of "
                                             f"the training set (binomial) and the held-out clean samples' rate in "
                                             f"that class (Fisher exact), each one-sided, Bonferroni over "
                                             f"{num_classes} classes at {class_alpha:g}; kept in the others"),
                              }[weak_flags]),
             **({"weak_dropped_classes": classes, "n_weak_dropped": int((weak & dropped).sum())}
-               if weak_flags.startswith("class_") else {})}
+               if weak_flags == "class_test" else {})}
            if strong is not None else {}),
         **({"n_input_kept": int(input_kept.sum()), "input_weight": input_weight,
             "n_both_flagged": int((input_flagged & flagged).sum()), "drop_both_flagged": drop_both_flagged,

@@ -62,35 +62,41 @@ def test_weak_flags_are_kept_or_dropped_and_never_relabelled_or_unlearned() -> N
 
 
 def test_class_test_drops_the_weak_flags_of_a_class_that_holds_the_strong_flags_only() -> None:
-    """Four classes of 50 samples: 20 strong flags all under label 0 (an all-to-one backdoor's target) and one weak
-    flag in every class: only class 0's weak flag is dropped. With the strong flags spread (label noise), no class is
-    rejected and every weak flag is kept."""
+    """Four classes of 50 samples (and 10 clean ones each, none strongly flagged): 20 strong flags all under label 0
+    (an all-to-one backdoor's target) and one weak flag in every class: only class 0's weak flag is dropped. With the
+    strong flags spread (label noise), no class is rejected and every weak flag is kept."""
     k = 4
     y = np.repeat(np.arange(k), 50)
     probs = np.full((len(y), k), 0.25, dtype=np.float32)  # never confident: strong flags are dropped, not relabelled
     clean = np.tile(np.eye(k, dtype=np.float32) * 0.97 + 0.01, (10, 1))
     clean_y = np.tile(np.arange(k), 10)
+    none = np.zeros(len(clean_y), dtype=bool)
     strong = np.zeros(len(y), dtype=bool)
     strong[:20] = True  # label 0
     weak = np.zeros(len(y), dtype=bool)
     weak[[30, 60, 110, 160]] = True  # one per class
-    sep = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_test")
+    sep = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_test",
+                   clean_strong=none)
     assert sep.details["weak_dropped_classes"] == [0]
     assert sep.new_labels[[30, 60, 110, 160]].tolist() == [-1, 1, 2, 3]
     rejected, pvals = concentrated_classes(y, strong, k, 0.05)
     assert rejected.tolist() == [True, False, False, False] and pvals[0] < 0.05 / k
     spread = np.zeros(len(y), dtype=bool)
     spread[[0, 1, 2, 3, 4, 50, 51, 52, 53, 54, 100, 101, 102, 103, 104, 150, 151, 152, 153, 154]] = True
-    kept = separate(spread | weak, y, probs, clean, clean_y, 0.9, k, strong=spread, weak_flags="class_test")
+    kept = separate(spread | weak, y, probs, clean, clean_y, 0.9, k, strong=spread, weak_flags="class_test",
+                    clean_strong=none)
     assert kept.details["weak_dropped_classes"] == [] and kept.details["n_weak_dropped"] == 0
     assert kept.new_labels[[30, 60, 110, 160]].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="clean_strong"):
+        separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_test")
 
 
-def test_class_null_expects_more_flags_in_a_hard_class_and_still_finds_the_target() -> None:
+def test_class_test_spares_a_hard_class_and_symmetric_noise() -> None:
     """Four classes of 100 training and 100 clean samples. Class 0 (a backdoor's target): 40% of its training samples
     strongly flagged, 2% of its clean ones. Class 1 (a hard class): 30% flagged, and its clean samples are flagged
-    30% of the time too. Against the class's share (class_test) both are rejected; against the clean null's rate in
-    the class (class_null) only the target is, so the hard class keeps its weak flags; class_both (both tests) too."""
+    30% of the time too. The share test alone rejects both; against the clean null's rate only the target is
+    rejected; class_test asks both, so the hard class keeps its weak flags. Under symmetric noise the clean-rate test
+    alone rejects every class; class_test asks for concentration too and rejects none."""
     k = 4
     y = np.repeat(np.arange(k), 100)
     clean_y = np.repeat(np.arange(k), 100)
@@ -108,25 +114,17 @@ def test_class_null_expects_more_flags_in_a_hard_class_and_still_finds_the_targe
     clean = np.repeat(np.eye(k, dtype=np.float32) * 0.97 + 0.01, 100, axis=0)  # in clean_y's order
     weak = np.zeros(len(y), dtype=bool)
     weak[[90, 190, 290, 390]] = True  # one per class
-    sep = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_null",
+    sep = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_test",
                    clean_strong=clean_strong)
     assert sep.details["weak_dropped_classes"] == [0]
     assert sep.new_labels[[90, 190, 290, 390]].tolist() == [-1, 1, 2, 3]
-    both = separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_both",
-                    clean_strong=clean_strong)
-    assert both.details["weak_dropped_classes"] == [0]
-    with pytest.raises(ValueError, match="clean_strong"):
-        separate(strong | weak, y, probs, clean, clean_y, 0.9, k, strong=strong, weak_flags="class_null")
-    # symmetric noise: every class holds 20% strong flags against 2% of its clean samples. Against the clean rate
-    # alone (class_null) every class is rejected, as if the weak flags were all dropped; class_both asks for
-    # concentration too and rejects none
     noisy = np.zeros(len(y), dtype=bool)
     for c in range(k):
         noisy[100 * c:100 * c + 20] = True
     clean_low = np.zeros(len(clean_y), dtype=bool)
     clean_low[[0, 1, 100, 101, 200, 201, 300, 301]] = True
     assert concentrated_classes(y, noisy, k, 0.05, clean_y, clean_low)[0].all()
-    spread = separate(noisy | weak, y, probs, clean, clean_y, 0.9, k, strong=noisy, weak_flags="class_both",
+    spread = separate(noisy | weak, y, probs, clean, clean_y, 0.9, k, strong=noisy, weak_flags="class_test",
                       clean_strong=clean_low)
     assert spread.details["weak_dropped_classes"] == [] and spread.new_labels[[90, 190, 290, 390]].tolist() == [
         0, 1, 2, 3]
@@ -162,14 +160,15 @@ def test_retain_with_loose_flags_keeps_the_weak_ones_with_their_label(digits: di
     assert "n_weak_flags" not in every.details  # at or below the flagging level every flag acts
     assert every.details["n_relabelled"] + every.details["n_dropped"] > loose.details["n_relabelled"] + \
         loose.details["n_dropped"]
-    for rule in ("class_test", "class_both"):  # class_both: the registry passes the clean null's flags through
-        by_class = repair_data("retain", digits["model"], training, digits["clean"], NORM,
-                               {**params, "weak_flags": rule}, "cpu", 10)
-        assert by_class.details["weak_flags"] == rule and "weak_dropped_classes" in by_class.details
-        assert by_class.details["n_weak_flags"] == n_weak  # the same identification, only the weak flags' fate differs
+    # the registry passes the clean null's flags through for the per-class test
+    by_class = repair_data("retain", digits["model"], training, digits["clean"], NORM,
+                           {**params, "weak_flags": "class_test"}, "cpu", 10)
+    assert by_class.details["weak_flags"] == "class_test" and "weak_dropped_classes" in by_class.details
+    assert by_class.details["n_weak_flags"] == n_weak  # the same identification, only the weak flags' fate differs
     assert validate_params("retain", {"weak_flags": "class_test"})["weak_flags"] == "class_test"
-    with pytest.raises(ValueError):
-        validate_params("retain", {"weak_flags": "erase"})
+    for gone in ("erase", "class_null", "class_both"):  # the single-test variants were folded into class_test
+        with pytest.raises(ValueError):
+            validate_params("retain", {"weak_flags": gone})
     with pytest.raises(ValueError):
         validate_params("retain", {"act_quantile": 1.0})
 
