@@ -175,14 +175,48 @@ def _run(ctx: WorkerContext, scan_id: str, spec_json: dict, inputs_meta: dict) -
         log.info("scan failed on its input: %s", exc)
         return ScanStatus.failed.value
     except Exception as exc:
-        log.exception("scan failed")
         progress.close()
+        if out_of_memory(exc):
+            _free_device_memory()
+            log.warning("scan ran out of memory in stage %s: %s", sink.stage, str(exc).splitlines()[0][:300])
+            _end(ctx, scan_id, ScanStatus.failed, "out_of_memory", _oom_message(ctx.settings.device, sink.stage),
+                 timings)
+            return ScanStatus.failed.value
+        log.exception("scan failed")
         msg = (f"internal error ({type(exc).__name__}) while running the scan; it was logged with the scan id, "
                "tell the operator")
         _end(ctx, scan_id, ScanStatus.failed, "internal_error", msg, timings)
         return ScanStatus.failed.value
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: CUDA's ``torch.OutOfMemoryError``, Python's ``MemoryError`` (numpy)
+    or the CPU allocator's ``RuntimeError`` (torch raises no dedicated type on the CPU)."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _oom_message(device: str, stage: str) -> str:
+    return (f"the worker ran out of memory ({device}) in stage {stage!r}: a batch of this model on these images "
+            "does not fit; lower the spec's batch sizes (spec.repair.params.batch_size, spec.detect.params."
+            "nc_batch_size, fi_batch_size or mm_starts, spec.repair_data.params.batch_size), upload smaller "
+            "images, or ask the operator for a worker with more memory")
+
+
+def _free_device_memory() -> None:
+    """Give the failed scan's cached CUDA blocks back, so the worker's next scan starts with the device empty."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _end(ctx: WorkerContext, scan_id: str, status: ScanStatus, code: str | None, message: str | None,

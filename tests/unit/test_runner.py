@@ -158,6 +158,27 @@ def test_storage_failure_is_an_internal_error(ctx: WorkerContext, tmp_path: Path
     assert scan.error_code == "internal_error" and "OSError" in (scan.error_message or "")
 
 
+def test_an_allocation_failure_is_out_of_memory_naming_what_to_lower(ctx: WorkerContext, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that does not fit failed as internal_error ("tell the operator"); the user can fix it. The CPU
+    allocator's own failure (a real 40 TB request), and CUDA's OutOfMemoryError, name the stage and the batch sizes."""
+    from worker import runner
+
+    def allocate(spec, inputs, work, device, progress, limits):  # noqa: ANN001, ANN202 - run_pipeline's signature
+        progress.stage("repair:finetune", 0.0, 1.0).update(0.5)
+        torch.empty(10**13)  # 40 TB: the allocator refuses at once
+
+    monkeypatch.setattr(runner, "run_pipeline", allocate)
+    scan_id = _queue_scan(ctx, tmp_path)
+    assert execute_scan(ctx, scan_id) == "failed"
+    scan = _scan(ctx.sessions, scan_id)
+    assert scan.error_code == "out_of_memory", scan.error_message
+    assert "repair:finetune" in (scan.error_message or "") and "spec.repair.params.batch_size" in (scan.error_message
+                                                                                                  or "")
+    assert runner.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert runner.out_of_memory(MemoryError()) and not runner.out_of_memory(RuntimeError("shape mismatch"))
+
+
 def test_a_scan_that_keeps_killing_its_worker_fails(ctx: WorkerContext, tmp_path: Path) -> None:
     scan_id = _queue_scan(ctx, tmp_path)
     with ctx.sessions() as session:
