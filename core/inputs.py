@@ -126,10 +126,10 @@ def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], l
     """An inversion step stamps its batch of clean images once per class; past a step's bounds the detectors run
     the classes in chunks of whole classes (docs/detect.md), so what cannot run is one class's batch over them: more
     images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound; not the feature inversion, whose copies
-    are of a late feature map) or more float32 bytes, in images of the upload's size, than any one upload may make
-    the service allocate (``limits.max_expanded_bytes``). The per-class trigger state (K masks and patterns, K
-    perturbations, K x mm_starts images, with their gradients and Adam moments) is held whole: refused past the
-    same byte bound. Each refusal names the setting and the largest value that fits."""
+    are of a late feature map) or more float32 bytes, in images of the upload's size and their logits, than any
+    one upload may make the service allocate (``limits.max_expanded_bytes``). The per-class trigger state (K masks
+    and patterns, K perturbations, K x mm_starts images, with their gradients and Adam moments) is held whole:
+    refused past the same byte bound. Each refusal names the setting and the largest value that fits."""
     cfg = _detector_config(spec)
     if cfg is None:
         return
@@ -138,6 +138,7 @@ def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], l
     k = spec.model.num_classes
     h, w, c = image_shape
     image_bytes = 4 * c * h * w
+    item_bytes = image_bytes + 4 * k  # a stamped image and its row of logits (core/detect/inversion.py: step_chunks)
     nc_users = set(cfg.detectors) & {"neural_cleanse", "universal_perturbation", "untargeted"}
     per_class = {"nc_batch_size": cfg.nc_batch_size} if nc_users else {}
     if "feature_inversion" in cfg.detectors:
@@ -151,14 +152,14 @@ def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], l
                              f"one class's batch of {name} = {per} images is over the {MAX_BATCH_SIZE} images a step "
                              f"may hold (the batch-size bound of every repair); set {name} to at most "
                              f"{MAX_BATCH_SIZE}, or set {off}")
-        if per * image_bytes > limits.max_expanded_bytes:
-            most = limits.max_expanded_bytes // image_bytes
+        if per * item_bytes > limits.max_expanded_bytes:
+            most = limits.max_expanded_bytes // item_bytes
             fix = f"set {name} to at most {most}" if most >= 1 else "use smaller images"
             raise InputError(f"spec.detect.params.{name}",
-                             f"one class's batch of {name} = {per} images of {w}x{h}x{c} is {_size(per * image_bytes)} "
-                             f"as float32, over the {_size(limits.max_expanded_bytes)} an upload may make the service "
-                             f"allocate (a step runs its classes in chunks, never less than one class); {fix}, or set "
-                             f"{off}")
+                             f"one class's batch of {name} = {per} images of {w}x{h}x{c} (with their {k} logits) is "
+                             f"{_size(per * item_bytes)} as float32, over the {_size(limits.max_expanded_bytes)} an "
+                             f"upload may make the service allocate (a step runs its classes in chunks, never less "
+                             f"than one class); {fix}, or set {off}")
     # the trigger state per family: the mask (1 x H x W) and pattern (C x H x W) of the patch, the additive change
     families = {"patch": c + 1, "additive": c}
     users = {"patch": [d for d in ("neural_cleanse",) if d in cfg.detectors],

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from core.data.imageset import ImageSet
-from core.data.limits import DataLimits
 from core.data.transforms import Normalization
 from core.detect.config import DetectConfig
 from core.ranges import MAX_BATCH_SIZE
@@ -21,7 +20,8 @@ ProgressFn = Callable[[float], None]
 StopFn = Callable[[], bool]
 
 STEP_IMAGES = MAX_BATCH_SIZE  # the most full images one detector forward pass holds (every batch's bound)
-STEP_BYTES = DataLimits().max_expanded_bytes  # the most bytes (float32) one pass's stamped inputs may take
+STEP_BYTES = 4 * 1024**3  # the most float32 bytes one pass's stamped inputs and logits take: the service's default
+# ANTIDOTE_MAX_ZIP_EXPANDED_BYTES (store/settings.py), the bound the upload held a whole step to before chunking
 """The bounds a detector step's one forward pass keeps to: the K classes' stamped batches are split into chunks
 of whole classes that fit both (:func:`class_chunks`); one pass when everything fits, as before."""
 

@@ -260,9 +260,10 @@ def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_of
 def step_chunks(ctx: DetectContext, family: Family, k: int, batch: int, image: tuple[int, int, int]
                 ) -> list[tuple[int, int]]:
     """The chunks of the ``k`` triggers one step runs (:func:`core.detect.base.class_chunks`): ``batch`` stamped
-    copies per trigger of ``family.stamped_bytes`` each; one chunk when the whole step fits the bounds."""
-    return class_chunks(k, batch, family.stamped_bytes(*image), ctx.max_step_images if family.full_passes() else None,
-                        ctx.max_step_bytes)
+    copies per trigger of ``family.stamped_bytes`` each, with their row of ``num_classes`` float32 logits (with
+    100,000 classes the logits outweigh a small image); one chunk when the whole step fits the bounds."""
+    item = family.stamped_bytes(*image) + 4 * ctx.num_classes
+    return class_chunks(k, batch, item, ctx.max_step_images if family.full_passes() else None, ctx.max_step_bytes)
 
 
 def _step_gradients(ctx: DetectContext, family: Family, objective: Objective, params: list[torch.Tensor],

@@ -25,7 +25,7 @@ def max_margin(ctx: DetectContext) -> DetectorResult:
     gen = torch.Generator(device="cpu").manual_seed(ctx.seed + 7)
     r = cfg.mm_starts
     z = torch.randn(k * r, c, h, w, generator=gen).to(ctx.device).requires_grad_(True)
-    chunks = class_chunks(k, r, 4 * c * h * w, ctx.max_step_images, ctx.max_step_bytes)
+    chunks = class_chunks(k, r, 4 * c * h * w + 5 * k, ctx.max_step_images, ctx.max_step_bytes)  # + logits, mask
     opt = torch.optim.Adam([z], lr=cfg.mm_lr)
     best = torch.full((k * r,), -float("inf"), device=ctx.device)
     for step in range(1, cfg.mm_steps + 1):

@@ -74,18 +74,19 @@ def test_a_head_the_method_needs_is_checked_at_upload(tmp_path: Path) -> None:
 
 def test_only_one_class_s_batch_is_bounded_by_the_allocation_limit(tmp_path: Path) -> None:
     """A step runs its classes in chunks (docs/detect.md), so 10 x 1024 images, over the 4096 any pass may hold,
-    are accepted; what is refused is one class's batch over the allocation bound: 400 digits-size images (100 KiB
-    as float32) under a 64 KiB bound, each time with the largest batch that fits named (the default 16 passes)."""
+    are accepted; what is refused is one class's batch over the allocation bound: 400 digits-size images and their
+    10 logits (116 KiB as float32) under a 64 KiB bound, each time with the largest batch that fits named (the
+    default 16 passes)."""
     inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
     load_inputs(_spec("resnet20", 10, 1, detect={"params": {"nc_batch_size": 1024}}), inputs, DataLimits())
     load_inputs(_spec("resnet20", 10, 1, detect={"params": {"mm_starts": 1024, "detectors": ["max_margin"],
                                                             "voting_detectors": ["max_margin"]}}), inputs, DataLimits())
     limits = DataLimits(max_expanded_bytes=64 * 2**10)
     err = _refused(_spec("resnet20", 10, 1, detect={"params": {"nc_batch_size": 400}}), inputs, limits)
-    assert err.field == "spec.detect.params.nc_batch_size" and "set nc_batch_size to at most 256" in err.message
+    assert err.field == "spec.detect.params.nc_batch_size" and "set nc_batch_size to at most 221" in err.message
     assert "one class's batch" in err.message
     err = _refused(_spec("resnet20", 10, 1, detect={"params": {"fi_batch_size": 400}}), inputs, limits)
-    assert err.field == "spec.detect.params.fi_batch_size" and "set fi_batch_size to at most 256" in err.message
+    assert err.field == "spec.detect.params.fi_batch_size" and "set fi_batch_size to at most 221" in err.message
     # the detector off: nothing is stamped, unless a tsbd repair scans the model itself (with the defaults)
     load_inputs(_spec("resnet20", 10, 1, detect={"enabled": False, "params": {"nc_batch_size": 1024}}), inputs, limits)
     load_inputs(_spec("resnet20", 10, 1, detect={"enabled": True}), inputs, limits)
