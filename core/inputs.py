@@ -117,45 +117,76 @@ def _detector_config(spec: ScanSpec) -> Any:
     return None
 
 
+STATE_COPIES = 5
+"""Copies of a trigger search's per-class parameters a scan holds: the parameters, their gradient, Adam's two
+moments and the best ones kept (core/detect/inversion.py); MM-BD's starting images have no best copy (4)."""
+
+
 def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
-    """Each inversion stamps its batch of clean images once per class in one forward pass (docs/detect.md): refuse
-    a step of more images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound; not the feature
-    inversion, whose K copies are of a late feature map), or whose stamped images or maps (as float32, counted in
-    images of the upload's size) would exceed the bytes any one upload may make the service allocate
-    (``limits.max_expanded_bytes``), naming the setting to lower."""
+    """An inversion step stamps its batch of clean images once per class; past a step's bounds the detectors run
+    the classes in chunks of whole classes (docs/detect.md), so what cannot run is one class's batch over them: more
+    images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound; not the feature inversion, whose copies
+    are of a late feature map) or more float32 bytes, in images of the upload's size and their logits, than any
+    one upload may make the service allocate (``limits.max_expanded_bytes``). The per-class trigger state (K masks
+    and patterns, K perturbations, K x mm_starts images, with their gradients and Adam moments) is held whole:
+    refused past the same byte bound. Each refusal names the setting and the largest value that fits."""
     cfg = _detector_config(spec)
     if cfg is None:
         return
+    from core.ranges import MAX_BATCH_SIZE
+
     k = spec.model.num_classes
-    image_bytes = 4 * image_shape[0] * image_shape[1] * image_shape[2]
-    per_class = {"nc_batch_size": cfg.nc_batch_size}  # Neural Cleanse, the universal perturbation, untargeted
+    h, w, c = image_shape
+    image_bytes = 4 * c * h * w
+    item_bytes = image_bytes + 4 * k  # a stamped image and its row of logits (core/detect/inversion.py: step_chunks)
+    nc_users = set(cfg.detectors) & {"neural_cleanse", "universal_perturbation", "untargeted"}
+    per_class = {"nc_batch_size": cfg.nc_batch_size} if nc_users else {}
     if "feature_inversion" in cfg.detectors:
         per_class["fi_batch_size"] = cfg.fi_batch_size
     if "max_margin" in cfg.detectors:
         per_class["mm_starts"] = cfg.mm_starts
-    if not set(cfg.detectors) & {"neural_cleanse", "universal_perturbation", "untargeted"}:
-        del per_class["nc_batch_size"]
-    from core.ranges import MAX_BATCH_SIZE
-
+    off = '"detect": {"enabled": false}'
     for name, per in per_class.items():
-        # the bound on one step's images every repair's batch size obeys; the feature inversion runs its batch up to
-        # the layer once and only the rest of the network on the K copies (feature_inversion.py), so not it
-        if name != "fi_batch_size" and k * per > MAX_BATCH_SIZE:
-            most = MAX_BATCH_SIZE // k
-            fix = f"set {name} to at most {most}" if most >= 1 else f"no batch fits {k} classes"
+        if name != "fi_batch_size" and per > MAX_BATCH_SIZE:  # (the config's own range keeps under it today)
             raise InputError(f"spec.detect.params.{name}",
-                             f"the detector runs num_classes x {name} = {k} x {per} = {k * per} images in one step, "
-                             f"over the {MAX_BATCH_SIZE} images a step may hold (the batch-size bound of every "
-                             f"repair); {fix}, or set \"detect\": {{\"enabled\": false}}")
-        need = k * per * image_bytes
-        if need > limits.max_expanded_bytes:
-            most = limits.max_expanded_bytes // (k * image_bytes)
-            h, w, c = image_shape
-            fix = f"set {name} to at most {most}" if most >= 1 else "use smaller images or fewer classes"
+                             f"one class's batch of {name} = {per} images is over the {MAX_BATCH_SIZE} images a step "
+                             f"may hold (the batch-size bound of every repair); set {name} to at most "
+                             f"{MAX_BATCH_SIZE}, or set {off}")
+        if per * item_bytes > limits.max_expanded_bytes:
+            most = limits.max_expanded_bytes // item_bytes
+            fix = f"set {name} to at most {most}" if most >= 1 else "use smaller images"
             raise InputError(f"spec.detect.params.{name}",
-                             f"the detector stamps num_classes x {name} = {k} x {per} images of {w}x{h}x{c} in one "
-                             f"step, {_size(need)} as float32, over the {_size(limits.max_expanded_bytes)} an upload "
-                             f"may make the service allocate; {fix}, or set \"detect\": {{\"enabled\": false}}")
+                             f"one class's batch of {name} = {per} images of {w}x{h}x{c} (with their {k} logits) is "
+                             f"{_size(per * item_bytes)} as float32, over the {_size(limits.max_expanded_bytes)} an "
+                             f"upload may make the service allocate (a step runs its classes in chunks, never less "
+                             f"than one class); {fix}, or set {off}")
+    # the trigger state per family: the mask (1 x H x W) and pattern (C x H x W) of the patch, the additive change
+    families = {"patch": c + 1, "additive": c}
+    users = {"patch": [d for d in ("neural_cleanse",) if d in cfg.detectors],
+             "additive": [d for d in ("universal_perturbation",) if d in cfg.detectors]}
+    if "untargeted" in cfg.detectors:
+        for fam in cfg.ut_families:  # computes its family's targeted search when that detector does not run
+            users[fam].append("untargeted")
+    for fam, who in users.items():
+        per = STATE_COPIES * 4 * families[fam] * h * w
+        if who and k * per > limits.max_expanded_bytes:
+            most = limits.max_expanded_bytes // per
+            raise InputError("spec.detect.params.detectors",
+                             f"the {fam} trigger search of {who} holds per class a {fam} trigger of {w}x{h}x{c} "
+                             f"images with its gradient, Adam moments and best copy: {_size(k * per)} for "
+                             f"num_classes={k}, over the {_size(limits.max_expanded_bytes)} an upload may make the "
+                             f"service allocate (at most {most} classes fit); leave {who} out of detectors, use "
+                             f"smaller images, or set {off}")
+    if "max_margin" in cfg.detectors:
+        per = (STATE_COPIES - 1) * image_bytes  # each start image, its gradient and Adam moments
+        if k * cfg.mm_starts * per > limits.max_expanded_bytes:
+            most = limits.max_expanded_bytes // (k * per)
+            fix = f"set mm_starts to at most {most}" if most >= 1 else "leave max_margin out of detectors"
+            raise InputError("spec.detect.params.mm_starts",
+                             f"MM-BD optimises num_classes x mm_starts = {k} x {cfg.mm_starts} images of {w}x{h}x{c} "
+                             f"with their gradients and Adam moments: {_size(k * cfg.mm_starts * per)}, over the "
+                             f"{_size(limits.max_expanded_bytes)} an upload may make the service allocate; {fix}, "
+                             f"or set {off}")
 
 
 def _check_ekfac_factors(model: Any, described: str, limits: DataLimits) -> None:

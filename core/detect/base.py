@@ -14,9 +14,16 @@ import torch.nn as nn
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.detect.config import DetectConfig
+from core.ranges import MAX_BATCH_SIZE
 
 ProgressFn = Callable[[float], None]
 StopFn = Callable[[], bool]
+
+STEP_IMAGES = MAX_BATCH_SIZE  # the most full images one detector forward pass holds (every batch's bound)
+STEP_BYTES = 4 * 1024**3  # the most float32 bytes one pass's stamped inputs and logits take: the service's default
+# ANTIDOTE_MAX_ZIP_EXPANDED_BYTES (store/settings.py), the bound the upload held a whole step to before chunking
+"""The bounds a detector step's one forward pass keeps to: the K classes' stamped batches are split into chunks
+of whole classes that fit both (:func:`class_chunks`); one pass when everything fits, as before."""
 
 
 class DetectionStopped(Exception):
@@ -41,6 +48,8 @@ class DetectContext:
     should_stop: StopFn | None = None
     _span: tuple[float, float] = (0.0, 1.0)
     memo: dict[str, Any] = field(default_factory=dict)  # results one detector computes and another reuses
+    max_step_images: int = STEP_IMAGES  # a forward pass's full images at most (chunks of classes beyond it)
+    max_step_bytes: int = STEP_BYTES  # a forward pass's stamped inputs' float32 bytes at most
 
     @property
     def amp(self) -> bool:
@@ -88,6 +97,19 @@ class DetectContext:
             yield
         finally:
             self._span = old
+
+
+def class_chunks(k: int, per_class: int, item_bytes: int, max_items: int | None, max_bytes: int
+                 ) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering the ``k`` classes (or triggers) in chunks of whole classes whose stamped
+    batch, ``per_class`` items of ``item_bytes`` each per class, holds at most ``max_items`` items (``None``: no
+    count bound) and ``max_bytes`` bytes; one chunk when all fit. A class is never split: one class's batch over
+    the bounds runs alone (the upload check refuses that case, core/inputs.py)."""
+    n = k
+    if max_items is not None:
+        n = min(n, max_items // max(1, per_class))
+    n = max(1, min(n, max_bytes // max(1, per_class * item_bytes)))
+    return [(a, min(a + n, k)) for a in range(0, k, n)]
 
 
 def _per_channel(values: tuple[float, ...], c: int, like: torch.Tensor) -> torch.Tensor:

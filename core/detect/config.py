@@ -29,7 +29,7 @@ class DetectConfig:
     max_images: int_in(10, 200_000) = 2500  # clean images used at most (a seeded random subset beyond that)
     # Neural Cleanse (Wang et al. 2019; their code: Adam lr 0.1 betas (0.5, 0.9), init_cost 1e-3, target
     # attack success 0.99, patience 5, cost multiplier 1.5, early stop after 10 epochs without 1% improvement)
-    nc_batch_size: int_in(1, 1024) = 16  # clean images per class per step (K x this many in one forward pass)
+    nc_batch_size: int_in(1, 1024) = 16  # clean images per class per step (K x this a step, in class chunks past 4096)
     nc_steps: int_in(1, 100_000) = 300  # optimisation steps at most
     nc_lr: float_in(1e-5, 10.0) = 0.1
     nc_init_cost: float_in(0.0, 10.0) = 1e-3

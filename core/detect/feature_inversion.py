@@ -8,7 +8,8 @@ change of a deep activation ``a`` can express that feature: ``a' = a + delta_k``
 (spatially uniform: a channel is the conv net's "neuron", as in ABS's neuron stimulation, and a per-position
 delta has ~H x W times the freedom, which on the benchmark made every class about as easy), so the target's
 smallest ``delta`` stands out below the other classes'. The same batched search (core/detect/inversion.py:
-all K deltas in one pass), cost schedule and outlier test (core/detect/stats.py) as the input inversions.
+all K deltas in one pass, or in chunks of classes past a step's byte bound), cost schedule and outlier test
+(core/detect/stats.py) as the input inversions.
 
 The layer: the last module, in execution order, whose output is a 4-D map with more than one spatial position
 and which runs once per forward pass — the feature map just before global pooling in every CNN classifier
@@ -136,6 +137,15 @@ class FeatureShift(Family):
         if self.nonneg:
             shifted = shifted.clamp_min(0)
         return shifted.reshape(-1, *out.shape[1:])
+
+    def stamped_bytes(self, c: int, h: int, w: int) -> int:
+        """A changed copy is the layer's map (float32; with a full image copy too where it cannot expand)."""
+        fmap = 4 * self.layer.shape[0] * self.layer.shape[1] * self.layer.shape[2]
+        return fmap if self.expand else max(fmap, 4 * c * h * w)
+
+    def full_passes(self) -> bool:
+        """Expanding, only the layers after the hook see the K copies: not held to the image count."""
+        return not self.expand
 
     def logits(self, ctx: DetectContext, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         k, b = params[0].shape[0], x.shape[0]

@@ -2,10 +2,16 @@
 family (a mask + pattern patch, or an additive perturbation) that sends clean images to that class.
 
 All K classes are optimised at once: K triggers applied to K copies of one clean batch make one forward pass of
-``K x batch`` images. The loss per class is ``CE(f(x'), k) + cost_k * size_k`` with Neural Cleanse's cost
-schedule per class (cost 0 until the class first reaches the target success, then ``init_cost``, raised after
-``patience`` successful steps, lowered faster after ``patience`` failing ones); the best size reached with the
-target success is kept, and the search stops early when no class's best has shrunk 1% for a while.
+``K x batch`` images. Where that pass would exceed a step's bounds (``DetectContext.max_step_images`` full images,
+``max_step_bytes`` of stamped float32 inputs) the step runs the classes in chunks of whole classes instead, one
+forward and backward pass each, the gradients accumulating before the one optimiser step: a class's trigger gets
+gradient from its own chunk only and every per-class quantity (loss, success, cost schedule) is computed per class,
+so a chunked step is the one-pass step, up to float summation order.
+
+The loss per class is ``CE(f(x'), k) + cost_k * size_k`` with Neural Cleanse's cost schedule per class (cost 0 until
+the class first reaches the target success, then ``init_cost``, raised after ``patience`` successful steps, lowered
+faster after ``patience`` failing ones); the best size reached with the target success is kept, and the search stops
+early when no class's best has shrunk 1% for a while.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.detect.base import DetectContext
+from core.detect.base import DetectContext, class_chunks
 
 
 @dataclass
@@ -65,9 +71,19 @@ class Family:
     def picture(self, params: list[torch.Tensor], cls: int):  # noqa: ANN201 - a tensor C x H x W in [0, 1]
         raise NotImplementedError
 
+    def stamped_bytes(self, c: int, h: int, w: int) -> int:
+        """The float32 bytes of one stamped copy of a ``C x H x W`` image: what a step holds per class and image."""
+        return 4 * c * h * w
+
+    def full_passes(self) -> bool:
+        """Whether each stamped copy runs the whole network (an input-space family); a step's chunks then also
+        keep to ``max_step_images``, the bound of every batch."""
+        return True
+
     def logits(self, ctx: DetectContext, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The ``K*B`` logits of the stamped images, class-major (an input-space family stamps pixels; a
-        feature-space one overrides this to act on a hooked activation instead)."""
+        feature-space one overrides this to act on a hooked activation instead). ``params`` may be a chunk of
+        the classes' (a slice of each tensor): ``K`` is then the chunk's size."""
         k, b = params[0].shape[0], x.shape[0]
         return ctx.logits(self.apply(params, x).reshape(k * b, *x.shape[1:]))
 
@@ -134,8 +150,10 @@ class Objective:
     def count(self, num_classes: int) -> int:
         raise NotImplementedError
 
-    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per trigger (loss, success) from ``t x B`` logits (trigger-major) and the batch's ``B`` true labels."""
+    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int, start: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per trigger (loss, success) from ``t x B`` logits (trigger-major) and the batch's ``B`` true labels;
+        the triggers are ``start .. start + t - 1`` (a chunk of them in a chunked step)."""
         raise NotImplementedError
 
 
@@ -146,8 +164,9 @@ class Targeted(Objective):
     def count(self, num_classes: int) -> int:
         return num_classes
 
-    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        targets = torch.arange(t, device=logits.device).repeat_interleave(labels.numel())
+    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int, start: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = torch.arange(start, start + t, device=logits.device).repeat_interleave(labels.numel())
         ce = F.cross_entropy(logits, targets, reduction="none").view(t, -1).mean(1)
         return ce, (logits.argmax(1) == targets).float().view(t, -1).mean(1)
 
@@ -160,8 +179,9 @@ class Untargeted(Objective):
     def count(self, num_classes: int) -> int:
         return 1
 
-    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = labels.repeat(t)
+    def loss_success(self, logits: torch.Tensor, labels: torch.Tensor, t: int, start: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        y = labels.repeat(t)  # every trigger acts alike: ``start`` does not matter
         true = F.one_hot(y, logits.shape[1]).bool()
         # log(1 - p_y) = logsumexp over the other classes - logsumexp over all
         loss = logits.logsumexp(1) - logits.masked_fill(true, float("-inf")).logsumexp(1)
@@ -200,11 +220,8 @@ def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_of
     steps = 0
     for steps in range(1, sch.steps + 1):
         idx = torch.randint(0, n, (sch.batch_size,), generator=gen).to(ctx.device)
-        logits = family.logits(ctx, params, ctx.pixels[idx])
-        ce, success = objective.loss_success(logits, ctx.labels[idx], k)
-        size = family.size(params)
         opt.zero_grad(set_to_none=True)
-        (ce + cost * size).sum().backward()
+        ce, success, size = _step_gradients(ctx, family, objective, params, cost, idx, k, (c, h, w))
         with torch.no_grad():
             # the success and size of the parameters this step evaluated (before the update)
             reached = success >= sch.target_success
@@ -238,3 +255,37 @@ def smallest_triggers(ctx: DetectContext, family: Family, sch: Schedule, seed_of
     return Inversion(sizes=best.double().cpu().tolist(),
                      normalised=family.normalised(best, c, h, w).double().cpu().tolist(),
                      params=best_params, steps=steps, never_reached=never.nonzero().flatten().cpu().tolist())
+
+
+def step_chunks(ctx: DetectContext, family: Family, k: int, batch: int, image: tuple[int, int, int]
+                ) -> list[tuple[int, int]]:
+    """The chunks of the ``k`` triggers one step runs (:func:`core.detect.base.class_chunks`): ``batch`` stamped
+    copies per trigger of ``family.stamped_bytes`` each, with their row of ``num_classes`` float32 logits (with
+    100,000 classes the logits outweigh a small image); one chunk when the whole step fits the bounds."""
+    item = family.stamped_bytes(*image) + 4 * ctx.num_classes
+    return class_chunks(k, batch, item, ctx.max_step_images if family.full_passes() else None, ctx.max_step_bytes)
+
+
+def _step_gradients(ctx: DetectContext, family: Family, objective: Objective, params: list[torch.Tensor],
+                    cost: torch.Tensor, idx: torch.Tensor, k: int, image: tuple[int, int, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Back-propagate one step's loss ``sum_k CE_k + cost_k * size_k`` on the clean images ``idx`` into
+    ``params``' gradients; return per trigger (loss, success, size) of the parameters evaluated. One forward pass
+    when the step fits the bounds; else one per chunk of triggers (:func:`step_chunks`), each chunk's triggers a
+    slice of the parameters, the chunks' gradients summed: the same gradient, since a trigger's loss depends on
+    its own parameters only."""
+    x, y = ctx.pixels[idx], ctx.labels[idx]
+    chunks = step_chunks(ctx, family, k, len(idx), image)
+    size = family.size(params)
+    if len(chunks) == 1:  # the one-pass step, exactly as before chunking existed
+        ce, success = objective.loss_success(family.logits(ctx, params, x), y, k)
+        (ce + cost * size).sum().backward()
+        return ce, success, size
+    ces, successes = [], []
+    for a, b in chunks:
+        ce, success = objective.loss_success(family.logits(ctx, [p[a:b] for p in params], x), y, b - a, start=a)
+        ce.sum().backward()  # frees this chunk's graph: one chunk's activations are held at a time
+        ces.append(ce.detach())
+        successes.append(success)
+    (cost * size).sum().backward()
+    return torch.cat(ces), torch.cat(successes), size

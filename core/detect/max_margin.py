@@ -11,33 +11,34 @@ import math
 
 import torch
 
-from core.detect.base import DetectContext, DetectorResult
+from core.detect.base import DetectContext, DetectorResult, class_chunks
 from core.detect.stats import gamma_max_p_value
 
 
 def max_margin(ctx: DetectContext) -> DetectorResult:
     """Per class ``max_x f_k(x) - max_{j != k} f_j(x)`` over ``x`` in [0, 1]^d from ``mm_starts`` random
-    images (all classes and starts in one batch, Adam on ``x = sigmoid(z)``); flag when the largest
-    class's order-statistic p-value under the others' Gamma null is below ``config.p_value``."""
+    images (all classes and starts in one batch, Adam on ``x = sigmoid(z)``; in chunks of whole classes where
+    that batch is over a step's bounds, the gradients summed: the same step); flag when the largest class's
+    order-statistic p-value under the others' Gamma null is below ``config.p_value``."""
     cfg, k = ctx.config, ctx.num_classes
     _, c, h, w = ctx.pixels.shape
     gen = torch.Generator(device="cpu").manual_seed(ctx.seed + 7)
     r = cfg.mm_starts
     z = torch.randn(k * r, c, h, w, generator=gen).to(ctx.device).requires_grad_(True)
-    target = torch.arange(k, device=ctx.device).repeat_interleave(r)
-    onehot = torch.nn.functional.one_hot(target, k).bool()
+    chunks = class_chunks(k, r, 4 * c * h * w + 5 * k, ctx.max_step_images, ctx.max_step_bytes)  # + logits, mask
     opt = torch.optim.Adam([z], lr=cfg.mm_lr)
     best = torch.full((k * r,), -float("inf"), device=ctx.device)
     for step in range(1, cfg.mm_steps + 1):
-        logits = ctx.logits(torch.sigmoid(z))
-        margin = _margin(logits, onehot)
         opt.zero_grad(set_to_none=True)
-        (-margin.sum()).backward()
+        for a, b in chunks:
+            margin = _chunk_margin(ctx, z, a, b, r)
+            (-margin.sum()).backward()  # one chunk's graph at a time; z's gradient sums over the chunks
+            best[a * r:b * r] = torch.maximum(best[a * r:b * r], margin.detach())
         opt.step()
-        best = torch.maximum(best, margin.detach())
         ctx.step(step / cfg.mm_steps)
     with torch.no_grad():
-        best = torch.maximum(best, _margin(ctx.logits(torch.sigmoid(z)), onehot))
+        for a, b in chunks:
+            best[a * r:b * r] = torch.maximum(best[a * r:b * r], _chunk_margin(ctx, z, a, b, r))
         clean_margin = _clean_margins(ctx)
     per_class = best.view(k, r).max(1).values.double().cpu().tolist()
     top = max(range(k), key=lambda cls: per_class[cls])
@@ -52,6 +53,14 @@ def max_margin(ctx: DetectContext) -> DetectorResult:
         details={"largest_margin_class": top, "starts": r, "steps": cfg.mm_steps,
                  "margin_ratio_to_median_of_others": per_class[top] / max(1e-12, _median(others)),
                  "clean_median_margin_per_class": clean_margin})
+
+
+def _chunk_margin(ctx: DetectContext, z: torch.Tensor, a: int, b: int, r: int) -> torch.Tensor:
+    """The margins of classes ``a .. b - 1``'s ``r`` starts each (``z``'s rows ``a*r .. b*r - 1``) towards their
+    own class."""
+    logits = ctx.logits(torch.sigmoid(z[a * r:b * r]))
+    target = torch.arange(a, b, device=logits.device).repeat_interleave(r)
+    return _margin(logits, torch.nn.functional.one_hot(target, logits.shape[1]).bool())
 
 
 def _clean_margins(ctx: DetectContext) -> list[float]:

@@ -1,7 +1,8 @@
 """Neural Cleanse (Wang et al. 2019): per class the smallest mask + pattern that flips clean inputs to it.
 
 All classes are optimised at once (core/detect/inversion.py): K masks and patterns applied to K copies of one
-clean batch make one forward pass of ``K × batch`` images. A backdoor target needs an abnormally small mask;
+clean batch make one forward pass of ``K × batch`` images (in chunks of classes where that pass is over a
+step's bounds: the same step, see inversion.py). A backdoor target needs an abnormally small mask;
 the log mask sizes are tested with the outlier statistic against its simulated null (core/detect/stats.py).
 """
 

@@ -208,8 +208,8 @@ def _bad_cases(files: dict[str, Path], tmp: Path,
         ("layer_exclude leaving TSBD no layer", {}, spec_json("repair", repair={
             "method": "tsbd", "params": {"layer_exclude": ["downsample", "conv"]}}), 422,
          "spec.repair.params.layer_exclude", "no Conv2d layer"),
-        ("a detector step over 4096 images", {}, spec_json(detect={"params": {"nc_batch_size": 1024}}), 422,
-         "spec.detect.params.nc_batch_size", "set nc_batch_size to at most 409"),
+        # (a detector step over 4096 images is no longer refused: it runs in chunks of classes, issue 9; the
+        # refusals left, one class's batch or the trigger state over the byte bound: tests/unit/test_api_hostile_specs)
     ]
 
 

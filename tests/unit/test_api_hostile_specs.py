@@ -28,7 +28,7 @@ def env(embedded_settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClien
     from api.app import create_app
 
     embedded_settings.data_dir.mkdir(parents=True)
-    # 512 KiB: the per-step bound of the detector test below, far above what the small files here expand to
+    # 512 KiB: the detector state bound of the test below, far above what the small files here expand to
     embedded_settings.max_zip_expanded_bytes = 512 * 2**10
     upgrade_database(embedded_settings.resolved_database_url)
     with make_session_factory(make_engine(embedded_settings.resolved_database_url))() as s:
@@ -66,10 +66,9 @@ def _repair(**params: Any) -> dict[str, Any]:
     (_spec(seed=True), "c.npz", "spec.seed", "valid integer"),
     # found only once the model and the data are known: checked at upload on a shape-only model
     (_repair(layer_exclude=["downsample", "conv"]), "c.npz", "spec.repair.params.layer_exclude", "no Conv2d layer"),
-    (_spec(detect={"params": {"nc_batch_size": 1024}}), "c.npz", "spec.detect.params.nc_batch_size",
-     "over the 4096 images a step may hold"),
-    (_spec(detect={"params": {"nc_batch_size": 400}}), "c.npz", "spec.detect.params.nc_batch_size",
-     "set nc_batch_size to at most 204"),
+    # MM-BD's 10 x 1024 optimised 8x8 images with their gradients and Adam moments: 10 MiB over 512 KiB
+    (_spec(detect={"params": {"mm_starts": 1024, "detectors": ["max_margin"], "voting_detectors": ["max_margin"]}}),
+     "c.npz", "spec.detect.params.mm_starts", "set mm_starts to at most 51"),
     (_spec(), "empty_images.npz", "clean_data", "at least one pixel"),
 ])
 def test_hostile_specs_are_422_at_their_field_and_store_nothing(env: tuple[TestClient, dict[str, str], Path],
@@ -85,5 +84,9 @@ def test_the_same_upload_with_sane_values_is_accepted(env: tuple[TestClient, dic
     r = _post(env, _repair(auto_candidates=[0.5, 0.1], layer_exclude=["downsample"]))
     assert r.status_code == 202, r.text
     r = _post(env, _spec(detect={"params": {"nc_batch_size": 16, "detectors": ["neural_cleanse"],
+                                            "voting_detectors": ["neural_cleanse"]}}))
+    assert r.status_code == 202, r.text
+    # 10 x 1024 stamped images a step, over the 4096 one pass holds: run in chunks of 4 classes, so accepted
+    r = _post(env, _spec(detect={"params": {"nc_batch_size": 1024, "detectors": ["neural_cleanse"],
                                             "voting_detectors": ["neural_cleanse"]}}))
     assert r.status_code == 202, r.text
