@@ -8,9 +8,10 @@ called from ``__post_init__``). The bounds are what a real repair needs, so that
 methods also poll ``Progress.check()`` so the time limit still applies inside those bounds.
 
 Bounds (docs/ lists them per method): epochs 0..``MAX_EPOCHS`` (300: 3x FT-SAM's 100, 14x TSBD's 21),
-batch sizes 1..``MAX_BATCH_SIZE`` (4096), learning rates finite in [``MIN_LEARNING_RATE``, ``MAX_LEARNING_RATE``] (1e-10: a smaller step
-is below float32's resolution of a weight of 0.01 even at unit gradient, so the run would change nothing and still
-report a repair; 1.0: SGD diverges above it on normalised inputs), momentum in [0, 1), weight decay in [0, 0.1], ratios in [0, 1].
+batch sizes 1..``MAX_BATCH_SIZE`` (4096), learning rates finite in [``MIN_LEARNING_RATE``, ``MAX_LEARNING_RATE``]
+(1e-10: a smaller step is below float32's resolution of a weight of 0.01 even at unit gradient, so the run would
+change nothing and still report a repair; 1.0: SGD diverges above it on normalised inputs), momentum in [0, 1),
+weight decay in [0, 0.1], ratios in [0, 1].
 """
 
 from __future__ import annotations

@@ -290,8 +290,9 @@ def parameter_reference() -> str:
              "it, e.g. `spec.repair.params.epochs`. Whole numbers must be JSON integers (`2.5` and `true` are "
              "refused), numbers must be finite (`NaN`, `Infinity` are refused), switches JSON booleans.", "",
              f"Common bounds: epochs 0-{MAX_EPOCHS}, batch sizes 1-{MAX_BATCH_SIZE}, learning rates in "
-             f"[{MIN_LEARNING_RATE:g}, {MAX_LEARNING_RATE:g}]; with at most `ANTIDOTE_MAX_IMAGES` images this bounds a repair's "
-             "work, and the scan time limit (`ANTIDOTE_SCAN_TIME_LIMIT_S`) still stops it between batches.", "",
+             f"[{MIN_LEARNING_RATE:g}, {MAX_LEARNING_RATE:g}]; with at most `ANTIDOTE_MAX_IMAGES` images this bounds a "
+             "repair's work, and the scan time limit (`ANTIDOTE_SCAN_TIME_LIMIT_S`) still stops it between "
+             "batches.", "",
              "## `spec.model`", "", "| field | type and range | default |", "| --- | --- | --- |"]
     for name, info in ModelSpec.model_fields.items():
         if name in ("mean", "std"):

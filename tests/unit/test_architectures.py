@@ -1,5 +1,5 @@
-"""Architectures the benchmarks never used (SqueezeNet, MobileNetV3, ViT, Swin, VGG; docs/formats.md#architectures): the repairs find
-the layers they mean on them, and refuse, naming the cause, where a method cannot apply."""
+"""Architectures the benchmarks never used (SqueezeNet, MobileNetV3, ViT, Swin, VGG; docs/formats.md#architectures):
+the repairs find the layers they mean on them, and refuse, naming the cause, where a method cannot apply."""
 
 from __future__ import annotations
 
