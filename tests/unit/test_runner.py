@@ -285,8 +285,9 @@ def test_progress_reaches_the_database_at_most_twice_a_second(ctx: WorkerContext
 
 def test_trigger_artifacts_are_stored_as_png(ctx: WorkerContext, tmp_path: Path) -> None:
     """The runner takes each artifact's suffix and media type from its file (detector triggers are PNGs)."""
-    # the loosest level (p < 0.5) so that this small backdoored model has a suspected class whose trigger is stored
-    detect = {"params": {"detectors": ["neural_cleanse"], "nc_steps": 60, "max_images": 200, "p_value": 0.5}}
+    # the loosest level (p < 0.5) and the feature inversion, so that this small backdoored model has a suspected
+    # class whose trigger is stored (Neural Cleanse at 60 steps found none where the model trained on two threads)
+    detect = {"params": {"detectors": ["feature_inversion"], "fi_steps": 60, "max_images": 200, "p_value": 0.5}}
     scan_id = _queue_scan(ctx, tmp_path, {"mode": "scan", "model": SPEC_MODEL, "detect": detect})
     assert execute_scan(ctx, scan_id) == "succeeded"
     scan = _scan(ctx.sessions, scan_id)
