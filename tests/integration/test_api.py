@@ -407,3 +407,24 @@ def test_fastapi_own_errors_have_the_error_shape(prod_client: TestClient, auth: 
     assert r.status_code == 422 and r.json()["field"] == "status"
     assert prod_client.get("/nowhere").json() == {"detail": "Not Found"}
     assert prod_client.patch("/scans").json() == {"detail": "Method Not Allowed"}
+
+
+@pytest.mark.parametrize("scan_id", ["a%00b", "%00" * 36, "A" * 36, "x" * 10_000])
+def test_an_id_of_no_scans_shape_is_404_on_every_route(prod_client: TestClient, auth: dict[str, str],
+                                                       scan_id: str) -> None:
+    """A NUL in the path reached PostgreSQL, which refuses it in a text parameter: every route answered 500."""
+    for method, path in [("GET", ""), ("GET", "/report"), ("GET", "/artifacts/repaired_model"), ("GET", "/webhooks"),
+                         ("GET", "/report.html"), ("GET", "/figures/scores.png"), ("GET", "/images/x"),
+                         ("POST", "/links"), ("DELETE", "")]:
+        r = prod_client.request(method, f"/scans/{scan_id}{path}", headers=auth)
+        assert r.status_code == 404 and r.json()["detail"].startswith("no scan"), (method, path, r.text)
+
+
+def test_a_cursor_naming_no_scans_id_is_422(prod_client: TestClient, auth: dict[str, str]) -> None:
+    import base64
+
+    for raw in (b"2020-01-01T00:00:00+00:00|a\x00b", b"2020-01-01T00:00:00+00:00|not-an-id"):
+        cursor = base64.urlsafe_b64encode(raw).decode()
+        for path in ("/scans", "/scans.html"):
+            r = prod_client.get(path, headers=auth, params={"cursor": cursor})
+            assert r.status_code == 422 and r.json()["field"] == "cursor", (path, r.text)
