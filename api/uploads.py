@@ -106,6 +106,10 @@ class MultipartReceiver:
             self.fail(ApiError(422, f"part {part.name!r} was sent twice", field=part.name))
         elif rule.is_file and not part.filename:
             self.fail(ApiError(422, f"part {part.name!r} must be a file with a filename", field=part.name))
+        elif rule.is_file and any(ord(c) < 0x20 or ord(c) == 0x7F for c in part.filename or ""):
+            # stored with the scan (jsonb refuses a NUL: the INSERT failed with a 500) and shown to clients
+            self.fail(ApiError(422, f"part {part.name!r} has a filename with a control character "
+                                    f"{(part.filename or '')[:200]!r}", field=part.name))
         elif rule.is_file:
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{part.name}-")
             part.file, part.path = os.fdopen(fd, "wb"), Path(tmp)

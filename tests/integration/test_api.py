@@ -432,3 +432,25 @@ def test_a_cursor_naming_no_scans_id_is_422(prod_client: TestClient, auth: dict[
         for path in ("/scans", "/scans.html"):
             r = prod_client.get(path, headers=auth, params={"cursor": cursor})
             assert r.status_code == 422 and r.json()["field"] == "cursor", (path, r.text)
+
+
+def _raw_form(parts: list[tuple[bytes, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body written byte for byte (an HTTP client would escape what these tests send)."""
+    boundary = b"antidote-test-boundary"
+    body = b"".join(b"--" + boundary + b"\r\nContent-Disposition: form-data; " + disposition + b"\r\n\r\n" + data
+                    + b"\r\n" for disposition, data in parts) + b"--" + boundary + b"--\r\n"
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"}
+
+
+@pytest.mark.parametrize("filename", [b"m\x00.safetensors", b"m\x1b[31m.safetensors", b"m\x7f.safetensors"])
+def test_a_filename_with_a_control_character_is_422_naming_the_part(
+        prod_client: TestClient, prod_settings: Settings, files: dict[str, Path], filename: bytes) -> None:
+    """The filename is stored with the scan: a NUL failed the INSERT into PostgreSQL's jsonb with a 500."""
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    body, headers = _raw_form([(b'name="spec"', spec_json().encode()),
+                               (b'name="model"; filename="' + filename + b'"', files["model"].read_bytes()),
+                               (b'name="clean_data"; filename="c.npz"', files["clean"].read_bytes())])
+    r = prod_client.post("/scans", headers={**auth, **headers}, content=body)
+    assert r.status_code == 422 and r.json()["field"] == "model", r.text
+    assert "control character" in r.json()["detail"]
+    assert scans_of(prod_settings, auth) == 0
