@@ -454,3 +454,14 @@ def test_a_filename_with_a_control_character_is_422_naming_the_part(
     assert r.status_code == 422 and r.json()["field"] == "model", r.text
     assert "control character" in r.json()["detail"]
     assert scans_of(prod_settings, auth) == 0
+
+
+@pytest.mark.parametrize("boundary", ["a" * 257, ""])
+def test_a_multipart_boundary_the_parser_cannot_take_is_415(prod_client: TestClient, auth: dict[str, str],
+                                                             boundary: str) -> None:
+    """python-multipart refuses a boundary over 256 characters when the parser is made, before the body is read:
+    that was a 500."""
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{{}}\r\n--{boundary}--\r\n"
+    r = prod_client.post("/scans", headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+                         content=body.encode())
+    assert r.status_code == 415 and r.json()["field"] == "content-type" and "boundary" in r.json()["detail"], r.text
