@@ -152,6 +152,21 @@ def _skip_auxiliary_heads(model: nn.Module) -> None:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
             head.forward = _no_output  # type: ignore[method-assign]
+            head.never_runs = True  # type: ignore[assignment]
+
+
+def runs_in_forward(model: nn.Module, name: str) -> bool:
+    """False for the submodule ``name`` of ``model`` (a ``named_modules`` name) inside a head that never runs
+    (:func:`_skip_auxiliary_heads`): a layer a repair picks by module order must not be one of those."""
+    parts = name.split(".")
+    module: nn.Module | None = model
+    for part in parts:
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return True
+        if getattr(module, "never_runs", False):
+            return False
+    return True
 
 
 def _no_output(*_args: object) -> None:

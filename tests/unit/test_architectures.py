@@ -39,6 +39,7 @@ def test_models_with_auxiliary_heads_answer_plain_logits_in_training(architectur
     ("resnet20", "layer3.2.conv2"),  # unchanged where the last conv is a feature layer
     ("torchvision.mobilenet_v3_small", "features.12.0"),
     ("vgg19_bn", "features.49"),
+    ("torchvision.googlenet", "inception5b.branch4.1.conv"),  # not aux2.conv.conv: the auxiliary heads never run
 ])
 def test_fine_pruning_prunes_the_last_feature_conv_never_the_logits_conv(architecture: str, layer: str) -> None:
     assert last_conv_layer(shape_model(architecture, 10, 3)) == layer
