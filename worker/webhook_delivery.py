@@ -195,12 +195,18 @@ def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, scan_i
     except TargetRefused as exc:
         result = Outcome("refused", error=str(exc))
     except OSError as exc:
-        result = Outcome("failed" if last else "retrying", error=f"{type(exc).__name__}: {exc}"[:500])
+        result = Outcome("failed" if last else "retrying", error=_printable(f"{type(exc).__name__}: {exc}")[:500])
     duration_ms = (time.monotonic() - started) * 1000
     with sessions() as session:
         webhooks.record_attempt(session, scan_id, delivery_id, attempt, url, result.status_code, result.error,
                                 duration_ms, result.outcome)
     return result
+
+
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character escaped (``\\x00``): an error can quote the receiver's own bytes
+    (``BadStatusLine`` holds its status line), and a NUL in the attempt's record failed its write to PostgreSQL."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def retry_delay_s(settings: Settings, attempt: int) -> float:

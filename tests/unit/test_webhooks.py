@@ -213,6 +213,30 @@ def test_a_receiver_dripping_its_headers_is_cut_off_at_the_timeout(tmp_path: Pat
     assert took < 3.0
 
 
+def test_an_error_quoting_the_receivers_bytes_is_recorded_printable(tmp_path: Path, sessions) -> None:
+    """http.client's BadStatusLine quotes the receiver's status line: a NUL there went into the attempt's record,
+    which PostgreSQL refuses (the write failed, the try went unrecorded)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 2\x0000 OK\x1b[2J\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    scan_id = _ended_scan(sessions, f"http://127.0.0.1:{server.getsockname()[1]}/hook")
+    try:
+        result = attempt_delivery(sessions, _settings(tmp_path), scan_id, "d", 1)
+    finally:
+        server.close()
+    assert result.outcome == "retrying" and "BadStatusLine" in (result.error or ""), result
+    with sessions() as session:
+        (recorded,) = webhooks.attempts_of(session, scan_id)
+    assert recorded.error is not None and "\\x00" in recorded.error
+    assert all(c.isprintable() for c in recorded.error), recorded.error
+
+
 @pytest.mark.parametrize("ip,private_ok", [("10.1.2.3", True), ("192.168.0.1", True), ("::1", True),
                                             ("fe80::1", True), ("::ffff:127.0.0.1", True), ("224.0.0.1", True),
                                             ("100.64.0.1", True), ("0.0.0.0", True)])
