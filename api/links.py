@@ -15,6 +15,7 @@ from store.settings import Settings
 
 LIST_SCOPE = "list"
 SECRET_FILE = "link_secret"
+MAX_EXPIRY_DIGITS = 20  # a token's Unix-seconds expiry; more digits than any real one
 
 
 def link_secret(settings: Settings) -> bytes:
@@ -50,7 +51,9 @@ def sign(secret: bytes, tenant_id: str, scope: str, ttl_s: int, now: float | Non
 def read_token(secret: bytes, token: str, now: float | None = None) -> tuple[str, str]:
     """(tenant id, scope) of an authentic, unexpired token; 401 otherwise (the reason is said)."""
     parts = token.split(".")
-    if len(parts) != 4 or not parts[2].isdigit():
+    # ASCII digits only, and few: str.isdigit() passes '²' and other digits int() refuses, and int() refuses more
+    # than 4,300 digits; either raised ValueError, a 500
+    if len(parts) != 4 or not (parts[2].isascii() and parts[2].isdigit() and len(parts[2]) <= MAX_EXPIRY_DIGITS):
         raise ApiError(401, "malformed link token", field="token")
     tenant_id, scope, expires_text, mac = parts
     expires = int(expires_text)

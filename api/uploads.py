@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from fastapi import Request
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from api.errors import ApiError
@@ -106,6 +106,10 @@ class MultipartReceiver:
             self.fail(ApiError(422, f"part {part.name!r} was sent twice", field=part.name))
         elif rule.is_file and not part.filename:
             self.fail(ApiError(422, f"part {part.name!r} must be a file with a filename", field=part.name))
+        elif rule.is_file and any(ord(c) < 0x20 or ord(c) == 0x7F for c in part.filename or ""):
+            # stored with the scan (jsonb refuses a NUL: the INSERT failed with a 500) and shown to clients
+            self.fail(ApiError(422, f"part {part.name!r} has a filename with a control character "
+                                    f"{(part.filename or '')[:200]!r}", field=part.name))
         elif rule.is_file:
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{part.name}-")
             part.file, part.path = os.fdopen(fd, "wb"), Path(tmp)
@@ -152,6 +156,9 @@ def check_form_headers(request: Request, max_total: int) -> bytes:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise ApiError(415, "POST /scans takes multipart/form-data", field="content-type")
+    if not 1 <= len(params[b"boundary"]) <= MAX_BOUNDARY_LENGTH:  # the parser raised on a longer one: a 500
+        raise ApiError(415, f"the multipart boundary must be 1 to {MAX_BOUNDARY_LENGTH} characters (RFC 2046 "
+                            f"allows 70), got {len(params[b'boundary'])}", field="content-type")
     declared = declared_length(request)
     if declared is not None and declared > max_total:
         raise ApiError(413, f"upload of {declared} bytes is over the limit of {max_total} bytes",

@@ -75,6 +75,26 @@ def evaluation_split(loaded: LoadedInputs, seed: int) -> tuple[ImageSet, ImageSe
     return held_out, rest, f"clean_data_holdout ({HOLDOUT_FRACTION:.0%} of clean_data, seed {seed})"
 
 
+def _check_attack_has_images(spec: ScanSpec, attack: Any, clean: ImageSet, test: ImageSet | None) -> None:
+    """An all-to-one attack triggers only the evaluation images not already of its target (BackdoorBench's ASR
+    convention, core/attacks/base.py): refuse at upload an evaluation set (test_data, or the seeded hold-out of
+    clean_data the worker will take) with none, which the worker could only fail on."""
+    if attack.all_to_all:
+        return
+    assert spec.attack is not None
+    if test is not None:
+        labels, where = test.y, f"all {len(test)} test_data images"
+    else:
+        _, held_out = ImageSet.split_index(len(clean), HOLDOUT_FRACTION, spec.seed)
+        labels = clean.y[held_out]
+        where = (f"all {len(labels)} images of clean_data's {HOLDOUT_FRACTION:.0%} evaluation hold-out (seed "
+                 f"{spec.seed}; no test_data was given)")
+    if not (labels != spec.attack.target).any():
+        raise InputError("spec.attack.target", f"{where} are of the attack's target class {spec.attack.target}, so "
+                         "no image is left to trigger for ASR; upload test_data of other classes, more clean_data, "
+                         "or another target")
+
+
 def _check_learning_set(spec: ScanSpec, clean: ImageSet, has_test: bool) -> None:
     """Refuse at upload a clean set too small for what the spec runs on it (the detector, a data repair's
     identification), counted as the worker will see it: without test_data, 20% is held out for evaluation."""
@@ -352,10 +372,11 @@ def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> Loade
         from core.attacks.registry import create_attack
 
         try:
-            create_attack(spec.attack.type, target=spec.attack.target, image_shape=clean.image_shape,
-                          seed=spec.seed, **spec.attack.params)
+            attack = create_attack(spec.attack.type, target=spec.attack.target, image_shape=clean.image_shape,
+                                   seed=spec.seed, **spec.attack.params)
         except (ValueError, TypeError) as exc:
             raise InputError("spec.attack", str(exc)) from exc
+        _check_attack_has_images(spec, attack, clean, sets["test_data"])
     _check_learning_set(spec, clean, sets["test_data"] is not None)
     _check_model_takes(spec, clean.image_shape, limits)
     if sets["training_data"] is not None:

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, Select, and_, bindparam, make_url, or_, select
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from store.models import ApiKey, Scan, Tenant, as_utc
-from store.repository import decode_cursor, encode_cursor
+from store.repository import decode_cursor, encode_cursor, is_scan_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +111,9 @@ class Reads:
         return Tenant(id=rows[0][0], name=rows[0][1]) if rows else None
 
     async def scan(self, tenant_id: str, scan_id: str) -> ScanSummary | None:
+        """The tenant's scan, or ``None`` (also for an id of no scan's shape, never sent to the database)."""
+        if not is_scan_id(scan_id):
+            return None
         rows = await self._rows(_SCAN, {"scan_id": scan_id, "tenant_id": tenant_id})
         return summary(rows[0]) if rows else None
 

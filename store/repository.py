@@ -21,6 +21,16 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def is_scan_id(scan_id: str) -> bool:
+    """True for an id of the shape :func:`new_id` makes (a canonical UUID string). Any other string names no
+    scan, and is not sent to the database: PostgreSQL refuses a NUL character in a text parameter with an
+    error that would otherwise be a 500 instead of the 404 of a scan that does not exist."""
+    try:
+        return len(scan_id) == 36 and str(uuid.UUID(scan_id)) == scan_id
+    except ValueError:
+        return False
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -69,6 +79,9 @@ def add_scan(session: Session, scan_id: str, tenant_id: str, mode: str, spec: di
 
 
 def get_scan(session: Session, tenant_id: str, scan_id: str) -> Scan | None:
+    """The tenant's scan ``scan_id``; ``None`` for another tenant's, a missing one, or an id of no scan's shape."""
+    if not is_scan_id(scan_id):
+        return None
     return session.scalar(select(Scan).where(Scan.id == scan_id, Scan.tenant_id == tenant_id))
 
 
@@ -82,6 +95,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, scan_id = raw.split("|", 1)
+        if not is_scan_id(scan_id):  # e.g. a NUL, which PostgreSQL would refuse with a 500
+            raise ValueError(scan_id)
         return datetime.fromisoformat(created), scan_id
     except Exception as exc:  # noqa: BLE001 - any garbage is the same client error
         raise ValueError("cursor is not one this service returned") from exc

@@ -3,12 +3,14 @@ the signed payload, the SSRF-checked request with manual redirects, and the reco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
 import json
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -67,9 +69,10 @@ class _PinnedHTTP(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, ip: IPAddress, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._ip = ip
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((str(self._ip), self.port), self.timeout)
+        self.sock = self.raw_sock = socket.create_connection((str(self._ip), self.port), self.timeout)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -78,9 +81,10 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, ip: IPAddress, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._ip = ip
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        sock = socket.create_connection((str(self._ip), self.port), self.timeout)
+        sock = self.raw_sock = socket.create_connection((str(self._ip), self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
@@ -99,14 +103,23 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
         ip = resolve_checked(host, port, settings.webhook_allow_private)
         cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
         conn = cls(host, port, ip, settings.webhook_timeout_s)
+        deadline = _Deadline(conn, settings.webhook_timeout_s)
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("POST", path, body=body, headers={**headers, "Content-Type": "application/json",
-                                                            "User-Agent": "antidote-webhooks"})
-            response = conn.getresponse()
+            with deadline:  # the socket timeout bounds each read, not a status line and headers sent byte by byte
+                conn.request("POST", path, body=body, headers={**headers, "Content-Type": "application/json",
+                                                                "User-Agent": "antidote-webhooks"})
+                response = conn.getresponse()
+            if deadline.expired:  # the cut can read as the end of the headers: the answer is not trusted
+                raise TimeoutError("cut at the deadline")
             status, location = response.status, response.getheader("Location")
             _drain(response, settings.webhook_max_response_bytes, settings.webhook_timeout_s)
-        except (http.client.HTTPException, ssl.SSLError) as exc:
+        except (http.client.HTTPException, ssl.SSLError, OSError) as exc:
+            if deadline.expired:
+                raise OSError(f"the receiver did not answer within ANTIDOTE_WEBHOOK_TIMEOUT_S="
+                              f"{settings.webhook_timeout_s:g} s") from exc
+            if isinstance(exc, OSError):
+                raise
             raise OSError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             conn.close()
@@ -115,6 +128,32 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
         url = urljoin(url, location)
     raise TargetRefused(f"more than {settings.webhook_max_redirects} redirects "
                         "(ANTIDOTE_WEBHOOK_MAX_REDIRECTS)")
+
+
+class _Deadline:
+    """While entered, cuts ``conn``'s socket once ``seconds`` have passed (a receiver that drips its status line
+    or headers a byte per socket timeout, or its TLS handshake, would otherwise hold the worker for as long as
+    it likes); the blocked read then fails and ``expired`` says why."""
+
+    def __init__(self, conn: _PinnedHTTP | _PinnedHTTPS, seconds: float) -> None:
+        self.conn, self.expired = conn, False
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def _cut(self) -> None:
+        self.expired = True
+        sock = self.conn.raw_sock
+        if sock is not None:
+            # the plain socket's shutdown (not SSLSocket's, which would unwrap): wakes the blocked read
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._timer.cancel()
 
 
 def _drain(response: http.client.HTTPResponse, max_bytes: int, max_s: float) -> None:
@@ -156,12 +195,18 @@ def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, scan_i
     except TargetRefused as exc:
         result = Outcome("refused", error=str(exc))
     except OSError as exc:
-        result = Outcome("failed" if last else "retrying", error=f"{type(exc).__name__}: {exc}"[:500])
+        result = Outcome("failed" if last else "retrying", error=_printable(f"{type(exc).__name__}: {exc}")[:500])
     duration_ms = (time.monotonic() - started) * 1000
     with sessions() as session:
         webhooks.record_attempt(session, scan_id, delivery_id, attempt, url, result.status_code, result.error,
                                 duration_ms, result.outcome)
     return result
+
+
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character escaped (``\\x00``): an error can quote the receiver's own bytes
+    (``BadStatusLine`` holds its status line), and a NUL in the attempt's record failed its write to PostgreSQL."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def retry_delay_s(settings: Settings, attempt: int) -> float:

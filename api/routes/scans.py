@@ -102,12 +102,34 @@ def _parse_spec(form: ReceivedForm, settings: Settings) -> ScanSpec:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in ("spec", *first["loc"]))
         raise ApiError(422, f"{loc}: {first['msg']}", field=loc) from exc
+    if (where := nul_path(spec.model_dump(mode="json"), "spec")) is not None:
+        raise ApiError(422, f"{where}: must not contain a NUL character (\\u0000)", field=where)
     if spec.mode not in available_modes():
         raise ApiError(422, f"spec.mode: mode {spec.mode!r} is not available yet; available: "
                             f"{', '.join(available_modes())}", field="spec.mode")
     if spec.notify is not None:
         check_notify_host(spec.notify.url, settings)
     return spec
+
+
+def nul_path(value: Any, path: str) -> str | None:
+    """The dotted path of the first string (value or key) in ``value`` holding a NUL, else ``None``.
+
+    The spec is stored as JSON, and PostgreSQL's jsonb refuses ``\\u0000``: such a spec, valid to every
+    field's own check (a ``layer_exclude`` entry, say), failed its INSERT with a 500."""
+    if isinstance(value, str):
+        return path if "\0" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\0" in str(key):
+                return f"{path}.{key}"
+            if (found := nul_path(item, f"{path}.{key}")) is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := nul_path(item, f"{path}.{i}")) is not None:
+                return found
+    return None
 
 
 def _scan_inputs(form: ReceivedForm) -> ScanInputs:

@@ -41,13 +41,20 @@ class ImageSet:
 
     def split(self, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
         """A seeded random split into ``(rest, held_out)`` with ``round(fraction * N)`` held out (at least 1)."""
+        rest, held_out = ImageSet.split_index(len(self), fraction, seed)
+        return self.subset(rest), self.subset(held_out)
+
+    @staticmethod
+    def split_index(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted indices ``(rest, held_out)`` of :meth:`split` on ``n`` images (its labels can be looked at
+        without copying the images)."""
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
-        if len(self) < 2:
+        if n < 2:
             raise ValueError("need at least 2 images to split")
-        order = np.random.default_rng(seed).permutation(len(self))
-        n_out = ImageSet.held_out_count(len(self), fraction)
-        return self.subset(np.sort(order[n_out:])), self.subset(np.sort(order[:n_out]))
+        order = np.random.default_rng(seed).permutation(n)
+        n_out = ImageSet.held_out_count(n, fraction)
+        return np.sort(order[n_out:]), np.sort(order[:n_out])
 
     @staticmethod
     def held_out_count(n: int, fraction: float) -> int:

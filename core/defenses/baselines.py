@@ -111,7 +111,10 @@ def last_conv_layer(model: nn.Module) -> str:
     before it is the last feature layer; pruning the logits conv would switch classes off. Raises ``ValueError``
     where there is no feature conv to prune: no ``Conv2d``, only the logits conv, or only a patch embedding
     (a ViT's or Swin's ``kernel_size == stride`` stem, whose channels are token dimensions, not late features)."""
-    modules = list(model.named_modules())
+    from core.models.registry import runs_in_forward
+
+    # GoogLeNet's auxiliary heads come after its last feature conv but never run: pruning one changed nothing
+    modules = [(n, m) for n, m in model.named_modules() if runs_in_forward(model, n)]
     convs = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("the model has no Conv2d layer to prune")

@@ -59,10 +59,12 @@ class FilterResult:
 
 
 def conv_features(model: nn.Module, data: DeviceImages, batch_size: int = 512) -> list[torch.Tensor]:
-    """For every ``Conv2d`` of ``model`` (module order), its output averaged over positions, then (a second
-    list of the same length) its maximum over positions: ``N×C_layer`` float32 tensors, computed in eval mode
-    without gradients. Why both: a global trigger (Blended, SIG) moves the means, a small patch (BadNets)
-    hardly moves a mean over a 28x28 map but lights up the maximum where it sits."""
+    """For every ``Conv2d`` of ``model`` (module order) that runs in the eval-mode forward, its output averaged
+    over positions, then (a second list of the same length) its maximum over positions: ``N×C_layer`` float32
+    tensors, computed without gradients. Why both: a global trigger (Blended, SIG) moves the means, a small patch
+    (BadNets) hardly moves a mean over a 28x28 map but lights up the maximum where it sits. A conv that never
+    runs there (GoogLeNet's auxiliary heads) has no output to score: it is left out (its empty list failed
+    ``torch.cat``, and TSBD with it)."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     chunks: list[list[torch.Tensor]] = [[] for _ in convs]
     peaks: list[list[torch.Tensor]] = [[] for _ in convs]
@@ -80,7 +82,8 @@ def conv_features(model: nn.Module, data: DeviceImages, batch_size: int = 512) -
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(c) for c in chunks] + [torch.cat(p) for p in peaks]
+    ran = [i for i, c in enumerate(chunks) if c]
+    return [torch.cat(chunks[i]) for i in ran] + [torch.cat(peaks[i]) for i in ran]
 
 
 def robust_z(values: torch.Tensor) -> torch.Tensor:

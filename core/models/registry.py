@@ -130,9 +130,48 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
         )
     # weights=None: never download; the checkpoint supplies the weights
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    _skip_auxiliary_heads(model)
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
+
+
+AUXILIARY_HEADS = ("aux1", "aux2", "AuxLogits")  # GoogLeNet's and Inception v3's training-only classifiers
+
+
+def _skip_auxiliary_heads(model: nn.Module) -> None:
+    """GoogLeNet and Inception v3 run auxiliary classifiers in training mode and answer a namedtuple with their
+    logits, which every repair's loss refused (a TypeError, late in the worker), and Inception's head cannot
+    take the small maps of images the eval-mode model takes (a RuntimeError). Here the heads never run and the
+    model answers its main logits in every mode; their modules and weights stay, so an uploaded state dict
+    trained with them loads as it is."""
+    if not getattr(model, "aux_logits", False):
+        return
+    model.aux_logits = False
+    for name in AUXILIARY_HEADS:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            head.forward = _no_output  # type: ignore[method-assign]
+            head.never_runs = True  # type: ignore[assignment]
+
+
+def runs_in_forward(model: nn.Module, name: str) -> bool:
+    """False for the submodule ``name`` of ``model`` (a ``named_modules`` name) inside a head that never runs
+    (:func:`_skip_auxiliary_heads`): a layer a repair picks by module order must not be one of those."""
+    parts = name.split(".")
+    module: nn.Module | None = model
+    for part in parts:
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return True
+        if getattr(module, "never_runs", False):
+            return False
+    return True
+
+
+def _no_output(*_args: object) -> None:
+    """The forward of a head that never runs (its caller reads ``None`` as "no auxiliary output")."""
+    return None
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:

@@ -210,6 +210,10 @@ def _bad_cases(files: dict[str, Path], tmp: Path,
          "spec.repair.params.layer_exclude", "no Conv2d layer"),
         # (a detector step over 4096 images is no longer refused: it runs in chunks of classes, issue 9; the
         # refusals left, one class's batch or the trigger state over the byte bound: tests/unit/test_api_hostile_specs)
+        # PostgreSQL's jsonb refuses \u0000: these failed their INSERT with a 500
+        ("a NUL in a spec string", {}, spec_json("repair", repair={
+            "method": "tsbd", "params": {"layer_exclude": ["conv\u0000"]}}), 422,
+         "spec.repair.params.layer_exclude.0", "NUL"),
     ]
 
 
@@ -407,3 +411,57 @@ def test_fastapi_own_errors_have_the_error_shape(prod_client: TestClient, auth: 
     assert r.status_code == 422 and r.json()["field"] == "status"
     assert prod_client.get("/nowhere").json() == {"detail": "Not Found"}
     assert prod_client.patch("/scans").json() == {"detail": "Method Not Allowed"}
+
+
+@pytest.mark.parametrize("scan_id", ["a%00b", "%00" * 36, "A" * 36, "x" * 10_000])
+def test_an_id_of_no_scans_shape_is_404_on_every_route(prod_client: TestClient, auth: dict[str, str],
+                                                       scan_id: str) -> None:
+    """A NUL in the path reached PostgreSQL, which refuses it in a text parameter: every route answered 500."""
+    for method, path in [("GET", ""), ("GET", "/report"), ("GET", "/artifacts/repaired_model"), ("GET", "/webhooks"),
+                         ("GET", "/report.html"), ("GET", "/figures/scores.png"), ("GET", "/images/x"),
+                         ("POST", "/links"), ("DELETE", "")]:
+        r = prod_client.request(method, f"/scans/{scan_id}{path}", headers=auth)
+        assert r.status_code == 404 and r.json()["detail"].startswith("no scan"), (method, path, r.text)
+
+
+def test_a_cursor_naming_no_scans_id_is_422(prod_client: TestClient, auth: dict[str, str]) -> None:
+    import base64
+
+    for raw in (b"2020-01-01T00:00:00+00:00|a\x00b", b"2020-01-01T00:00:00+00:00|not-an-id"):
+        cursor = base64.urlsafe_b64encode(raw).decode()
+        for path in ("/scans", "/scans.html"):
+            r = prod_client.get(path, headers=auth, params={"cursor": cursor})
+            assert r.status_code == 422 and r.json()["field"] == "cursor", (path, r.text)
+
+
+def _raw_form(parts: list[tuple[bytes, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body written byte for byte (an HTTP client would escape what these tests send)."""
+    boundary = b"antidote-test-boundary"
+    body = b"".join(b"--" + boundary + b"\r\nContent-Disposition: form-data; " + disposition + b"\r\n\r\n" + data
+                    + b"\r\n" for disposition, data in parts) + b"--" + boundary + b"--\r\n"
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"}
+
+
+@pytest.mark.parametrize("filename", [b"m\x00.safetensors", b"m\x1b[31m.safetensors", b"m\x7f.safetensors"])
+def test_a_filename_with_a_control_character_is_422_naming_the_part(
+        prod_client: TestClient, prod_settings: Settings, files: dict[str, Path], filename: bytes) -> None:
+    """The filename is stored with the scan: a NUL failed the INSERT into PostgreSQL's jsonb with a 500."""
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    body, headers = _raw_form([(b'name="spec"', spec_json().encode()),
+                               (b'name="model"; filename="' + filename + b'"', files["model"].read_bytes()),
+                               (b'name="clean_data"; filename="c.npz"', files["clean"].read_bytes())])
+    r = prod_client.post("/scans", headers={**auth, **headers}, content=body)
+    assert r.status_code == 422 and r.json()["field"] == "model", r.text
+    assert "control character" in r.json()["detail"]
+    assert scans_of(prod_settings, auth) == 0
+
+
+@pytest.mark.parametrize("boundary", ["a" * 257, ""])
+def test_a_multipart_boundary_the_parser_cannot_take_is_415(prod_client: TestClient, auth: dict[str, str],
+                                                             boundary: str) -> None:
+    """python-multipart refuses a boundary over 256 characters when the parser is made, before the body is read:
+    that was a 500."""
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{{}}\r\n--{boundary}--\r\n"
+    r = prod_client.post("/scans", headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+                         content=body.encode())
+    assert r.status_code == 415 and r.json()["field"] == "content-type" and "boundary" in r.json()["detail"], r.text

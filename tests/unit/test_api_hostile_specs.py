@@ -37,6 +37,9 @@ def env(embedded_settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClien
     rng = np.random.default_rng(0)
     write_npz(tmp_path / "c.npz", ImageSet(rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 10))
     write_npz(tmp_path / "empty_images.npz", ImageSet(np.zeros((40, 0, 0, 1), np.uint8), np.arange(40) % 10))
+    labels = np.arange(40) % 10
+    labels[np.random.default_rng(0).permutation(40)[:8]] = 0  # clean_data's 20% evaluation hold-out of seed 0
+    write_npz(tmp_path / "all_target.npz", ImageSet(rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), labels))
     with TestClient(create_app(embedded_settings)) as client:
         yield client, {"Authorization": f"Bearer {key}"}, tmp_path
 
@@ -70,6 +73,10 @@ def _repair(**params: Any) -> dict[str, Any]:
     (_spec(detect={"params": {"mm_starts": 1024, "detectors": ["max_margin"], "voting_detectors": ["max_margin"]}}),
      "c.npz", "spec.detect.params.mm_starts", "set mm_starts to at most 51"),
     (_spec(), "empty_images.npz", "clean_data", "at least one pixel"),
+    # the seeded 20% hold-out of this clean_data is all of class 0: badnets to 0 had no image to trigger, which
+    # the worker found only after the upload was queued
+    (_spec(attack={"type": "badnets", "target": 0}), "all_target.npz", "spec.attack.target",
+     "are of the attack's target class 0"),
 ])
 def test_hostile_specs_are_422_at_their_field_and_store_nothing(env: tuple[TestClient, dict[str, str], Path],
                                                                 spec: dict, clean: str, field: str, says: str) -> None:

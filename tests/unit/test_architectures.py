@@ -18,12 +18,28 @@ from core.models.registry import create_model, shape_model
 from core.spec import ScanSpec
 
 
+@pytest.mark.parametrize(("architecture", "side"), [("torchvision.googlenet", 32), ("torchvision.inception_v3", 75)])
+def test_models_with_auxiliary_heads_answer_plain_logits_in_training(architecture: str, side: int) -> None:
+    """In training mode GoogLeNet and Inception v3 answered a namedtuple with their auxiliary logits, and every
+    repair's cross-entropy failed on it with a TypeError (internal_error, after the upload was accepted); their
+    state dict keeps the auxiliary heads, so uploads trained with them still load."""
+    import torchvision
+
+    model = create_model(architecture, 10, 3).train()
+    reference = torchvision.models.get_model(architecture.removeprefix("torchvision."), weights=None, num_classes=10)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    out = model(torch.zeros(2, 3, side, side))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+
+
 @pytest.mark.parametrize(("architecture", "layer"), [
     ("torchvision.squeezenet1_1", "features.12.expand3x3"),  # classifier.1 is the logits conv, after it no Linear
     ("torchvision.squeezenet1_0", "features.12.expand3x3"),
     ("resnet20", "layer3.2.conv2"),  # unchanged where the last conv is a feature layer
     ("torchvision.mobilenet_v3_small", "features.12.0"),
     ("vgg19_bn", "features.49"),
+    ("torchvision.googlenet", "inception5b.branch4.1.conv"),  # not aux2.conv.conv: the auxiliary heads never run
 ])
 def test_fine_pruning_prunes_the_last_feature_conv_never_the_logits_conv(architecture: str, layer: str) -> None:
     assert last_conv_layer(shape_model(architecture, 10, 3)) == layer

@@ -355,3 +355,18 @@ def test_archive_declaring_more_than_the_file_holds(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="declare|unreadable|not a readable"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("module", [b"evil\x00module", b"evil\x1bmodule"])
+def test_a_global_named_with_a_control_character_is_refused(tmp_path: Path, module: bytes) -> None:
+    """A BackdoorBench result may name any global (each is made inert), and the names go into the report's
+    file_findings and ignored_globals: a NUL passed the upload and failed the finished scan's write into
+    PostgreSQL's jsonb, after the whole run."""
+    from core.models.checkpoint.inspect import inspect_checkpoint
+
+    head = hf.torch_pickle({"model": {"w": hf.RawTensor(hf.StorageRef(4), (4,))}, "model_name": "x"})
+    path = hf.backdoorbench_zip(tmp_path / "bb.pt", head[:-1] + b"X\x08\x00\x00\x00bd_train](c" + module
+                                + b"\nName\nes.")
+    for load in (inspect_checkpoint, load_checkpoint):
+        with pytest.raises(CheckpointError, match="names a global with a control character"):
+            load(path)

@@ -139,6 +139,18 @@ def test_links_are_scoped_to_one_tenant_and_one_page(env: tuple[TestClient, Any,
     assert client.get("/scans.html", params={"token": token}).status_code == 401  # a scan token is not a list one
 
 
+@pytest.mark.parametrize("expiry", ["\u00b2", "\u0661\u0662", "9" * 5000])
+def test_a_token_whose_expiry_is_no_plain_number_is_401(env: tuple[TestClient, Any, Settings], expiry: str) -> None:
+    """'\u00b2' passed str.isdigit() and int() refused it, as it refuses 5,000 digits: both were a 500."""
+    client, sessions, _ = env
+    _, tenant = _tenant(sessions, "a")
+    scan_id = _scan(sessions, tenant, REPORT)
+    token = f"{tenant}.{scan_id}.{expiry}.{'0' * 64}"
+    for path in (f"/scans/{scan_id}/report.html", f"/scans/{scan_id}/figures/scores.png", "/scans.html"):
+        r = client.get(path, params={"token": token})
+        assert r.status_code == 401 and r.json()["field"] == "token", (path, r.text)
+
+
 def test_scans_page_paginates(env: tuple[TestClient, Any, Settings]) -> None:
     client, sessions, _ = env
     auth, tenant = _tenant(sessions, "a")

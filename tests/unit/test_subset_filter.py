@@ -102,3 +102,26 @@ def test_the_cap_bounds_what_one_filtering_drops(digits_split) -> None:
     res = filter_poisoned(model, test.subset(np.arange(200)), NORM, runtime_for("cpu"), cfg)
     assert res.details["dropped"] <= 10 and res.keep.sum() >= 190
     assert res.details["capped_at_max_drop_ratio"] is True
+
+
+def test_a_conv_that_never_runs_is_left_out_of_the_features() -> None:
+    """GoogLeNet's auxiliary heads never run in eval mode: their empty feature lists failed torch.cat, which
+    failed every TSBD repair of a GoogLeNet (subset_filter is on by default)."""
+    from core.data.imageset import ImageSet
+    from core.defenses.runtime import DeviceImages
+    from core.defenses.subset_filter import conv_features
+
+    class WithDeadHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.dead = torch.nn.Conv2d(4, 4, 1)  # registered, never called
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    rt = runtime_for("cpu")
+    images = ImageSet(np.zeros((6, 8, 8, 1), np.uint8), np.arange(6) % 2)
+    feats = conv_features(WithDeadHead().eval(), DeviceImages(images, NORM, rt))
+    assert [tuple(f.shape) for f in feats] == [(6, 4), (6, 4)]

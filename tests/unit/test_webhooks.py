@@ -6,6 +6,9 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,6 +171,70 @@ def test_redirects_are_followed_to_an_allowed_target_and_capped(tmp_path: Path, 
     receiver.script = [(302, {"Location": "/loop"})] * 5
     result = attempt_delivery(sessions, _settings(tmp_path, webhook_max_redirects=2), scan_id, "d2", 1)
     assert result.outcome == "refused" and "redirects" in (result.error or "")
+
+
+def _dripping_receiver(stop: threading.Event) -> tuple[socket.socket, str]:
+    """A receiver that answers its status line, then one header byte every 0.2 s for as long as it is let."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+            try:
+                while not stop.wait(0.2):
+                    conn.sendall(b"x")
+                conn.sendall(b"\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+
+
+def test_a_receiver_dripping_its_headers_is_cut_off_at_the_timeout(tmp_path: Path, sessions) -> None:
+    """Each read was bounded by the socket timeout, not the whole answer: a byte every 0.2 s held the try (and
+    the worker) for as long as the receiver liked, then counted as delivered."""
+    stop = threading.Event()
+    server, url = _dripping_receiver(stop)
+    timer = threading.Timer(8.0, stop.set)  # the receiver ends its headers after 8 s
+    timer.start()
+    try:
+        started = time.monotonic()
+        result = attempt_delivery(sessions, _settings(tmp_path, webhook_timeout_s=1.0), _ended_scan(sessions, url),
+                                  "d", 1)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        timer.cancel()
+        server.close()
+    assert result.outcome == "retrying" and "ANTIDOTE_WEBHOOK_TIMEOUT_S=1 s" in (result.error or ""), result
+    assert took < 3.0
+
+
+def test_an_error_quoting_the_receivers_bytes_is_recorded_printable(tmp_path: Path, sessions) -> None:
+    """http.client's BadStatusLine quotes the receiver's status line: a NUL there went into the attempt's record,
+    which PostgreSQL refuses (the write failed, the try went unrecorded)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 2\x0000 OK\x1b[2J\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    scan_id = _ended_scan(sessions, f"http://127.0.0.1:{server.getsockname()[1]}/hook")
+    try:
+        result = attempt_delivery(sessions, _settings(tmp_path), scan_id, "d", 1)
+    finally:
+        server.close()
+    assert result.outcome == "retrying" and "BadStatusLine" in (result.error or ""), result
+    with sessions() as session:
+        (recorded,) = webhooks.attempts_of(session, scan_id)
+    assert recorded.error is not None and "\\x00" in recorded.error
+    assert all(c.isprintable() for c in recorded.error), recorded.error
 
 
 @pytest.mark.parametrize("ip,private_ok", [("10.1.2.3", True), ("192.168.0.1", True), ("::1", True),

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from core.models.checkpoint.archive import read_record
-from core.models.checkpoint.errors import CheckpointError, CheckpointLimits, LoadedCheckpoint, is_nonneg_int
+from core.models.checkpoint.errors import (
+    CheckpointError,
+    CheckpointLimits,
+    LoadedCheckpoint,
+    check_global_name,
+    is_nonneg_int,
+)
 from core.models.checkpoint.safetensors_file import MAX_TENSOR_DIMS
 from core.models.checkpoint.tensors import check_tensors
 
@@ -210,6 +216,7 @@ class SafeUnpickler(pickle.Unpickler):
             return _StorageType(None, f"torch.{name}"[:80])
         qualified = f"{module}.{name}"[:200]
         if qualified not in self.ignored:
+            check_global_name(qualified)
             if len(self.ignored) >= self._limits.max_pickle_globals:
                 raise CheckpointError(
                     f"PyTorch checkpoint's data.pkl names more than {self._limits.max_pickle_globals} distinct "

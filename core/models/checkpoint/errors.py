@@ -51,6 +51,15 @@ class LoadedCheckpoint:
                 "ignored_globals_count": int(self.meta.get("ignored_globals_count", len(self.meta["ignored_globals"])))}
 
 
+def check_global_name(qualified: str) -> None:
+    """Refuse a pickled global whose name holds a control character: no Python module or attribute is named so,
+    and the name goes into the report (a NUL, which PostgreSQL's jsonb refuses, failed the finished scan's
+    write after the whole run)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in qualified):
+        raise CheckpointError(f"PyTorch checkpoint's pickle names a global with a control character "
+                              f"({qualified[:80]!r}); no Python module or attribute is named so")
+
+
 def is_nonneg_int(v: object) -> bool:
     """True for a plain non-negative ``int`` (not ``bool``): the only thing a size or offset may be."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0

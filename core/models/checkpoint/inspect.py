@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.models.checkpoint.archive import open_archive, read_record
-from core.models.checkpoint.errors import CheckpointError, CheckpointLimits
+from core.models.checkpoint.errors import CheckpointError, CheckpointLimits, check_global_name
 from core.models.checkpoint.pickle_budget import PickleBudget
 from core.models.checkpoint.safetensors_file import SAFETENSORS_EXTENSIONS, looks_like_safetensors
 from core.models.checkpoint.torch_zip import TORCH_EXTENSIONS
@@ -232,6 +232,7 @@ def _pop_mark(stack: list[object], marks: list[int]) -> None:
 
 def _note_import(qualified: str, pos: int, imported: dict[str, int], limits: CheckpointLimits, member: str) -> None:
     if qualified not in imported:
+        check_global_name(qualified)
         if len(imported) >= limits.max_pickle_globals:
             raise CheckpointError(f"pickle member {member!r} names more than {limits.max_pickle_globals} distinct "
                                   "globals; a BackdoorBench result names a few dozen")
