@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python bench/auto_timing.py --model-cache ~/.cache/antidote/models \\
         --order auto,fixed,fixed,auto --out bench/results/auto_timing_r20.md
 
-One backdoored CIFAR ResNet-20 (the ``cpu_resnet20`` profile of ``bench/repair_bench.py``: 4,000 training images,
-10% poisoning, target 0; loaded from ``--model-cache`` when that run saved it, else trained and saved) and a
+One backdoored CIFAR ResNet-20 (the ``cpu_resnet20`` profile of ``bench/repair_bench.py``, as it stands: since
+BENCHMARKS.md 2.13 5,000 training images x 10 epochs at lr 0.01, 10% poisoning, target 0; 2.9's runs had the
+older, weakly backdoored profile; loaded from ``--model-cache`` when that run saved it, else trained and saved) and a
 clean defender subset of ``--n-defender`` (2,500) CIFAR-10 training images that training never saw. In the
 order given, it runs ``repair("tsbd", ...)`` (the automatic method, every default) and ``repair("tsbd_fixed",
 ...)`` (the reference: n = 0.3, constant lr, 21 epochs) back to back in this process, each wall-clock timed,
