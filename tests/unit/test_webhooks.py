@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -9,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -173,24 +174,32 @@ def test_redirects_are_followed_to_an_allowed_target_and_capped(tmp_path: Path, 
     assert result.outcome == "refused" and "redirects" in (result.error or "")
 
 
-def _dripping_receiver(stop: threading.Event) -> tuple[socket.socket, str]:
-    """A receiver that answers its status line, then one header byte every 0.2 s for as long as it is let."""
+def _raw_receiver(answer: Callable[[socket.socket], None]) -> tuple[socket.socket, str]:
+    """A one-shot receiver on a bare socket (to send what no HTTP server would): reads the request, then
+    ``answer(conn)`` writes the bytes."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
         conn, _ = server.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
-            try:
-                while not stop.wait(0.2):
-                    conn.sendall(b"x")
-                conn.sendall(b"\r\nContent-Length: 0\r\n\r\n")
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # the client cut the connection: what the drip test is about
+                answer(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     return server, f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+
+
+def _dripping_receiver(stop: threading.Event) -> tuple[socket.socket, str]:
+    """A receiver that answers its status line, then one header byte every 0.2 s for as long as it is let."""
+
+    def drip(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+        while not stop.wait(0.2):
+            conn.sendall(b"x")
+        conn.sendall(b"\r\nContent-Length: 0\r\n\r\n")
+
+    return _raw_receiver(drip)
 
 
 def test_a_receiver_dripping_its_headers_is_cut_off_at_the_timeout(tmp_path: Path, sessions) -> None:
@@ -216,16 +225,8 @@ def test_a_receiver_dripping_its_headers_is_cut_off_at_the_timeout(tmp_path: Pat
 def test_an_error_quoting_the_receivers_bytes_is_recorded_printable(tmp_path: Path, sessions) -> None:
     """http.client's BadStatusLine quotes the receiver's status line: a NUL there went into the attempt's record,
     which PostgreSQL refuses (the write failed, the try went unrecorded)."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 2\x0000 OK\x1b[2J\r\n\r\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    scan_id = _ended_scan(sessions, f"http://127.0.0.1:{server.getsockname()[1]}/hook")
+    server, url = _raw_receiver(lambda conn: conn.sendall(b"HTTP/1.1 2\x0000 OK\x1b[2J\r\n\r\n"))
+    scan_id = _ended_scan(sessions, url)
     try:
         result = attempt_delivery(sessions, _settings(tmp_path), scan_id, "d", 1)
     finally:
