@@ -16,6 +16,7 @@ from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, par
 from starlette.requests import ClientDisconnect
 
 from api.errors import ApiError
+from core.ranges import has_control_character
 
 SPEC_MAX_BYTES = 64 * 1024
 
@@ -106,7 +107,7 @@ class MultipartReceiver:
             self.fail(ApiError(422, f"part {part.name!r} was sent twice", field=part.name))
         elif rule.is_file and not part.filename:
             self.fail(ApiError(422, f"part {part.name!r} must be a file with a filename", field=part.name))
-        elif rule.is_file and any(ord(c) < 0x20 or ord(c) == 0x7F for c in part.filename or ""):
+        elif rule.is_file and has_control_character(part.filename or ""):
             # stored with the scan (jsonb refuses a NUL: the INSERT failed with a 500) and shown to clients
             self.fail(ApiError(422, f"part {part.name!r} has a filename with a control character "
                                     f"{(part.filename or '')[:200]!r}", field=part.name))

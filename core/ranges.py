@@ -31,6 +31,12 @@ MAX_BATCH_SIZE = 4096
 MAX_LEARNING_RATE = 1.0
 MIN_LEARNING_RATE = 1e-10
 
+def has_control_character(text: str) -> bool:
+    """Whether ``text`` holds an ASCII control character (C0 or DEL), the one rule for names and URLs a client
+    sends: PostgreSQL's jsonb refuses a NUL, and escape sequences would be echoed to terminals and pages."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 Flag = Annotated[bool, Strict()]
 """A JSON boolean (``1`` or ``"yes"`` is refused)."""
 Epochs = Annotated[int, Strict(), Field(ge=0, le=MAX_EPOCHS)]

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from core.data.transforms import Normalization
+from core.ranges import has_control_character
 
 # mean and std are of x/255, so they lie in [0, 1]; a std below 1e-3 would blow inputs up past any weight's
 # range (1/255, which turns x/255 back into x, is still allowed). JSON's NaN/Infinity are refused.
@@ -226,7 +227,7 @@ class NotifySpec(BaseModel):
 
         if len(v) > MAX_NOTIFY_URL_LENGTH:
             raise ValueError(f"notify.url is longer than {MAX_NOTIFY_URL_LENGTH} characters")
-        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        if any(c.isspace() for c in v) or has_control_character(v):
             raise ValueError("notify.url must not contain spaces or control characters")
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https"):

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import torch
 
+from core.ranges import has_control_character
+
 CheckpointFormat = Literal["safetensors", "torch", "backdoorbench"]
 
 
@@ -55,7 +57,7 @@ def check_global_name(qualified: str) -> None:
     """Refuse a pickled global whose name holds a control character: no Python module or attribute is named so,
     and the name goes into the report (a NUL, which PostgreSQL's jsonb refuses, failed the finished scan's
     write after the whole run)."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in qualified):
+    if has_control_character(qualified):
         raise CheckpointError(f"PyTorch checkpoint's pickle names a global with a control character "
                               f"({qualified[:80]!r}); no Python module or attribute is named so")
 
