@@ -142,14 +142,36 @@ STATE_COPIES = 5
 moments and the best ones kept (core/detect/inversion.py); MM-BD's starting images have no best copy (4)."""
 
 
-def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits) -> None:
+def _feature_map_shape(model: Any, image_shape: tuple[int, int, int], depth: float) -> tuple[int, int, int] | None:
+    """The (C, H, W) of the map the feature inversion changes (``core.detect.feature_inversion.feature_layer`` at
+    ``depth``), found on the shape-only model; ``None`` where the model is not on the meta device, cannot run
+    shape-only or has no such map (the worker then finds out, and its steps still run in chunks of classes)."""
+    import torch
+
+    from core.detect.feature_inversion import feature_layer
+
+    if model is None or not any(p.is_meta for p in model.parameters()):
+        return None
+    h, w, c = image_shape
+    try:
+        with torch.device("meta"):
+            return feature_layer(model, torch.empty(1, c, h, w), depth).shape
+    except (NotImplementedError, RuntimeError, ValueError, AssertionError, IndexError, TypeError):
+        return None
+
+
+def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], limits: DataLimits,
+                            model: Any = None) -> None:
     """An inversion step stamps its batch of clean images once per class; past a step's bounds the detectors run
     the classes in chunks of whole classes (docs/detect.md), so what cannot run is one class's batch over them: more
     images than any step may hold (``MAX_BATCH_SIZE``, the repairs' bound; not the feature inversion, whose copies
     are of a late feature map) or more float32 bytes, in images of the upload's size and their logits, than any
     one upload may make the service allocate (``limits.max_expanded_bytes``). The per-class trigger state (K masks
     and patterns, K perturbations, K x mm_starts images, with their gradients and Adam moments) is held whole:
-    refused past the same byte bound. Each refusal names the setting and the largest value that fits."""
+    refused past the same byte bound. The feature inversion's copies are of the feature map it changes, which
+    can be many times an image (64 channels at full resolution against 3): with ``model`` (shape-only) that map's
+    bytes count where they are larger, and its per-class change (K x its channels) is held to the bound too.
+    Each refusal names the setting and the largest value that fits."""
     cfg = _detector_config(spec)
     if cfg is None:
         return
@@ -161,25 +183,38 @@ def _check_detector_batches(spec: ScanSpec, image_shape: tuple[int, int, int], l
     item_bytes = image_bytes + 4 * k  # a stamped image and its row of logits (core/detect/inversion.py: step_chunks)
     nc_users = set(cfg.detectors) & {"neural_cleanse", "universal_perturbation", "untargeted"}
     per_class = {"nc_batch_size": cfg.nc_batch_size} if nc_users else {}
+    fmap = _feature_map_shape(model, image_shape, cfg.fi_depth) if "feature_inversion" in cfg.detectors else None
+    item_of = {"fi_batch_size": max(image_bytes, 4 * fmap[0] * fmap[1] * fmap[2]) + 4 * k} if fmap else {}
     if "feature_inversion" in cfg.detectors:
         per_class["fi_batch_size"] = cfg.fi_batch_size
     if "max_margin" in cfg.detectors:
         per_class["mm_starts"] = cfg.mm_starts
     off = '"detect": {"enabled": false}'
     for name, per in per_class.items():
+        item = item_of.get(name, item_bytes)
+        what = (f"copies of the {fmap[0]}x{fmap[1]}x{fmap[2]} feature map it changes (for {w}x{h}x{c} images)"
+                if name in item_of else f"images of {w}x{h}x{c}")
         if name != "fi_batch_size" and per > MAX_BATCH_SIZE:  # (the config's own range keeps under it today)
             raise InputError(f"spec.detect.params.{name}",
                              f"one class's batch of {name} = {per} images is over the {MAX_BATCH_SIZE} images a step "
                              f"may hold (the batch-size bound of every repair); set {name} to at most "
                              f"{MAX_BATCH_SIZE}, or set {off}")
-        if per * item_bytes > limits.max_expanded_bytes:
-            most = limits.max_expanded_bytes // item_bytes
+        if per * item > limits.max_expanded_bytes:
+            most = limits.max_expanded_bytes // item
             fix = f"set {name} to at most {most}" if most >= 1 else "use smaller images"
             raise InputError(f"spec.detect.params.{name}",
-                             f"one class's batch of {name} = {per} images of {w}x{h}x{c} (with their {k} logits) is "
-                             f"{_size(per * item_bytes)} as float32, over the {_size(limits.max_expanded_bytes)} an "
+                             f"one class's batch of {name} = {per} {what} (with their {k} logits) is "
+                             f"{_size(per * item)} as float32, over the {_size(limits.max_expanded_bytes)} an "
                              f"upload may make the service allocate (a step runs its classes in chunks, never less "
                              f"than one class); {fix}, or set {off}")
+    if fmap and k * STATE_COPIES * 4 * fmap[0] > limits.max_expanded_bytes:  # K channel shifts, grads, moments, best
+        most = limits.max_expanded_bytes // (STATE_COPIES * 4 * fmap[0])
+        raise InputError("spec.detect.params.detectors",
+                         f"the feature inversion holds per class a shift of the {fmap[0]} channels of its feature "
+                         f"map with its gradient, Adam moments and best copy: {_size(k * STATE_COPIES * 4 * fmap[0])}"
+                         f" for num_classes={k}, over the {_size(limits.max_expanded_bytes)} an upload may make the "
+                         f"service allocate (at most {most} classes fit); leave feature_inversion out of detectors, "
+                         f"or set {off}")
     # the trigger state per family: the mask (1 x H x W) and pattern (C x H x W) of the patch, the additive change
     families = {"patch": c + 1, "additive": c}
     users = {"patch": [d for d in ("neural_cleanse",) if d in cfg.detectors],
@@ -321,7 +356,7 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
         except ValueError as exc:
             raise InputError("spec.repair_data.params.scorer", str(exc)) from exc
         _check_ekfac_factors(model, f"{m.architecture} with num_classes={m.num_classes}", limits)
-    _check_detector_batches(spec, image_shape, limits)
+    _check_detector_batches(spec, image_shape, limits, model)
 
 
 def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> LoadedInputs:

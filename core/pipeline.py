@@ -91,7 +91,10 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     torch.manual_seed(spec.seed)
 
     progress.stage("load", *spans["load"])
-    loaded = load_inputs(spec, inputs, limits or DataLimits())
+    limits = limits or DataLimits()
+    loaded = load_inputs(spec, inputs, limits)
+    # the operator's allocation bound, which the upload's checks held the detector's steps to, holds at run time too
+    step_bytes = limits.max_expanded_bytes
     model = create_model(spec.model.architecture, spec.model.num_classes, spec.model.in_channels)
     load_weights(model, loaded.checkpoint.state_dict)
     model.to(dev).eval()
@@ -132,12 +135,12 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     }
     artifacts: dict[str, Path] = {}
     report["verdict"] = _detect(spec, model, train_set, norm, dev, progress.stage("detect", *spans["detect"]),
-                                work_dir, artifacts, "trigger_class")
+                                work_dir, artifacts, "trigger_class", step_bytes)
     repaired: torch.nn.Module | None = None  # the model a repair mode returns; a scan has none
     final_scan: Any = None  # the detector's result on the repaired model where the repair already scanned it
     if spec.mode == "repair":
         repaired, final_scan = _repair(spec, model, train_set, norm, dev, progress.stage("repair", *spans["repair"]),
-                                       report)
+                                       report, step_bytes)
     elif spec.mode == "repair_data":
         assert loaded.training is not None  # load_inputs requires training_data in this mode
         report["data"]["training_images"] = len(loaded.training)
@@ -151,7 +154,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
         report["after"] = after
         after["verdict"] = _detect(spec, repaired, train_set, norm, dev,
                                    progress.stage("detect_after", *spans["detect_after"]), work_dir, artifacts,
-                                   "repaired_trigger_class", reuse=final_scan)
+                                   "repaired_trigger_class", step_bytes, reuse=final_scan)
         if before["asr"] is not None and after["asr"] is not None:
             from core.metrics import defense_effectiveness_rating
 
@@ -168,7 +171,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
 
 
 def _repair(spec: ScanSpec, model: torch.nn.Module, train_set: ImageSet, norm: Any, dev: torch.device,
-            stage: Progress, report: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+            stage: Progress, report: dict[str, Any], step_bytes: int) -> tuple[torch.nn.Module, Any]:
     """Mode repair: the backdoor repair on the clean part; its account goes to ``report["repair"]``. Returns the
     repaired model and the detector's result on it where the repair scanned it with the spec's detect config
     (tsbd's escalation), else ``None``."""
@@ -180,7 +183,8 @@ def _repair(spec: ScanSpec, model: torch.nn.Module, train_set: ImageSet, norm: A
         dcfg = detect_config(spec.detect.params) if spec.detect.enabled else None
         result = _repair_registry().repair(spec.repair.method, model, train_set, norm, spec.repair.params, dev,
                                            spec.model.num_classes, spec.seed, progress=stage,
-                                           verdict=report["verdict"].get("label"), detect_config=dcfg)
+                                           verdict=report["verdict"].get("label"), detect_config=dcfg,
+                                           detect_step_bytes=step_bytes)
     except ValueError as exc:  # parameters the method's config refuses
         raise InputError("spec.repair.params", str(exc)) from exc
     report["repair"] = {"method": result.method, "params": result.params, "chosen": result.chosen,
@@ -265,7 +269,7 @@ def write_sample_scores(path: Path, labels: np.ndarray, scores: np.ndarray, flag
 
 
 def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, dev: torch.device,
-            stage: Progress, work_dir: Path, artifacts: dict[str, Path], prefix: str,
+            stage: Progress, work_dir: Path, artifacts: dict[str, Path], prefix: str, step_bytes: int,
             reuse: Any = None) -> dict[str, Any]:
     """The detector's verdict on ``model`` from the clean data the repair may learn from (never the evaluation
     set, so ACC/ASR stay independent of it); each inverted trigger becomes a PNG artifact ``<prefix>_<k>``.
@@ -287,7 +291,7 @@ def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, 
 
     try:
         result = scan_model(model, clean, norm, detect_config(spec.detect.params), dev, spec.model.num_classes,
-                            spec.seed, progress=stage.update, should_stop=should_stop)
+                            spec.seed, progress=stage.update, should_stop=should_stop, max_step_bytes=step_bytes)
     except ConfigError as exc:  # a setting refused only once the data are known
         raise InputError(f"spec.detect.params.{exc.field}", str(exc)) from exc
     except ValueError as exc:  # data the detector cannot use (too few clean images, labels out of range)

@@ -45,7 +45,8 @@ class RepairMethod:
     param_types: Mapping[str, Any]
     configure: Callable[[dict[str, Any], int], Any]  # (checked params, seed) -> the method's config
     run: Callable[..., RepairResult]  # (model, clean, norm, config, device, num_classes, progress[, verdict, ...])
-    # run() reads the detector's verdict on the model and its config (keywords ``verdict``, ``detect_config``)
+    # run() reads the detector's verdict on the model, its config and its allocation bound (keywords ``verdict``,
+    # ``detect_config``, ``detect_step_bytes``)
     takes_verdict: bool = False
 
 
@@ -67,9 +68,9 @@ def _tsbd_config(auto: bool) -> Callable[[dict[str, Any], int], TSBDConfig]:
 def _run_tsbd(auto: bool) -> Callable[..., RepairResult]:
     def run(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSBDConfig, device: torch.device | str,
             num_classes: int, progress: Progress, verdict: str | None = None,
-            detect_config: Any = None) -> RepairResult:
+            detect_config: Any = None, detect_step_bytes: int | None = None) -> RepairResult:
         result = tsbd_repair(model, clean, norm, cfg, device, progress, num_classes, verdict,
-                             detect_config=detect_config)
+                             detect_config=detect_config, detect_step_bytes=detect_step_bytes)
         result.method = "tsbd" if auto else "tsbd_fixed"
         return result
 
@@ -147,14 +148,15 @@ def validate_params(method: str, params: Mapping[str, object], seed: int = 0) ->
 def repair(method: str, model: nn.Module, clean: ImageSet, norm: Normalization, params: Mapping[str, object],
            device: torch.device | str, num_classes: int, seed: int = 0,
            progress: Progress | None = None, verdict: str | None = None,
-           detect_config: Any = None) -> RepairResult:
+           detect_config: Any = None, detect_step_bytes: int | None = None) -> RepairResult:
     """Run repair ``method`` on a copy of ``model`` with the clean subset; ``params`` override the method's
     defaults (see :data:`REPAIR_METHODS` for names and types). Bad values (e.g. a negative learning rate) raise
     ``ValueError``; ``progress`` gets the method's stages, and its ``check()`` may raise ``StopRequested``.
     ``verdict``: the trigger-free detector's verdict on ``model`` ("clean" / "suspicious" / "backdoored"), for
     the methods that read it (the automatic ``tsbd``'s ``clean_check``: it keeps a clean model as it is or
     repairs it gently, unless ``force_repair``); ``detect_config``: the detector's ``DetectConfig`` for the
-    scans such a method runs itself (``None``: the detector's defaults)."""
+    scans such a method runs itself (``None``: the detector's defaults), ``detect_step_bytes`` the float32 bytes one
+    of their steps may take (``core.detect.scan_model``'s ``max_step_bytes``; ``None``: its default)."""
     checked = validate_params(method, params, seed)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -165,7 +167,8 @@ def repair(method: str, model: nn.Module, clean: ImageSet, norm: Normalization, 
     if robust:
         last_linear(model)  # refuse before a long repair when there is no head to refit
     entry = REPAIR_METHODS[method]
-    extra = {"verdict": verdict, "detect_config": detect_config} if entry.takes_verdict else {}
+    extra = ({"verdict": verdict, "detect_config": detect_config, "detect_step_bytes": detect_step_bytes}
+             if entry.takes_verdict else {})
     result = entry.run(model, clean, norm, entry.configure(checked, seed), device, num_classes, progress, **extra)
     result.params["robust_hparams"] = robust
     if robust:

@@ -20,8 +20,8 @@ ProgressFn = Callable[[float], None]
 StopFn = Callable[[], bool]
 
 STEP_IMAGES = MAX_BATCH_SIZE  # the most full images one detector forward pass holds (every batch's bound)
-STEP_BYTES = 4 * 1024**3  # the most float32 bytes one pass's stamped inputs and logits take: the service's default
-# ANTIDOTE_MAX_ZIP_EXPANDED_BYTES (store/settings.py), the bound the upload held a whole step to before chunking
+STEP_BYTES = 4 * 1024**3  # the most float32 bytes one pass's stamped inputs and logits take by default: the service's
+# default ANTIDOTE_MAX_ZIP_EXPANDED_BYTES (store/settings.py); the pipeline passes the operator's value (scan_model)
 """The bounds a detector step's one forward pass keeps to: the K classes' stamped batches are split into chunks
 of whole classes that fit both (:func:`class_chunks`); one pass when everything fits, as before."""
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
-from core.detect.base import DetectContext, DetectorResult, ProgressFn, StopFn, frozen_model
+from core.detect.base import STEP_BYTES, DetectContext, DetectorResult, ProgressFn, StopFn, frozen_model
 from core.detect.config import DetectConfig
 from core.detect.registry import DETECTORS
 from core.detect.verdict import combine
@@ -34,10 +34,13 @@ class DetectionResult:
 
 def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: DetectConfig | None = None,
                device: torch.device | str = "cpu", num_classes: int | None = None, seed: int = 0,
-               progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> DetectionResult:
+               progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+               max_step_bytes: int = STEP_BYTES) -> DetectionResult:
     """Run ``config.detectors`` on ``model`` (already on ``device``) with at most ``config.max_images`` of the
     ``clean`` images; ``progress(fraction)`` is called as work advances and ``should_stop()`` polled between
-    steps (raising :class:`core.detect.DetectionStopped`). The model's modes and gradient flags are restored."""
+    steps (raising :class:`core.detect.DetectionStopped`). The model's modes and gradient flags are restored.
+    ``max_step_bytes``: the float32 bytes one step's stamped inputs may take before its classes run in chunks
+    (the service passes its operator's allocation bound, ``ANTIDOTE_MAX_ZIP_EXPANDED_BYTES``)."""
     cfg = config or DetectConfig()
     if len(clean) < MIN_IMAGES:
         raise ValueError(f"the detector needs at least {MIN_IMAGES} clean images, got {len(clean)}")
@@ -46,6 +49,8 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
         num_classes = int(clean.y.max()) + 1
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if max_step_bytes < 1:
+        raise ValueError(f"max_step_bytes must be positive, got {max_step_bytes}")
     if int(clean.y.max()) >= num_classes or int(clean.y.min()) < 0:
         raise ValueError(f"clean labels must lie in [0, {num_classes - 1}], got {int(clean.y.min())}.."
                          f"{int(clean.y.max())}")
@@ -56,7 +61,7 @@ def scan_model(model: nn.Module, clean: ImageSet, norm: Normalization, config: D
     labels = torch.as_tensor(clean.y, dtype=torch.int64).to(dev)
     ctx = DetectContext(model=model, clean=clean, pixels=pixels, labels=labels, norm=norm, device=dev,
                         num_classes=num_classes, seed=seed, config=cfg, progress=progress,
-                        should_stop=should_stop)
+                        should_stop=should_stop, max_step_bytes=max_step_bytes)
     results: dict[str, DetectorResult] = {}
     n = len(cfg.detectors)
     for i, name in enumerate(cfg.detectors):

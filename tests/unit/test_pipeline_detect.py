@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.inputs import ScanInputs, UploadedFile
@@ -126,3 +127,60 @@ def test_the_repairs_own_scans_use_the_specs_detect_config(tmp_path: Path, monke
     after = result.report["after"]["verdict"]
     assert "reused" in after and after["label"] == escalation["attempts"][-1]["verdict"]
     assert after["score"] == escalation["attempts"][-1]["score"]
+
+
+def test_the_operators_allocation_bound_sizes_the_detectors_chunks(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator who lowers ANTIDOTE_MAX_ZIP_EXPANDED_BYTES lowers the bytes one detector step may take at run
+    time too, not only at upload: every step's chunking is sized by the limits the pipeline was given, and a
+    step over that bound (10 classes x 64 images of 8x8 with their logits: 189 KB against 120 KB) runs in chunks."""
+    import core.detect.inversion as inversion
+    from core.data.limits import DataLimits
+
+    bound, calls = 120_000, []
+    real = inversion.class_chunks
+
+    def recording(k: int, per_class: int, item_bytes: int, max_items: int | None, max_bytes: int
+                  ) -> list[tuple[int, int]]:
+        chunks = real(k, per_class, item_bytes, max_items, max_bytes)
+        calls.append((max_bytes, len(chunks)))
+        return chunks
+
+    monkeypatch.setattr(inversion, "class_chunks", recording)
+    detect = {"enabled": True, "params": {"detectors": ["neural_cleanse"], "nc_steps": 3, "nc_batch_size": 64,
+                                          "max_images": 200}}
+    result = run_pipeline(_spec(detect=detect), _inputs(tmp_path), tmp_path, device="cpu",
+                          limits=DataLimits(max_expanded_bytes=bound))
+    assert result.report["verdict"]["label"] in ("clean", "suspicious", "backdoored")
+    assert calls and {b for b, _ in calls} == {bound}
+    assert min(n for _, n in calls) > 1  # 10 classes of 18.9 KB in chunks of at most 6
+
+
+def test_the_repairs_own_scans_get_the_same_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The automatic tsbd's own detector scans (clean_check "scan", escalation) run with the bound the registry
+    is given: it reaches ``tsbd_repair`` and, through ``detector_scan``, ``scan_model``."""
+    import core.defenses.registry as registry
+    import core.defenses.tsbd.repair as tsbd_repair_module
+    from core.data.imageset import ImageSet
+    from core.data.transforms import Normalization
+
+    seen: dict[str, object] = {}
+
+    def fake_scan_model(*args: object, **kwargs: object) -> object:
+        seen["scan_model"] = kwargs.get("max_step_bytes")
+        raise RuntimeError("stop here")
+
+    def capture(*args: object, **kwargs: object) -> object:
+        seen["tsbd_repair"] = kwargs.get("detect_step_bytes")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("core.detect.scan_model", fake_scan_model)
+    clean = ImageSet(np.zeros((12, 4, 4, 1), np.uint8), np.arange(12) % 2)
+    scan = tsbd_repair_module.detector_scan(clean, Normalization((0.5,), (0.5,)), "cpu", 2, 0, None, 77_000)
+    with pytest.raises(RuntimeError, match="stop here"):
+        scan(torch.nn.Identity(), Progress())
+    monkeypatch.setattr(registry, "tsbd_repair", capture)
+    with pytest.raises(RuntimeError, match="stop here"):
+        registry.repair("tsbd", torch.nn.Identity(), clean, Normalization((0.5,), (0.5,)), {}, "cpu", 2,
+                        detect_step_bytes=88_000)
+    assert seen == {"scan_model": 77_000, "tsbd_repair": 88_000}

@@ -87,7 +87,9 @@ def test_only_one_class_s_batch_is_bounded_by_the_allocation_limit(tmp_path: Pat
     assert err.field == "spec.detect.params.nc_batch_size" and "set nc_batch_size to at most 221" in err.message
     assert "one class's batch" in err.message
     err = _refused(_spec("resnet20", 10, 1, detect={"params": {"fi_batch_size": 400}}), inputs, limits)
-    assert err.field == "spec.detect.params.fi_batch_size" and "set fi_batch_size to at most 221" in err.message
+    # the feature inversion's copies are of resnet20's last map, 64 x 2 x 2 floats (1 KiB) for 8x8 images
+    assert err.field == "spec.detect.params.fi_batch_size" and "set fi_batch_size to at most 61" in err.message
+    assert "64x2x2 feature map" in err.message
     # the detector off: nothing is stamped, unless a tsbd repair scans the model itself (with the defaults)
     load_inputs(_spec("resnet20", 10, 1, detect={"enabled": False, "params": {"nc_batch_size": 1024}}), inputs, limits)
     load_inputs(_spec("resnet20", 10, 1, detect={"enabled": True}), inputs, limits)
@@ -202,3 +204,30 @@ def test_the_feature_inversion_s_copies_are_not_held_to_the_image_count(tmp_path
     inputs = _inputs(tmp_path, "resnet20", 10, 8, 1)
     load_inputs(_spec("resnet20", 10, 1, detect={"params": {"fi_batch_size": 1024}}), inputs, DataLimits())
     load_inputs(_spec("resnet20", 10, 1, detect={"params": {"nc_batch_size": 1024}}), inputs, DataLimits())
+
+
+def test_the_feature_inversion_s_batch_is_counted_in_its_feature_maps(tmp_path: Path) -> None:
+    """At ``fi_depth`` 0 resnet20 changes its stem's 16 x 32 x 32 map, five times the bytes of a 32x32x3 image:
+    one class's 32 copies (2 MiB) are refused under a 1 MiB bound, naming the map and the batch that fits, where
+    counting images (0.4 MiB) would have let the worker allocate twice the bound; at the default depth (the last
+    map, 64 x 8 x 8) the same batch passes."""
+    inputs = _inputs(tmp_path, "resnet20", 10, 32, 3)
+    limits = DataLimits(max_expanded_bytes=2**20)
+    only_fi = {"detectors": ["feature_inversion"], "voting_detectors": ["feature_inversion"]}
+    err = _refused(_spec("resnet20", 10, 3, detect={"params": {**only_fi, "fi_depth": 0.0}}), inputs, limits)
+    assert err.field == "spec.detect.params.fi_batch_size", err.message
+    assert "16x32x32 feature map" in err.message and "set fi_batch_size to at most 15" in err.message
+    load_inputs(_spec("resnet20", 10, 3, detect={"params": only_fi}), inputs, limits)
+
+
+def test_the_feature_inversion_s_per_class_shift_is_bounded(tmp_path: Path) -> None:
+    """Per class the feature inversion keeps a shift of its map's channels (64 for resnet20) with its gradient, Adam
+    moments and best copy: 1.25 KiB a class, so 2,000 classes (2.4 MiB) are refused under a 1 MiB bound, naming
+    the classes that fit, and 500 pass."""
+    only_fi = {"detectors": ["feature_inversion"], "voting_detectors": ["feature_inversion"], "fi_batch_size": 1}
+    limits = DataLimits(max_expanded_bytes=2**20)
+    err = _refused(_spec("resnet20", 2000, 1, detect={"params": only_fi}), _inputs(tmp_path, "resnet20", 2000, 8, 1),
+                   limits)
+    assert err.field == "spec.detect.params.detectors" and "at most 819 classes fit" in err.message, err.message
+    load_inputs(_spec("resnet20", 500, 1, detect={"params": only_fi}), _inputs(tmp_path, "resnet20", 500, 8, 1),
+                limits)

@@ -36,15 +36,17 @@ Scan = Callable[[nn.Module, Progress], dict[str, Any]]
 
 
 def detector_scan(clean: ImageSet, norm: Normalization, device: torch.device | str, num_classes: int, seed: int,
-                  config: Any = None) -> Scan:
+                  config: Any = None, max_step_bytes: int | None = None) -> Scan:
     """The trigger-free detector (``core.detect.scan_model`` with ``config``, a ``DetectConfig`` or ``None`` for
-    its defaults: the pipeline passes its own) on the repair's clean subset, as a function of the model."""
+    its defaults: the pipeline passes its own, and its allocation bound ``max_step_bytes``; ``None``: the
+    detector's default) on the repair's clean subset, as a function of the model."""
 
     def scan(model: nn.Module, progress: Progress) -> dict[str, Any]:
         from core.detect import scan_model
 
+        bound = {} if max_step_bytes is None else {"max_step_bytes": max_step_bytes}
         result = scan_model(model, clean, norm, config, device, num_classes, seed, progress=progress.update,
-                            should_stop=lambda: bool(progress.check()))
+                            should_stop=lambda: bool(progress.check()), **bound)
         return {"verdict": result.verdict, "score": result.score,
                 "suspected_targets": list(result.suspected_targets), "result": result}
 
@@ -66,7 +68,8 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
                 device: torch.device | str, progress: Progress | None = None,
                 num_classes: int | None = None, verdict: str | None = None,
                 subset_filter: SubsetFilterConfig | None = SubsetFilterConfig(),
-                detect_config: Any = None, scan: Scan | None = None) -> RepairResult:
+                detect_config: Any = None, scan: Scan | None = None,
+                detect_step_bytes: int | None = None) -> RepairResult:
     """Repair ``model`` with TSBD on the clean subset; ``cfg.neuron_ratio=None`` chooses ``n`` automatically
     from the clean subset (``cfg.auto_rule``: :func:`choose_by_recovery` or :func:`choose_neuron_ratio`).
     ``subset_filter`` (used when ``cfg.subset_filter``; ``None`` switches it off) first drops the subset's
@@ -75,7 +78,8 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     (``cfg.clean_check``): a model called clean is returned unrepaired (``cfg.clean_action="keep"``) or repaired
     gently (``"gentle"``: the retention rule's n; with ``cfg.escalate``, repaired again with a larger n while the
     detector still flags the result, :func:`_escalate`), unless ``cfg.force_repair``. ``detect_config``: the
-    detector's ``DetectConfig`` for the scans done here (``None``: its defaults); ``scan`` replaces the detector
+    detector's ``DetectConfig`` for the scans done here (``None``: its defaults) and ``detect_step_bytes`` their
+    allocation bound (``core.detect.scan_model``'s ``max_step_bytes``); ``scan`` replaces the detector
     altogether (tests). ``model`` is not modified; the result holds a new module on ``device`` in eval mode."""
     rt = runtime_for(device)
     progress = progress or Progress()
@@ -91,7 +95,7 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
         raise ValueError("the model has no Conv2d layer TSBD can work on")
 
     k = num_classes if num_classes is not None else infer_num_classes(original, data)
-    scan = scan or detector_scan(clean, norm, device, k, cfg.seed, detect_config)
+    scan = scan or detector_scan(clean, norm, device, k, cfg.seed, detect_config, detect_step_bytes)
     check = _clean_check(original, cfg, verdict, scan, progress.stage("clean_check", 0.01, 0.02))
     if check["action"] == "kept":
         return _kept(original, cfg, check, progress)
