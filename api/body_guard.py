@@ -17,6 +17,18 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _CLOSE = (b"connection", b"close")
+# a Content-Length of more digits than this is over every limit anyway; int() of thousands of digits is refused
+# (Python's 4,300-digit bound) or slow, so a longer one is read as no valid length
+MAX_LENGTH_DIGITS = 19
+
+
+def content_length(value: bytes | str | None) -> int | None:
+    """A ``Content-Length`` header's value when it is 1 to 19 ASCII digits, else ``None`` (no valid length):
+    ``str.isdigit`` alone passes '²' and other digits ``int`` refuses, a 500 where the client sent a bad header."""
+    if value is None:
+        return None
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+    return int(raw) if raw.isdigit() and len(raw) <= MAX_LENGTH_DIGITS else None  # bytes.isdigit: ASCII only
 
 
 @dataclass
@@ -37,7 +49,7 @@ def _body_of(scope: Scope) -> _Body | None:
     has_body = expects = False
     for name, value in scope["headers"]:
         if name == b"content-length":
-            declared = int(value) if value.isdigit() else None
+            declared = content_length(value)
             has_body = value != b"0"
         elif name == b"transfer-encoding":
             has_body = True

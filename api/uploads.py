@@ -15,6 +15,7 @@ from fastapi import Request
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from api.body_guard import content_length
 from api.errors import ApiError
 from core.ranges import has_control_character
 
@@ -169,8 +170,7 @@ def check_form_headers(request: Request, max_total: int) -> bytes:
 
 def declared_length(request: Request) -> int | None:
     """The body's ``Content-Length`` when the client sent a valid one."""
-    declared = request.headers.get("content-length")
-    return int(declared) if declared is not None and declared.isdigit() else None
+    return content_length(request.headers.get("content-length"))
 
 
 async def receive_form(request: Request, rules: dict[str, PartRule], max_total: int, tmp_dir: Path,

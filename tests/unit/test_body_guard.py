@@ -84,3 +84,18 @@ def test_a_stalled_body_reads_as_a_disconnect_after_the_read_timeout() -> None:
     _run(reader, client, _scope((b"content-length", b"500")), read_timeout_s=0.2)
     assert [m["type"] for m in seen] == ["http.request", "http.request", "http.disconnect"]
     assert client.events[-2:] == ["http.response.start", "http.response.body"]  # answered, not drained
+
+
+def test_a_content_length_is_read_only_from_a_few_ascii_digits() -> None:
+    """'²' (latin-1 0xb2) passes str.isdigit and int() refuses it, and int() refuses 5,000 digits: both were a 500
+    from a bad header; now they read as no valid length (the body's own size is then what the limits count)."""
+    from starlette.requests import Request
+
+    from api.body_guard import content_length
+    from api.uploads import declared_length
+
+    assert content_length(b"5000") == 5000 and content_length("12") == 12 and content_length(None) is None
+    for bad in (b"\xb2", "²", b"9" * 5000, b"-1", b"+5", b" 5", b"", b"1e3", "٣"):
+        assert content_length(bad) is None, bad
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"\xb2")]}
+    assert declared_length(Request(scope)) is None
