@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from fnmatch import fnmatchcase
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -47,10 +48,34 @@ def check_address(ip: IPAddress, allow_private: bool) -> None:
                             "reserved); set ANTIDOTE_WEBHOOK_ALLOW_PRIVATE=true to allow it")
 
 
-def resolve_checked(host: str, port: int, allow_private: bool) -> IPAddress:
-    """Resolve once and return the first address that passes; the caller connects to exactly that address
-    (no second lookup a DNS rebinding could answer differently). Refused if any answer is refused, since a
-    name that also points inside is a probe."""
+def _lookup(host: str, port: int, timeout_s: float | None) -> list:
+    """``socket.getaddrinfo`` within ``timeout_s`` (``None``: the resolver's own, which can be tens of seconds per
+    name: a receiver's slow DNS would hold the worker past ANTIDOTE_WEBHOOK_TIMEOUT_S). The lookup runs in a
+    daemon thread, left to the resolver's own timeout once abandoned; ``TimeoutError`` (an ``OSError``) past it."""
+    if timeout_s is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread as it is
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="webhook-dns", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"resolving {host!r} took more than {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["infos"]  # type: ignore[return-value]
+
+
+def resolve_checked(host: str, port: int, allow_private: bool, timeout_s: float | None = None) -> IPAddress:
+    """Resolve once (within ``timeout_s``) and return the first address that passes; the caller connects to
+    exactly that address (no second lookup a DNS rebinding could answer differently). Refused if any answer is
+    refused, since a name that also points inside is a probe."""
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -59,7 +84,7 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> IPAddress:
         check_address(literal, allow_private)
         return literal
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _lookup(host, port, timeout_s)
     except socket.gaierror as exc:
         raise OSError(f"cannot resolve {host!r}: {exc.strerror}") from exc
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]

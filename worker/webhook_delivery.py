@@ -100,7 +100,7 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
         host = parts.hostname
         check_host(host, settings.webhook_host_patterns)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        ip = resolve_checked(host, port, settings.webhook_allow_private)
+        ip = resolve_checked(host, port, settings.webhook_allow_private, settings.webhook_timeout_s)
         cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
         conn = cls(host, port, ip, settings.webhook_timeout_s)
         deadline = _Deadline(conn, settings.webhook_timeout_s)

@@ -222,6 +222,32 @@ def test_a_receiver_dripping_its_headers_is_cut_off_at_the_timeout(tmp_path: Pat
     assert took < 3.0
 
 
+def test_a_name_whose_lookup_hangs_is_given_up_at_the_timeout(tmp_path: Path, sessions,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver's DNS is its own too: a lookup that takes 30 s (a resolver that never answers) held the try
+    for the resolver's whole timeout, past ANTIDOTE_WEBHOOK_TIMEOUT_S. The resolver is replaced here by one that
+    sleeps (the machine's own cannot be pointed at a silent server)."""
+    import store.webhook_guard as guard
+
+    release = threading.Event()
+
+    def hanging(*_args: object, **_kw: object) -> list:
+        release.wait(30.0)
+        raise socket.gaierror(socket.EAI_AGAIN, "gave up")
+
+    monkeypatch.setattr(guard.socket, "getaddrinfo", hanging)
+    scan_id = _ended_scan(sessions, "http://slow-dns.example/hook")
+    started = time.monotonic()
+    try:
+        result = attempt_delivery(sessions, _settings(tmp_path, webhook_allowed_hosts="slow-dns.example",
+                                                      webhook_timeout_s=0.5), scan_id, "d", 1)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 3.0
+    assert result.outcome == "retrying" and "resolving 'slow-dns.example' took more than 0.5 s" in (
+        result.error or ""), result
+
+
 def test_an_error_quoting_the_receivers_bytes_is_recorded_printable(tmp_path: Path, sessions) -> None:
     """http.client's BadStatusLine quotes the receiver's status line: a NUL there went into the attempt's record,
     which PostgreSQL refuses (the write failed, the try went unrecorded)."""
