@@ -20,6 +20,10 @@ from api.errors import ApiError
 from core.ranges import has_control_character
 
 SPEC_MAX_BYTES = 64 * 1024
+# one header line of a part (its Content-Disposition carries the filename): python-multipart's own default, stated
+MAX_PART_HEADER_BYTES = 4096 + 128
+# a filename is stored with the scan and shown to clients: the longest name common file systems allow (NAME_MAX)
+MAX_FILENAME_CHARS = 255
 
 
 @dataclass
@@ -112,6 +116,9 @@ class MultipartReceiver:
             # stored with the scan (jsonb refuses a NUL: the INSERT failed with a 500) and shown to clients
             self.fail(ApiError(422, f"part {part.name!r} has a filename with a control character "
                                     f"{(part.filename or '')[:200]!r}", field=part.name))
+        elif rule.is_file and len(part.filename or "") > MAX_FILENAME_CHARS:
+            self.fail(ApiError(422, f"part {part.name!r} has a filename of {len(part.filename or '')} characters, "
+                                    f"over the {MAX_FILENAME_CHARS} a filename may have", field=part.name))
         elif rule.is_file:
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{part.name}-")
             part.file, part.path = os.fdopen(fd, "wb"), Path(tmp)
@@ -180,7 +187,8 @@ async def receive_form(request: Request, rules: dict[str, PartRule], max_total: 
     ``on_bytes`` sees every chunk's size before it is written (the spool budget refuses there)."""
     boundary = check_form_headers(request, max_total)
     receiver = MultipartReceiver(rules, tmp_dir)
-    parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=16)
+    parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=16,
+                             max_header_size=MAX_PART_HEADER_BYTES)
     form = receiver.form
     try:
         async for chunk in request.stream():
@@ -199,6 +207,9 @@ async def receive_form(request: Request, rules: dict[str, PartRule], max_total: 
         raise ApiError(408, "the upload stopped before its end: the client left or sent nothing for "
                             f"{request.app.state.settings.body_read_timeout_s:g} s") from exc
     except Exception as exc:  # the parser's own errors: a malformed body
+        if "header size" in str(exc):  # which part cannot be told: its name is in the line that was too long
+            raise ApiError(422, f"malformed multipart body: a part's header line is over {MAX_PART_HEADER_BYTES} "
+                                f"bytes (a filename of at most {MAX_FILENAME_CHARS} characters fits)") from exc
         raise ApiError(422, f"malformed multipart body: {exc}") from exc
     finally:
         receiver.close()

@@ -456,6 +456,21 @@ def test_a_filename_with_a_control_character_is_422_naming_the_part(
     assert scans_of(prod_settings, auth) == 0
 
 
+@pytest.mark.parametrize("length,field", [(300, "model"), (10_000, None)])
+def test_a_filename_too_long_is_422_and_says_so(prod_client: TestClient, prod_settings: Settings,
+                                                files: dict[str, Path], length: int, field: str | None) -> None:
+    """A 300-character filename was stored with the scan and shown to clients; a 10 KB one was refused by the
+    parser's header bound with its own words. Both answers say what was too long, the first naming the part."""
+    auth = {"Authorization": f"Bearer {new_key(prod_settings)}"}
+    body, headers = _raw_form([(b'name="spec"', spec_json().encode()),
+                               (b'name="model"; filename="' + b"m" * length + b'"', files["model"].read_bytes()),
+                               (b'name="clean_data"; filename="c.npz"', files["clean"].read_bytes())])
+    r = prod_client.post("/scans", headers={**auth, **headers}, content=body)
+    assert r.status_code == 422 and r.json().get("field") == field, r.text
+    assert ("filename of 300 characters" if field else "header line is over 4224 bytes") in r.json()["detail"]
+    assert scans_of(prod_settings, auth) == 0
+
+
 @pytest.mark.parametrize("boundary", ["a" * 257, ""])
 def test_a_multipart_boundary_the_parser_cannot_take_is_415(prod_client: TestClient, auth: dict[str, str],
                                                              boundary: str) -> None:
