@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -11,10 +12,12 @@ import numpy as np
 
 from core.data.limits import DataFormatError, DataLimits
 
-# what reading a hostile zip member or image can raise besides our own errors
+# what reading a hostile zip member or image can raise besides our own errors (numpy tokenizes an .npy header:
+# an unclosed bracket in it is a tokenize.TokenError, which is no ValueError)
 ZIP_READ_ERRORS = (
     zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError,
     ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, struct.error, UnicodeDecodeError,
+    tokenize.TokenError,
 )  # fmt: skip
 
 
