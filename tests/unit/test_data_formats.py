@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +255,17 @@ def test_npz_header_larger_than_member_refused(tmp_path: Path) -> None:
         load_image_set(path, limits=DataLimits(max_images=10**7))
 
 
+
+def test_npz_header_with_an_unclosed_bracket_refused(tmp_path: Path) -> None:
+    # numpy tokenizes the header dict: an unclosed bracket raised tokenize.TokenError (no ValueError), a 500
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x.npy", b"\x93NUMPY\x01\x00" + (20).to_bytes(2, "little") + b"{'descr': [[[[[[[[[\n")
+        zf.writestr("y.npy", b"")
+    with pytest.raises(DataFormatError, match="array 'x.npy' has an unreadable header"):
+        load_image_set(path)
+
+
 def test_zip_total_pixel_budget(tmp_path: Path) -> None:
     path = _zip(tmp_path / "d.zip", {f"0/{i}.png": _png((16, 16)) for i in range(5)})
     with pytest.raises(DataFormatError, match="5 images of 16x16 hold 1280 pixels together, over the limit of 1000"):
@@ -273,6 +286,27 @@ def test_zip_decodes_into_one_array_mixed_modes(tmp_path: Path) -> None:
     data = load_image_set(path)
     assert data.x.shape == (2, 6, 8, 3) and data.x.flags.c_contiguous
     assert data.x[0, 0, 0].tolist() == [9, 9, 9] and data.x[1, 0, 0].tolist() == [5, 10, 15]
+
+
+
+def test_zip_png_inflated_ancillary_chunks_never_reach_pil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 200 iCCP and 200 keyword-less zTXt chunks of 1 KiB each: PIL inflated every one to 1 MiB on the header
+    # read and again on the decode (0.9 s for a 210 kB image, an hour of the API's time for a 1 GiB part)
+    from PIL import PngImagePlugin
+
+    inflated: list[int] = []
+    real = PngImagePlugin._safe_zlib_decompress
+    monkeypatch.setattr(PngImagePlugin, "_safe_zlib_decompress", lambda s: inflated.append(len(s)) or real(s))
+    comp = zlib.compress(bytes(2**20 - 1), 9)
+    extra = b"".join(_png_chunk(b"iCCP", b"p\0\0" + comp) + _png_chunk(b"zTXt", b"\0\0" + comp) for _ in range(200))
+    plain = _png(mode="L", value=9)
+    bomb = plain[:33] + extra + plain[33:]  # after IHDR (8-byte signature, 25-byte chunk)
+    data = load_image_set(_zip(tmp_path / "d.zip", {"0/a.png": bomb, "1/b.png": plain}, zipfile.ZIP_STORED))
+    assert inflated == [] and data.x[:, 0, 0, 0].tolist() == [9, 9]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 @pytest.mark.parametrize(
