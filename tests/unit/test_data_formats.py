@@ -71,6 +71,13 @@ def test_npz_labels_out_of_range(tmp_path: Path) -> None:
         load_image_set(path, num_classes=10)
 
 
+def test_npz_uint64_labels_are_reported_as_stored(tmp_path: Path) -> None:
+    x = np.zeros((2, 4, 4), dtype=np.uint8)
+    path = _npz(tmp_path / "d.npz", x=x, y=np.array([1, 2**64 - 1], dtype=np.uint64))
+    with pytest.raises(DataFormatError, match=r"outside \[0, 10\) \(found labels 1..18446744073709551615\)"):
+        load_image_set(path, num_classes=10)
+
+
 def test_npz_negative_labels_without_num_classes(tmp_path: Path) -> None:
     path = _npz(tmp_path / "d.npz", x=np.zeros((2, 2, 2, 1), np.uint8), y=np.array([0, -3]))
     with pytest.raises(DataFormatError, match="1 of 2 labels are negative"):
