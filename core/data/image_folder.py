@@ -51,7 +51,7 @@ def load_image_zip(
     path: Path, limits: DataLimits, num_classes: int | None
 ) -> tuple[ImageSet, list[str] | None]:
     """The images of an image-folder ``.zip`` and its class names (``None`` when folders are indices)."""
-    zf = open_zip(path, ".zip")
+    zf = open_zip(path, ".zip", limits.max_zip_members)
     with zf:
         members = _image_members(zf, limits)
         labels, class_names = _class_labels(sorted({m.class_name for m in members}), num_classes)

@@ -35,7 +35,7 @@ def load_npz_with_mask(path: Path, limits: DataLimits, num_classes: int | None,
                        mask: str | None = MASK_ARRAY) -> tuple[ImageSet, np.ndarray | None]:
     """The images of an ``.npz`` and its optional boolean array ``mask`` (length N; ``None`` when absent or
     not asked for), checked like ``x`` and ``y`` before anything is read."""
-    zf = open_zip(path, ".npz")
+    zf = open_zip(path, ".npz", limits.max_zip_members)
     with zf:
         names = zf.namelist()
         if len(names) > limits.max_zip_members:

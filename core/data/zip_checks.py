@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data.limits import DataFormatError, DataLimits
+from core.models.checkpoint.archive import count_zip_entries
 
 # what reading a hostile zip member or image can raise besides our own errors (numpy tokenizes an .npy header:
 # an unclosed bracket in it is a tokenize.TokenError, which is no ValueError)
@@ -21,8 +22,11 @@ ZIP_READ_ERRORS = (
 )  # fmt: skip
 
 
-def open_zip(path: Path, kind: str) -> zipfile.ZipFile:
-    """The archive at ``path``, or a :class:`DataFormatError` saying it is no valid ``kind`` file."""
+def open_zip(path: Path, kind: str, max_members: int) -> zipfile.ZipFile:
+    """The archive at ``path``, or a :class:`DataFormatError` saying it is no valid ``kind`` file or has more
+    than ``max_members`` entries (counted before zipfile builds one object per entry)."""
+    if (members := count_zip_entries(path, max_members)) > max_members:
+        raise DataFormatError(f"{kind} has at least {members} members, over the limit of {max_members}")
     try:
         return zipfile.ZipFile(path)
     except ZIP_READ_ERRORS as e:
