@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from cli import client
 from core.data.imageset import ImageSet
@@ -112,11 +113,11 @@ def run_demo(data_dir: Path, port: int) -> int:
             scan_id = client.submit(url, key, spec, inputs)
             final = client.wait(url, key, scan_id, 1800, console)
             if final["status"] != "succeeded":
-                console.print(f"[red]{mode} {final['status']}: {final['error']}[/red]")
+                console.print(f"[red]{mode} {final['status']}: {escape(str(final['error']))}[/red]")
                 return 2
             report = client.fetch_report(url, key, scan_id)
             for line in client.summary_lines(report):
-                console.print(line)
+                console.print(line, markup=False)
             (data_dir / f"{mode}-report.json").write_text(json.dumps(report, indent=2))
             if mode == "repair":
                 client.download_artifact(url, key, scan_id, "repaired_model", data_dir / "repaired_model.safetensors")

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli import client
 from cli.sarif import build_sarif, write_sarif
@@ -95,6 +96,8 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
                 report_path: Path | None, out: Path | None, gate: client.Gate, timeout: float,
                 sarif: Path | None = None, training_data: Path | None = None,
                 scores_out: Path | None = None) -> None:
+    # the server's and the report's text is printed as it is, never read as rich markup: a message quoting
+    # "[/x]" raised MarkupError inside the error handler (exit 1, the gate's code, and no message)
     console = Console(stderr=True)
     try:
         if not api_key:
@@ -107,7 +110,7 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
             if not path.is_file():
                 raise client.ClientError(f"--{name.replace('_', '-')}: no file {path}")
         scan_id = client.submit(url, api_key, spec, files)
-        console.print(f"scan {scan_id} queued")
+        console.print(f"scan {scan_id} queued", markup=False)
         final = client.wait(url, api_key, scan_id, timeout, console)
         if final["status"] != "succeeded":
             error = final.get("error") or {}
@@ -117,25 +120,25 @@ def _client_run(mode: str, model: Path, clean_data: Path, architecture: str | No
             report_path.write_text(json.dumps(report, indent=2))
         if out is not None:
             client.download_artifact(url, api_key, scan_id, "repaired_model", out)
-            console.print(f"repaired weights written to {out}")
+            console.print(f"repaired weights written to {out}", markup=False)
         if scores_out is not None:
             client.download_artifact(url, api_key, scan_id, "sample_scores", scores_out)
-            console.print(f"per-sample scores written to {scores_out}")
+            console.print(f"per-sample scores written to {scores_out}", markup=False)
         for line in client.summary_lines(report):
-            console.print(line)
+            console.print(line, markup=False)
         failures = gate.check(report)
     except client.ClientError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         if sarif is not None and exc.findings is not None:  # a refused checkpoint: what it would have run
             write_sarif(sarif, build_sarif(model, None, [], exc.findings))
         raise typer.Exit(client.ERROR) from exc
     except Exception as exc:  # network errors and the like: still an error, never a gate verdict
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         raise typer.Exit(client.ERROR) from exc
     if sarif is not None:
         write_sarif(sarif, build_sarif(model, report, failures))
     for failure in failures:
-        console.print(f"[red]gate failed:[/red] {failure}")
+        console.print(f"[red]gate failed:[/red] {escape(failure)}")
     if not failures:
         console.print("[green]gate passed[/green]")
     raise typer.Exit(client.GATE_FAILED if failures else client.PASS)
@@ -187,7 +190,7 @@ def _gate(max_asr: float | None, min_acc: float | None, fail_on: str | None,
     try:
         return client.Gate(max_asr, min_acc, fail_on, max_anomaly_index)
     except client.ClientError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(client.ERROR) from exc
 
 
@@ -271,7 +274,7 @@ def open_page(scan_id: Annotated[str | None, typer.Argument(help="a scan; none: 
     try:
         link = client.page_link(url, api_key, scan_id)
     except (client.ClientError, httpx.HTTPError) as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False)
         raise typer.Exit(client.ERROR) from exc
     typer.echo(link)
     if browser:

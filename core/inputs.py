@@ -324,6 +324,8 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
         except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
             why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise InputError("clean_data", f"{m.architecture} cannot take {w}x{h} images: {why}") from exc
+    if any(p.is_meta for p in model.parameters()):
+        _check_trains_on_one_image(spec, model, image_shape)
     linear = any(isinstance(x, nn.Linear) for x in model.modules())
     if spec.mode == "repair" and spec.repair.method in ("tsbd", "tsbd_fixed"):
         from core.defenses.tsbd.config import TSBDConfig
@@ -357,6 +359,31 @@ def _check_model_takes(spec: ScanSpec, image_shape: tuple[int, int, int], limits
             raise InputError("spec.repair_data.params.scorer", str(exc)) from exc
         _check_ekfac_factors(model, f"{m.architecture} with num_classes={m.num_classes}", limits)
     _check_detector_batches(spec, image_shape, limits, model)
+
+
+def _check_trains_on_one_image(spec: ScanSpec, model: Any, image_shape: tuple[int, int, int]) -> None:
+    """A training batch size of 1 on a model whose batch norm then sees one value per channel (torchvision's
+    ResNets reach a 1x1 map on 32x32 images) is refused at the parameter: every step of the repair would fail
+    ('Expected more than 1 value per channel when training'), found only in the worker."""
+    import torch
+
+    section = {"repair": spec.repair.params, "repair_data": spec.repair_data.params}.get(spec.mode, {})
+    ones = [name for name in ("batch_size", "retrain_batch_size") if section.get(name) == 1]
+    if not ones:
+        return
+    h, w, c = image_shape
+    model.train()
+    try:
+        with torch.device("meta"):
+            model(torch.empty(1, c, h, w))
+    except ValueError as exc:
+        field = f"spec.{spec.mode}.params.{ones[0]}"
+        raise InputError(field, f"{ones[0]} 1: {spec.model.architecture} cannot train on one {w}x{h} image at a "
+                                f"time ({str(exc).splitlines()[0][:200]}); use at least 2") from exc
+    except (NotImplementedError, RuntimeError, AssertionError, IndexError, TypeError):
+        pass  # no shape-only form, or a problem the eval-mode check above has named already
+    finally:
+        model.eval()
 
 
 def load_inputs(spec: ScanSpec, inputs: ScanInputs, limits: DataLimits) -> LoadedInputs:

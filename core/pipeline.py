@@ -101,6 +101,7 @@ def run_pipeline(spec: ScanSpec, inputs: ScanInputs, work_dir: Path, device: str
     eval_set, train_set, acc_source = evaluation_split(loaded, spec.seed)
     backdoor = _backdoor_set(spec, loaded, eval_set)
     norm = spec.model.normalization()
+    _check_finite_logits(model, eval_set.x[:FINITE_CHECK_IMAGES], norm, dev)
 
     before = evaluate(model, eval_set, backdoor, norm, dev,
                       progress=progress.stage("evaluate_before", *spans["evaluate_before"])).scores()
@@ -266,6 +267,24 @@ def write_sample_scores(path: Path, labels: np.ndarray, scores: np.ndarray, flag
                                                           strict=True)):
             out.writerow([i, label, repr(score), flag, new, *(values[i] for _, values in extra_cols)])
     return path
+
+
+# evaluation images the uploaded model's logits are checked finite on before anything is measured
+FINITE_CHECK_IMAGES = 256
+
+
+def _check_finite_logits(model: torch.nn.Module, images: np.ndarray, norm: Any, dev: torch.device) -> None:
+    """``InputError`` at ``model`` when its logits on ``images`` are NaN or infinite: finite weights can still
+    overflow (3e38 in a float32 layer), and every score of the report would be NaN (the detectors' verdict
+    'clean' on them), a report PostgreSQL's jsonb refuses to store after the whole run."""
+    from core.data.transforms import to_model_input
+
+    with torch.inference_mode():
+        logits = model(to_model_input(images, norm, dev))
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits).all(dim=1)).sum())
+        raise InputError("model", f"the model's logits are NaN or infinite on {bad} of {len(images)} clean "
+                                  "images (finite weights that overflow?); nothing can be measured on it")
 
 
 def _detect(spec: ScanSpec, model: torch.nn.Module, clean: ImageSet, norm: Any, dev: torch.device,

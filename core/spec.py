@@ -11,9 +11,10 @@ from core.data.transforms import Normalization
 from core.ranges import has_control_character
 
 # mean and std are of x/255, so they lie in [0, 1]; a std below 1e-3 would blow inputs up past any weight's
-# range (1/255, which turns x/255 back into x, is still allowed). JSON's NaN/Infinity are refused.
-Mean = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-Std = Annotated[float, Field(ge=1e-3, le=1.0, allow_inf_nan=False)]
+# range (1/255, which turns x/255 back into x, is still allowed). JSON's NaN/Infinity are refused, and so are
+# "0.5" and true (strict: a JSON number, as every parameter's)
+Mean = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
+Std = Annotated[float, Field(ge=1e-3, le=1.0, allow_inf_nan=False, strict=True)]
 
 
 class ModelSpec(BaseModel):

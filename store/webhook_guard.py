@@ -31,6 +31,11 @@ def check_host(host: str, patterns: list[str]) -> None:
         raise TargetRefused("webhooks are disabled on this server (ANTIDOTE_WEBHOOK_ALLOWED_HOSTS is empty)")
     if not host_allowed(host, patterns):
         raise TargetRefused(f"host {host!r} is not in ANTIDOTE_WEBHOOK_ALLOWED_HOSTS")
+    try:  # what the resolver and the Host header do with it; an empty or 64-character label fails there
+        host.encode("idna")
+    except UnicodeError as exc:
+        raise TargetRefused(f"host {host!r} is not a valid DNS name (a label is empty or over 63 "
+                            "characters)") from exc
 
 
 def check_address(ip: IPAddress, allow_private: bool) -> None:

@@ -178,6 +178,23 @@ def backdoorbench_zip(path: Path, pkl: bytes) -> Path:
     return torch_like_zip(path, pkl, {"0": 16})
 
 
+def directory_flood_zip(path: Path, entries: int) -> Path:
+    """A zip of one empty local member and ``entries`` central directory entries that all point at it (47 bytes
+    each, zip64 past 65,535): zipfile builds a ZipInfo of ~450 bytes for each before anything can count them."""
+    local = struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"x"
+    directory = b"".join(struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0,
+                                     0, 0, 0, 0) + b"%07x" % i for i in range(entries))
+    small = min(entries, 0xFFFF)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, small, small, len(directory), len(local), 0)
+    zip64 = b""
+    if entries > 0xFFFF:
+        zip64 = (struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, len(directory),
+                             len(local))
+                 + struct.pack("<4sLQL", b"PK\x06\x07", 0, len(local) + len(directory), 1))
+    path.write_bytes(local + directory + zip64 + end)
+    return path
+
+
 def patch_zip_member(path: Path, member: str, *, method: int | None = None, flag_bits: int = 0) -> Path:
     """Rewrite ``member``'s compression method and OR ``flag_bits`` into its flags, in the local header and
     the central directory both, leaving the data as it is (what a hand-edited or hostile archive holds)."""

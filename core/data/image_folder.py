@@ -33,6 +33,13 @@ _COLOUR_MODES = ("RGB", "RGBA", "P", "LA", "PA", "CMYK", "YCbCr")
 # the largest class index a folder may name when the model's class count is not known
 _MAX_CLASS_INDEX = 2**31 - 1
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# a PNG's zlib-compressed ICC profile and text chunks: PIL inflates each to up to 1 MiB
+# (PngImagePlugin.MAX_TEXT_CHUNK) however few bytes it is stored in, and a PNG may repeat them, so 200 of
+# 1 KiB each cost 200 MiB of inflating per read; the pixels never depend on them, so PIL never sees them
+_PNG_INFLATED_CHUNKS = (b"iCCP", b"zTXt", b"iTXt")
+
 
 @dataclass(frozen=True)
 class _Member:
@@ -44,7 +51,7 @@ def load_image_zip(
     path: Path, limits: DataLimits, num_classes: int | None
 ) -> tuple[ImageSet, list[str] | None]:
     """The images of an image-folder ``.zip`` and its class names (``None`` when folders are indices)."""
-    zf = open_zip(path, ".zip")
+    zf = open_zip(path, ".zip", limits.max_zip_members)
     with zf:
         members = _image_members(zf, limits)
         labels, class_names = _class_labels(sorted({m.class_name for m in members}), num_classes)
@@ -190,11 +197,12 @@ def _class_labels(names: list[str], num_classes: int | None) -> tuple[dict[str, 
 
 def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: DataLimits) -> tuple[int, int, str]:
     """``(width, height, mode)`` of member ``info`` from its image header; nothing is decoded."""
+    data = _member_bytes(zf, info)
     try:
-        with zf.open(info) as f, warnings.catch_warnings():
+        with warnings.catch_warnings():
             # our own pixel limits replace PIL's process-wide one
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(f, formats=("PNG", "JPEG")) as img:
+            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as img:
                 (w, h), mode = img.size, img.mode
     except ZIP_READ_ERRORS + (SyntaxError, Image.DecompressionBombError) as e:
         raise _not_an_image(info, e) from e
@@ -213,7 +221,9 @@ def _not_an_image(info: zipfile.ZipInfo, e: BaseException) -> DataFormatError:
     return DataFormatError(f"zip member {info.filename!r} is not a readable PNG or JPEG image: {str(e)[:200]}")
 
 
-def _decode(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: DataLimits) -> np.ndarray:
+def _member_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The bytes of member ``info`` as PIL gets them: read to at most its declared size, a PNG without the
+    chunks of ``_PNG_INFLATED_CHUNKS``."""
     try:
         with zf.open(info) as f:
             # never trust the declared size alone: read at most one byte past it
@@ -222,6 +232,20 @@ def _decode(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: DataLimits) -> n
         raise DataFormatError(f"zip member {info.filename!r} is unreadable: {str(e)[:200]}") from e
     if len(data) > info.file_size:
         raise DataFormatError(f"zip member {info.filename!r} expands past its declared size")
+    if not data.startswith(_PNG_SIGNATURE):
+        return data
+    kept, pos = [data[:8]], 8
+    while pos + 8 <= len(data):  # each chunk: 4-byte length, 4-byte type, data, 4-byte CRC
+        end = pos + 12 + int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] not in _PNG_INFLATED_CHUNKS:
+            kept.append(data[pos:end])
+        pos = end
+    kept.append(data[pos:])
+    return b"".join(kept)
+
+
+def _decode(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: DataLimits) -> np.ndarray:
+    data = _member_bytes(zf, info)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

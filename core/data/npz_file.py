@@ -35,7 +35,7 @@ def load_npz_with_mask(path: Path, limits: DataLimits, num_classes: int | None,
                        mask: str | None = MASK_ARRAY) -> tuple[ImageSet, np.ndarray | None]:
     """The images of an ``.npz`` and its optional boolean array ``mask`` (length N; ``None`` when absent or
     not asked for), checked like ``x`` and ``y`` before anything is read."""
-    zf = open_zip(path, ".npz")
+    zf = open_zip(path, ".npz", limits.max_zip_members)
     with zf:
         names = zf.namelist()
         if len(names) > limits.max_zip_members:
@@ -71,8 +71,8 @@ def load_npz_with_mask(path: Path, limits: DataLimits, num_classes: int | None,
         flags = _read_npy(zf, mask_info) if mask_info is not None else None
     if x.ndim == 3:
         x = x[..., None]
+    check_labels(y, num_classes)  # before the cast: a uint64 label of 2**64 - 1 became -1, and was reported so
     y = y.astype(np.int64)
-    check_labels(y, num_classes)
     if flags is not None:
         flags = _mask_values(flags, str(mask))
     return ImageSet(np.ascontiguousarray(x), y), flags

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -10,16 +11,22 @@ from pathlib import Path
 import numpy as np
 
 from core.data.limits import DataFormatError, DataLimits
+from core.models.checkpoint.archive import count_zip_entries
 
-# what reading a hostile zip member or image can raise besides our own errors
+# what reading a hostile zip member or image can raise besides our own errors (numpy tokenizes an .npy header:
+# an unclosed bracket in it is a tokenize.TokenError, which is no ValueError)
 ZIP_READ_ERRORS = (
     zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError,
     ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, struct.error, UnicodeDecodeError,
+    tokenize.TokenError,
 )  # fmt: skip
 
 
-def open_zip(path: Path, kind: str) -> zipfile.ZipFile:
-    """The archive at ``path``, or a :class:`DataFormatError` saying it is no valid ``kind`` file."""
+def open_zip(path: Path, kind: str, max_members: int) -> zipfile.ZipFile:
+    """The archive at ``path``, or a :class:`DataFormatError` saying it is no valid ``kind`` file or has more
+    than ``max_members`` entries (counted before zipfile builds one object per entry)."""
+    if (members := count_zip_entries(path, max_members)) > max_members:
+        raise DataFormatError(f"{kind} has at least {members} members, over the limit of {max_members}")
     try:
         return zipfile.ZipFile(path)
     except ZIP_READ_ERRORS as e:

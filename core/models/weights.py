@@ -102,6 +102,14 @@ def _check(model: nn.Module, state_dict: dict[str, torch.Tensor], described: str
         raise NonFiniteWeightsError(
             f"state dict holds NaN or infinite values in {_listing(non_finite, 'tensor', 'tensors')}"
         )
+    # finite, but batch norm divides by its square root: every output of the model would be NaN (and every
+    # score of the report with it)
+    negative_var = [k for k, v in state_dict.items()
+                    if k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())]
+    if negative_var:
+        raise NonFiniteWeightsError(
+            f"state dict holds negative batch-norm running variances in {_listing(negative_var, 'tensor', 'tensors')}"
+        )
 
 
 def _dtype_compatible(expected: torch.dtype, got: torch.dtype) -> bool:

@@ -247,6 +247,16 @@ def test_backdoorbench_repeated_view_refused(tmp_path: Path) -> None:
         load_checkpoint(_torch_like_zip(tmp_path / "attack_result.pt", result, 4))
 
 
+def test_a_flood_of_archive_records_is_refused_before_zipfile_builds_them(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.models.checkpoint import archive
+
+    monkeypatch.setattr(archive, "MAX_ARCHIVE_RECORDS", 100)
+    monkeypatch.setattr(archive.zipfile, "ZipFile", None)  # never reached
+    with pytest.raises(CheckpointError, match="has at least 101 records, over the limit of 100"):
+        load_checkpoint(hf.directory_flood_zip(tmp_path / "m.pt", 1000))
+
+
 def test_compressed_records_refused(tmp_path: Path) -> None:
     result = {"model": {"w": _BadTensor(_StorageRef(4), (4,))}, "model_name": "x"}
     path = _torch_like_zip(tmp_path / "attack_result.pt", result, 4, zipfile.ZIP_DEFLATED)

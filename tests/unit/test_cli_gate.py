@@ -117,3 +117,20 @@ def test_a_bad_spec_file_is_an_error_naming_it_before_any_upload(tmp_path: Any, 
     assert result.exit_code == client.ERROR
     assert says in " ".join(result.output.split()), result.output
     assert "TypeError" not in result.output and "AttributeError" not in result.output
+
+
+def test_server_text_is_printed_verbatim_never_read_as_markup(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the API's 415 quoting the file's suffix '.[/x]' raised rich's MarkupError inside the error handler:
+    no message, and exit 1, the code of a failed gate; '[bold]' in a message vanished."""
+    detail = "upload refused (415): unsupported data format '.[/x]'; and '[bold]b[/bold]'"
+
+    def refused(*args: Any, **kwargs: Any) -> str:
+        raise client.ClientError(detail)
+
+    monkeypatch.setattr(client, "submit", refused)
+    (tmp_path / "m.pt").write_bytes(b"m")
+    (tmp_path / "c.[").write_bytes(b"c")
+    result = CliRunner().invoke(app, ["scan", "--model", str(tmp_path / "m.pt"), "--clean-data", str(tmp_path / "c.["),
+                                      "--architecture", "resnet20", "--num-classes", "10", "--api-key", "k"])
+    assert result.exit_code == client.ERROR, result.exception
+    assert detail in " ".join(result.output.split()), result.output

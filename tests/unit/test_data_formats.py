@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,13 @@ def test_npz_object_array_refused(tmp_path: Path) -> None:
 def test_npz_labels_out_of_range(tmp_path: Path) -> None:
     path = _npz(tmp_path / "d.npz", x=np.zeros((4, 2, 2, 1), np.uint8), y=np.array([0, 9, 12, -1]))
     with pytest.raises(DataFormatError, match=r"2 of 4 labels lie outside \[0, 10\)"):
+        load_image_set(path, num_classes=10)
+
+
+def test_npz_uint64_labels_are_reported_as_stored(tmp_path: Path) -> None:
+    x = np.zeros((2, 4, 4), dtype=np.uint8)
+    path = _npz(tmp_path / "d.npz", x=x, y=np.array([1, 2**64 - 1], dtype=np.uint64))
+    with pytest.raises(DataFormatError, match=r"outside \[0, 10\) \(found labels 1..18446744073709551615\)"):
         load_image_set(path, num_classes=10)
 
 
@@ -180,6 +189,17 @@ def test_zip_symlink_refused(tmp_path: Path) -> None:
         load_image_set(path)
 
 
+@pytest.mark.parametrize(("name", "entries"), [("d.zip", 70_000), ("d.npz", 1000)])
+def test_a_flood_of_directory_entries_is_counted_before_zipfile_builds_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, entries: int) -> None:
+    """Before: the member limit was checked on zipfile's list, built first at ~450 bytes per 47-byte entry (a
+    53 MB upload of a million held 466 MB of the API's memory before the refusal)."""
+    path = hf.directory_flood_zip(tmp_path / name, entries)
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # never reached
+    with pytest.raises(DataFormatError, match="has at least 101 members, over the limit of 100"):
+        load_image_set(path, limits=DataLimits(max_zip_members=100))
+
+
 def test_zip_too_many_members(tmp_path: Path) -> None:
     path = _zip(tmp_path / "d.zip", {f"0/{i}.png": _png() for i in range(5)})
     with pytest.raises(DataFormatError, match="5 members, over the limit of 4"):
@@ -253,6 +273,17 @@ def test_npz_header_larger_than_member_refused(tmp_path: Path) -> None:
         load_image_set(path, limits=DataLimits(max_images=10**7))
 
 
+
+def test_npz_header_with_an_unclosed_bracket_refused(tmp_path: Path) -> None:
+    # numpy tokenizes the header dict: an unclosed bracket raised tokenize.TokenError (no ValueError), a 500
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x.npy", b"\x93NUMPY\x01\x00" + (20).to_bytes(2, "little") + b"{'descr': [[[[[[[[[\n")
+        zf.writestr("y.npy", b"")
+    with pytest.raises(DataFormatError, match="array 'x.npy' has an unreadable header"):
+        load_image_set(path)
+
+
 def test_zip_total_pixel_budget(tmp_path: Path) -> None:
     path = _zip(tmp_path / "d.zip", {f"0/{i}.png": _png((16, 16)) for i in range(5)})
     with pytest.raises(DataFormatError, match="5 images of 16x16 hold 1280 pixels together, over the limit of 1000"):
@@ -273,6 +304,27 @@ def test_zip_decodes_into_one_array_mixed_modes(tmp_path: Path) -> None:
     data = load_image_set(path)
     assert data.x.shape == (2, 6, 8, 3) and data.x.flags.c_contiguous
     assert data.x[0, 0, 0].tolist() == [9, 9, 9] and data.x[1, 0, 0].tolist() == [5, 10, 15]
+
+
+
+def test_zip_png_inflated_ancillary_chunks_never_reach_pil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 200 iCCP and 200 keyword-less zTXt chunks of 1 KiB each: PIL inflated every one to 1 MiB on the header
+    # read and again on the decode (0.9 s for a 210 kB image, an hour of the API's time for a 1 GiB part)
+    from PIL import PngImagePlugin
+
+    inflated: list[int] = []
+    real = PngImagePlugin._safe_zlib_decompress
+    monkeypatch.setattr(PngImagePlugin, "_safe_zlib_decompress", lambda s: inflated.append(len(s)) or real(s))
+    comp = zlib.compress(bytes(2**20 - 1), 9)
+    extra = b"".join(_png_chunk(b"iCCP", b"p\0\0" + comp) + _png_chunk(b"zTXt", b"\0\0" + comp) for _ in range(200))
+    plain = _png(mode="L", value=9)
+    bomb = plain[:33] + extra + plain[33:]  # after IHDR (8-byte signature, 25-byte chunk)
+    data = load_image_set(_zip(tmp_path / "d.zip", {"0/a.png": bomb, "1/b.png": plain}, zipfile.ZIP_STORED))
+    assert inflated == [] and data.x[:, 0, 0, 0].tolist() == [9, 9]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 @pytest.mark.parametrize(

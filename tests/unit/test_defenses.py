@@ -139,3 +139,27 @@ def test_ft_sam_runs_through_the_registry_and_keeps_clean_accuracy() -> None:
     assert after > before - 0.1 and "finetune" in res.timings
     with pytest.raises(ValueError, match="rho"):
         repair("ft_sam", model, test.subset(np.arange(50)), NORM, {"rho": -1.0}, "cpu", 10)
+
+
+@pytest.mark.parametrize(("n", "batch_size", "sizes"), [
+    (33, 32, [33]), (65, 32, [32, 33]), (64, 32, [32, 32]), (1, 32, [1]), (3, 1, [1, 1, 1]), (5, 2, [2, 3]),
+])
+def test_a_single_image_left_over_joins_the_batch_before_it(n: int, batch_size: int, sizes: list[int]) -> None:
+    from core.defenses.runtime import DeviceImages, runtime_for
+
+    images = ImageSet(np.zeros((n, 2, 2, 1), np.uint8), np.zeros(n, np.int64))
+    data = DeviceImages(images, Normalization((0.0,), (1.0,)), runtime_for("cpu"))
+    batches = list(data.batches(batch_size, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == sizes
+    assert sorted(torch.cat(batches).tolist()) == list(range(n))
+
+
+def test_fine_tuning_a_model_with_batch_norm_on_a_1x1_map_takes_33_images_in_batches_of_32() -> None:
+    """Before: the last batch of one image failed batch norm's training ('Expected more than 1 value per channel
+    when training'), so every repair of a torchvision ResNet on 33 32x32 images failed in the worker."""
+    from core.defenses.runtime import DeviceImages, runtime_for, sgd_finetune
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    data = DeviceImages(ImageSet(np.zeros((33, 4, 4, 1), np.uint8), np.arange(33) % 2), Normalization((0.0,), (1.0,)),
+                        runtime_for("cpu"))
+    sgd_finetune(model, data, epochs=1, lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=32, augment=False, seed=0)

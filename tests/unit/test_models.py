@@ -130,3 +130,16 @@ def test_non_finite_and_non_tensor_refused() -> None:
     sd["fc.bias"] = [0.0] * 10  # type: ignore[assignment]
     with pytest.raises(ArchitectureMismatchError, match="must be tensors"):
         check_state_dict("resnet20", 10, 3, sd)
+
+
+def test_negative_running_variance_refused() -> None:
+    # finite, so it passed, and batch norm's square root of it made every logit NaN: NaN scores in the report
+    # (and a verdict 'clean' on them), which PostgreSQL's jsonb then refused
+    sd = create_model("resnet20", 10).state_dict()
+    sd["layer1.0.bn2.running_var"] = sd["layer1.0.bn2.running_var"].clone()
+    sd["layer1.0.bn2.running_var"][3] = -1.0
+    with pytest.raises(NonFiniteWeightsError, match="negative batch-norm running variances in 1 tensor: "
+                                                    "layer1.0.bn2.running_var"):
+        check_state_dict("resnet20", 10, 3, sd)
+    sd["layer1.0.bn2.running_var"][3] = 0.0
+    check_state_dict("resnet20", 10, 3, sd)

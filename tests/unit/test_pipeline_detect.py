@@ -184,3 +184,18 @@ def test_the_repairs_own_scans_get_the_same_bound(monkeypatch: pytest.MonkeyPatc
         registry.repair("tsbd", torch.nn.Identity(), clean, Normalization((0.5,), (0.5,)), {}, "cpu", 2,
                         detect_step_bytes=88_000)
     assert seen == {"scan_model": 77_000, "tsbd_repair": 88_000}
+
+
+def test_a_model_with_overflowing_logits_is_invalid_input_before_any_measurement(tmp_path: Path) -> None:
+    # finite weights (so the upload took them) whose logits overflow: the detector's scores were NaN, its verdict
+    # 'clean', and PostgreSQL's jsonb refused the report at the end of the run
+    from core.inputs import InputError
+
+    inputs = _inputs(tmp_path)
+    state = dict(backdoored_digits()[0])  # a copy: the helper's dict is cached
+    state["fc.weight"] = torch.full_like(state["fc.weight"], 3e38)
+    state["fc.weight"][::2] *= -1
+    write_safetensors(inputs.model.path, state)
+    with pytest.raises(InputError, match="logits are NaN or infinite on") as err:
+        run_pipeline(_spec(), inputs, tmp_path, device="cpu")
+    assert err.value.field == "model"

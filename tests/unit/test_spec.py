@@ -125,6 +125,9 @@ NAN, INF = float("nan"), float("inf")
     ({"mode": "scan", "model": {**MODEL, "std": [INF]}}, "model.std.0", "finite"),
     ({"mode": "scan", "model": {**MODEL, "mean": [125.3]}}, "model.mean.0", "less than or equal to 1"),
     ({"mode": "scan", "model": {**MODEL, "std": [-0.2]}}, "model.std.0", "greater than or equal to 0.001"),
+    # a string and a boolean were coerced (true became a mean of 1.0); model.mean is a list of numbers
+    ({"mode": "scan", "model": {**MODEL, "mean": ["0.5"]}}, "model.mean.0", "valid number"),
+    ({"mode": "scan", "model": {**MODEL, "std": [True]}}, "model.std.0", "valid number"),
     ({"mode": "scan", "model": MODEL, "attack": {"type": "badnets", "params": {"patch_size": 2.5}}},
      "attack.params.patch_size", "valid integer"),
     ({"mode": "scan", "model": MODEL, "attack": {"type": "badnets", "params": {"value": 300}}},

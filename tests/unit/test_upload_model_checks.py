@@ -231,3 +231,16 @@ def test_the_feature_inversion_s_per_class_shift_is_bounded(tmp_path: Path) -> N
     assert err.field == "spec.detect.params.detectors" and "at most 819 classes fit" in err.message, err.message
     load_inputs(_spec("resnet20", 500, 1, detect={"params": only_fi}), _inputs(tmp_path, "resnet20", 500, 8, 1),
                 limits)
+
+
+def test_a_batch_size_of_one_the_model_cannot_train_on_is_refused(tmp_path: Path) -> None:
+    """torchvision's resnet18 reaches a 1x1 map on 32x32 images: batch norm cannot train on one image there, and
+    every step failed in the worker; resnet20 keeps a 8x8 map and trains on one image."""
+    inputs = _inputs(tmp_path, "torchvision.resnet18", 10, 32, 3)
+    err = _refused(_spec("torchvision.resnet18", 10, 3, mode="repair",
+                         repair={"method": "finetune", "params": {"batch_size": 1}}), inputs)
+    assert err.field == "spec.repair.params.batch_size" and "cannot train on one 32x32 image" in err.message
+    load_inputs(_spec("torchvision.resnet18", 10, 3, mode="repair",
+                      repair={"method": "finetune", "params": {"batch_size": 2}}), inputs, DataLimits())
+    load_inputs(_spec("resnet20", 10, 3, mode="repair", repair={"method": "finetune", "params": {"batch_size": 1}}),
+                _inputs(tmp_path, "resnet20", 10, 32, 3), DataLimits())

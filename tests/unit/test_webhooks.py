@@ -286,6 +286,21 @@ def test_public_addresses_and_host_patterns() -> None:
         check_host("example.com.evil.net", ["*.example.com"])
 
 
+def test_a_host_that_is_no_dns_name_is_refused_at_submission_and_at_a_redirect(tmp_path: Path, sessions,
+                                                                            receiver: Receiver) -> None:
+    """Before: the pattern *.example.com let x..example.com through; the worker's lookup raised UnicodeError (no
+    OSError), so the delivery task failed without recording an attempt the tenant could read."""
+    for host in ("x..example.com", "a" * 64 + ".example.com"):
+        with pytest.raises(TargetRefused, match="is not a valid DNS name"):
+            check_host(host, ["*.example.com"])
+    receiver.script = [(302, {"Location": "http://x..example.com/"})]
+    scan_id = _ended_scan(sessions, receiver.url)
+    result = attempt_delivery(sessions, _settings(tmp_path, webhook_allowed_hosts="127.0.0.1,*.example.com"),
+                              scan_id, "d", 1)
+    assert result.outcome == "refused" and "not a valid DNS name" in (result.error or "")
+    assert _attempts(sessions, scan_id) == [(1, "refused", None)]
+
+
 @pytest.mark.parametrize("url,error", [("ftp://example.com/x", "http:// or https://"),
                                        ("https://user:pw@example.com/", "credentials"),
                                        ("https://token@example.com/", "credentials"),

@@ -7,10 +7,16 @@ that shape first, from the central directory alone.
 
 from __future__ import annotations
 
+import struct
 import zipfile
 from pathlib import Path
 
 from core.models.checkpoint.errors import CheckpointError, UnsupportedFormatError
+from core.models.checkpoint.safetensors_file import MAX_SAFETENSORS_ENTRIES
+
+# a state dict's records (one per storage, plus data.pkl, version, byteorder, serialization_id): as many tensors
+# as a safetensors file may hold
+MAX_ARCHIVE_RECORDS = MAX_SAFETENSORS_ENTRIES + 16
 
 # per member, a local header (30 bytes + name + extra) and a central entry (46 bytes + name + extra + comment)
 _PER_MEMBER_OVERHEAD = 30 + 46
@@ -18,6 +24,38 @@ _KNOWN_METHODS = {
     zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
     zipfile.ZIP_LZMA: "lzma",
 }  # fmt: skip
+
+
+def count_zip_entries(path: Path, stop_after: int) -> int:
+    """How many entries the central directory of the zip at ``path`` holds, counted up to ``stop_after + 1``
+    without building them. ``zipfile.ZipFile`` makes a ``ZipInfo`` of ~450 bytes for every entry (47 bytes of
+    directory each: all may point at one local header) before anyone can count them, so a 53 MB upload of a
+    million entries held 466 MB; this walk holds none. 0 where the directory cannot be found (zipfile then says
+    why). It reads the end record as zipfile does (its ``_EndRecData``, zip64 included)."""
+    with open(path, "rb") as fp:
+        try:
+            end = zipfile._EndRecData(fp)  # type: ignore[attr-defined]
+        except (OSError, zipfile.BadZipFile):
+            return 0
+        if not end:
+            return 0
+        size = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+        start = end[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+        if start < 0:
+            return 0
+        fp.seek(start)
+        count = walked = 0
+        while walked < size and count <= stop_after:
+            head = fp.read(46)  # a central directory entry: 46 bytes, then its name, extra field and comment
+            if len(head) < 46 or head[:4] != b"PK\x01\x02":
+                break
+            tail = sum(struct.unpack("<3H", head[28:34]))
+            fp.seek(tail, 1)
+            walked += 46 + tail
+            count += 1
+    return count
 
 
 def open_archive(path: Path) -> zipfile.ZipFile:
@@ -29,6 +67,9 @@ def open_archive(path: Path) -> zipfile.ZipFile:
             "not a zip-format PyTorch checkpoint: legacy (pre-1.6) torch files and plain pickles are "
             "refused; re-save the state dict with torch.save on torch >= 1.6, or better, as .safetensors"
         )
+    if (records := count_zip_entries(path, MAX_ARCHIVE_RECORDS)) > MAX_ARCHIVE_RECORDS:
+        raise CheckpointError(f"PyTorch checkpoint has at least {records} records, over the limit of "
+                              f"{MAX_ARCHIVE_RECORDS}")
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
