@@ -95,6 +95,10 @@ def _check_attack_has_images(spec: ScanSpec, attack: Any, clean: ImageSet, test:
                          "or another target")
 
 
+# a repair trains in batches; a single image is none a batch-norm model can train on (one value per channel)
+MIN_REPAIR_IMAGES = 2
+
+
 def _check_learning_set(spec: ScanSpec, clean: ImageSet, has_test: bool) -> None:
     """Refuse at upload a clean set too small for what the spec runs on it (the detector, a data repair's
     identification), counted as the worker will see it: without test_data, 20% is held out for evaluation."""
@@ -117,6 +121,9 @@ def _check_learning_set(spec: ScanSpec, clean: ImageSet, has_test: bool) -> None
         if n < need:
             raise InputError("clean_data", f"data-repair method {spec.repair_data.method!r} needs at least {need} "
                              f"clean images (2 per identification fold), got {n}{seen}")
+    if spec.mode == "repair" and n < MIN_REPAIR_IMAGES:  # one image is no batch: batch norm cannot train on it
+        raise InputError("clean_data", f"repair method {spec.repair.method!r} needs at least {MIN_REPAIR_IMAGES} "
+                         f"clean images to learn from, got {n}{seen}; upload more")
 
 
 def _size(nbytes: int) -> str:
