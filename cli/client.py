@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from rich.console import Console
@@ -180,7 +181,14 @@ def page_link(url: str, api_key: str, scan_id: str | None) -> str:
     r = httpx.post(f"{url}{path}", headers=_auth(api_key), timeout=30)
     if r.status_code != 201:
         raise ClientError(f"no link ({r.status_code}): {_detail(r)}")
-    return str(r.json()["url"])
+    try:
+        link = r.json()["url"]
+    except (ValueError, TypeError, KeyError) as exc:  # not JSON, not an object, no url
+        raise ClientError(f"the server's answer holds no link: {r.text[:200]!r}") from exc
+    # the link is opened in the user's browser: only a web page, never file:, javascript: or another scheme
+    if not isinstance(link, str) or urlsplit(link).scheme not in ("http", "https") or not urlsplit(link).netloc:
+        raise ClientError(f"the server's link is no http(s) URL: {str(link)[:200]!r}")
+    return link
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -229,8 +237,12 @@ def _findings(response: httpx.Response) -> list[dict[str, Any]] | None:
     return found if isinstance(found, list) else None
 
 
+MAX_DETAIL_CHARS = 2000  # of a server's error message printed (a hostile or broken server may send megabytes)
+
+
 def _detail(response: httpx.Response) -> str:
     try:
-        return str(response.json().get("detail"))
+        detail = str(response.json().get("detail"))
     except Exception:  # noqa: BLE001 - not JSON
         return response.text[:500]
+    return detail if len(detail) <= MAX_DETAIL_CHARS else f"{detail[:MAX_DETAIL_CHARS]}… ({len(detail)} characters)"

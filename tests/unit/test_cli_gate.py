@@ -134,3 +134,43 @@ def test_server_text_is_printed_verbatim_never_read_as_markup(tmp_path: Any, mon
                                       "--architecture", "resnet20", "--num-classes", "10", "--api-key", "k"])
     assert result.exit_code == client.ERROR, result.exception
     assert detail in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(("status", "body", "says"), [
+    (201, b'{"url": "file:///etc/passwd"}', "no http(s) URL"),
+    (201, b'{"url": "javascript:alert(1)"}', "no http(s) URL"),
+    (201, b"<html>not json</html>", "holds no link"),
+    (201, b'["http://x"]', "holds no link"),
+    (500, b'{"detail": "' + b"x" * 100_000 + b'"}', "(100000 characters)"),
+])
+def test_a_hostile_or_broken_servers_link_is_an_error_and_never_opened(
+        monkeypatch: pytest.MonkeyPatch, status: int, body: bytes, says: str) -> None:
+    """`antidote open` put whatever the server's "url" said into the browser (file:, javascript:), crashed with a
+    traceback on a non-JSON answer and printed a 100 KB error message whole. A real HTTP server on loopback."""
+    import http.server
+    import threading
+    import webbrowser
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner().invoke(app, ["open", "--url", f"http://127.0.0.1:{server.server_port}",
+                                          "--api-key", "k"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == client.ERROR, (result.output, result.exception)
+    assert says in result.output and len(result.output) < 3000, result.output[:500]
+    assert opened == []
