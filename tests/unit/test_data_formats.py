@@ -323,6 +323,41 @@ def test_zip_png_inflated_ancillary_chunks_never_reach_pil(tmp_path: Path, monke
     assert inflated == [] and data.x[:, 0, 0, 0].tolist() == [9, 9]
 
 
+def _jpeg(progressive: bool, exif: bytes = b"") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(np.random.default_rng(0).integers(90, 140, (64, 64), dtype=np.uint8), "L")
+    img.save(buf, "JPEG", progressive=progressive, quality=30, exif=exif)
+    return buf.getvalue()
+
+
+def test_jpeg_scans_are_counted_by_segments_not_bytes() -> None:
+    """PIL writes a baseline JPEG as one scan and a progressive grey one as 6; 0xFF 0xDA bytes in an APP1
+    payload are no scan."""
+    from core.data.image_folder import jpeg_scans
+
+    assert jpeg_scans(_jpeg(False), 100) == 1
+    assert jpeg_scans(_jpeg(True), 100) == 6
+    assert jpeg_scans(_jpeg(True, exif=b"Exif\0\0" + b"\xff\xda" * 300), 100) == 6
+
+
+def test_zip_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path: Path) -> None:
+    # each scan costs the decoder a pass over every block however few bytes it takes: 10,000 copies of a
+    # 12-byte scan made a 145 kB 1000x1000 JPEG cost 0.6 s (an hour of the API's time per GiB); here 300 copies
+    # of the progressive image's smallest scan, refused by count before PIL reads a pixel
+    plain = _jpeg(True)
+    starts = [i for i in range(len(plain) - 1) if plain[i] == 0xFF and plain[i + 1] == 0xDA]
+    scans = [plain[a:b] for a, b in zip(starts, [*starts[1:], len(plain) - 2], strict=True)]
+    bomb = plain[:-2] + min(scans, key=len) * 300 + plain[-2:]
+    path = _zip(tmp_path / "d.zip", {"0/a.jpg": bomb, "1/b.jpg": plain})
+    with pytest.raises(DataFormatError, match="'0/a.jpg' has more than 100 scans"):
+        load_image_set(path)
+    assert len(load_image_set(_zip(tmp_path / "ok.zip", {"0/a.jpg": plain, "1/b.jpg": _jpeg(False)}))) == 2
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
