@@ -42,6 +42,8 @@ class FinetuneResult:
     lr: float = 0.0
     crop_padding: int = 0
     flip: bool = False
+    # stage 2 stopped on held-out loss (cfg.finetune_holdout > 0; None when off): :func:`HeldOutStop.account`
+    holdout: dict[str, object] | None = None
 
 
 def crop_padding_for(side: int, padding: int | None) -> int:
@@ -110,16 +112,71 @@ def stage2_schedule(n_images: int, side: int, loss_original: float, loss_zeroed:
     chance_loss = math.log(num_classes)
     span = chance_loss - loss_original
     damage = 1.0 if span <= 1e-9 else min(1.0, max(0.0, (loss_zeroed - loss_original) / span))
+    if cfg.finetune_holdout > 0:  # a budget of steps; the held-out loss decides where in it stage 2 stops
+        batches = -(-max(1, n_images) // cfg.batch_size)
+        budget = max(1, -(-cfg.finetune_max_steps // batches))
+        budget_why = (f"at most {budget} epochs = ceil({cfg.finetune_max_steps} steps / {batches} batches of "
+                      f"{n_images} images), stopped on the held-out loss (patience {cfg.finetune_patience})")
     if not cfg.finetune_adaptive:
+        if cfg.finetune_holdout > 0:
+            return Stage2Schedule(budget, cfg.lr_finetune, padding, do_flip, damage,
+                                  f"{budget_why}; configured learning rate (finetune_adaptive is off)")
         return Stage2Schedule(cfg.finetune_epochs, cfg.lr_finetune, padding, do_flip, damage,
                               "configured epochs and learning rate (finetune_adaptive is off)")
     hi = cfg.finetune_epochs  # the user's (or the reference's) epochs stay the cap
     epochs = min(hi, max(cfg.finetune_min_epochs, round(REFERENCE_FINETUNE_IMAGES / max(1, n_images))))
+    epochs_why = (f"epochs = clip({REFERENCE_FINETUNE_IMAGES} / {n_images} images, {cfg.finetune_min_epochs}, {hi})"
+                  f" = {epochs}")
+    if cfg.finetune_holdout > 0:
+        epochs, epochs_why = budget, budget_why
     factor = min(1.0, max(cfg.finetune_lr_floor, damage))
-    why = (f"epochs = clip({REFERENCE_FINETUNE_IMAGES} / {n_images} images, {cfg.finetune_min_epochs}, {hi}) = "
-           f"{epochs}; lr = {cfg.lr_finetune:g} x clip(damage {damage:.3f}, {cfg.finetune_lr_floor:g}, 1), damage ="
-           f" (zeroed loss {loss_zeroed:.3f} - original {loss_original:.3f}) / (ln {num_classes} - original)")
+    why = (f"{epochs_why}; lr = {cfg.lr_finetune:g} x clip(damage {damage:.3f}, {cfg.finetune_lr_floor:g}, 1), "
+           f"damage = (zeroed loss {loss_zeroed:.3f} - original {loss_original:.3f}) / (ln {num_classes} - original)")
     return Stage2Schedule(epochs, cfg.lr_finetune * factor, padding, do_flip, damage, why)
+
+
+class HeldOutStop:
+    """Early stopping on a held-out part of the clean subset (``TSBDConfig.finetune_holdout``; Prechelt 1998):
+    :meth:`after_epoch` scores the model on ``holdout`` (eval mode, one forward pass), remembers the weights
+    (batch-norm statistics included) of the epoch with the lowest held-out loss so far, and answers whether to
+    stop: ``patience`` epochs in a row without a lower loss. :meth:`restore` loads the remembered weights. The
+    model before stage 2 (epoch 0) is scored for the record but is never a candidate: stage 2 always runs at
+    least one epoch, so a repair never returns the merely zeroed model."""
+
+    def __init__(self, model: nn.Module, holdout: DeviceImages, patience: int) -> None:
+        self.holdout, self.patience = holdout, patience
+        start = score(model, holdout)
+        self.curve: list[dict[str, float]] = [{"epoch": 0, "loss": start.loss, "accuracy": start.accuracy}]
+        self.best_epoch, self.best_loss = 0, math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_after: int | None = None
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> bool:
+        s = score(model, self.holdout)
+        self.curve.append({"epoch": epoch, "loss": s.loss, "accuracy": s.accuracy})
+        if s.loss < self.best_loss or self.best_state is None:  # the first epoch is always a candidate
+            self.best_epoch, self.best_loss = epoch, s.loss
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - self.best_epoch >= self.patience:
+            self.stopped_after = epoch
+            return True
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def account(self, fit_images: int) -> dict[str, object]:
+        best = self.curve[self.best_epoch]
+        ran = self.curve[-1]["epoch"]
+        why = (f"kept epoch {self.best_epoch} of {ran} (held-out loss {best['loss']:.4f}, accuracy "
+               f"{best['accuracy']:.3f}, on {len(self.holdout)} held-out images; stage 2 trained on {fit_images}); "
+               + (f"stopped after {self.patience} epochs without a lower held-out loss" if self.stopped_after else
+                  "ran its whole step budget"))
+        return {"holdout_images": len(self.holdout), "fit_images": fit_images, "patience": self.patience,
+                "epochs_run": ran, "best_epoch": self.best_epoch, "best_loss": best["loss"],
+                "best_accuracy": best["accuracy"], "stopped_early": self.stopped_after is not None,
+                "curve": self.curve, "why": why}
 
 
 class _FrozenBatchNormStats:
@@ -200,10 +257,14 @@ def activeness_aware_step(model: nn.Module, params: list[torch.nn.Parameter], x:
 def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, norm: Normalization,
                               cfg: TSBDConfig, device: torch.device | str,
                               progress: Progress | None = None,
-                              schedule: Stage2Schedule | None = None) -> FinetuneResult:
+                              schedule: Stage2Schedule | None = None,
+                              holdout: DeviceImages | None = None) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``clean`` for ``schedule.epochs`` epochs (default: ``cfg``'s
     configured schedule), every parameter trained, SGD(lr, momentum, no weight decay), each step along the
-    activeness-aware gradient of :func:`activeness_aware_step`; polls ``progress`` between batches."""
+    activeness-aware gradient of :func:`activeness_aware_step`; polls ``progress`` between batches. With
+    ``holdout`` (images disjoint from ``clean``) the epochs are a budget: :class:`HeldOutStop` stops stage 2
+    after ``cfg.finetune_patience`` epochs without a lower held-out loss and the model gets the weights of the
+    best epoch; ``FinetuneResult.epochs`` is then the kept epoch and ``holdout`` the account."""
     progress = progress or Progress()
     rt = runtime_for(device)
     data = clean if isinstance(clean, DeviceImages) else DeviceImages(clean, norm, rt)
@@ -212,8 +273,9 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
         flip = cfg.augment_flip == "on"
         if cfg.augment and cfg.augment_flip == "auto":
             flip = flip_sensible(model, data, int(data.y.max()) + 1)[0]
+        budget = holdout is not None and cfg.finetune_holdout > 0  # the step budget only where a holdout stops it
         schedule = replace(stage2_schedule(len(data), image_side(data), 0.0, 0.0, 2, replace(
-            cfg, finetune_adaptive=False)), flip=flip)
+            cfg, finetune_adaptive=False, finetune_holdout=cfg.finetune_holdout if budget else 0.0)), flip=flip)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=schedule.lr, momentum=cfg.finetune_momentum, weight_decay=0.0)
     order_gen = make_generator(cfg.seed + 2)
@@ -223,6 +285,7 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / total)))
              if cfg.finetune_schedule == "cosine" and total > 0 else None)
     steps, last = 0, torch.tensor(float("nan"))
+    stop = HeldOutStop(model, holdout, cfg.finetune_patience) if holdout is not None else None
     model.train()
     for epoch in range(epochs):
         for idx in data.batches(cfg.batch_size, order_gen):
@@ -236,6 +299,13 @@ def activeness_aware_finetune(model: nn.Module, clean: ImageSet | DeviceImages, 
                 sched.step()
             steps += 1
         progress.update((epoch + 1) / epochs)
+        if stop is not None and stop.after_epoch(model, epoch + 1):
+            break
+    account = None
+    if stop is not None:
+        stop.restore(model)
+        epochs, account = stop.best_epoch, stop.account(len(data))
     model.eval()
     return FinetuneResult(epochs=epochs, steps=steps, last_loss=float(last), lr=schedule.lr,
-                          crop_padding=schedule.crop_padding if cfg.augment else 0, flip=cfg.augment and schedule.flip)
+                          crop_padding=schedule.crop_padding if cfg.augment else 0, flip=cfg.augment and schedule.flip,
+                          holdout=account)

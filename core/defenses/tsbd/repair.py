@@ -23,7 +23,7 @@ from core.defenses.runtime import (
     score,
 )
 from core.defenses.subset_filter import SubsetFilterConfig, filter_poisoned
-from core.defenses.tsbd.auto import choose_by_recovery, choose_neuron_ratio, recovery_tolerance
+from core.defenses.tsbd.auto import choose_by_recovery, choose_neuron_ratio, recovery_tolerance, split_holdout
 from core.defenses.tsbd.config import TSBDConfig
 from core.defenses.tsbd.finetune import activeness_aware_finetune, flip_sensible, image_side, stage2_schedule
 from core.defenses.tsbd.nwc import covered_conv_layers, neuron_weight_change
@@ -147,13 +147,18 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
                             f"{cfg.auto_retention_max_n:g}]) instead of the full rule's n = {n_full:g} "
                             f"({chosen['rule']})")}
 
+    fit, held = data, None  # stage 2's images, and the held-out ones it stops on (finetune_holdout)
+    if cfg.finetune_holdout > 0 and len(clean) >= 2:
+        fit_idx, held_idx = split_holdout(len(clean), cfg.finetune_holdout, cfg.seed + 9)
+        fit, held = DeviceImages(clean.subset(fit_idx), norm, rt), DeviceImages(clean.subset(held_idx), norm, rt)
+
     def attempt(n_try: float) -> tuple[nn.Module, Any, Any, Any, Any]:
         progress.stage("zero_reinit", stop_n, stop_n + 0.01)
         repaired, zsum = zero_reinitialize(original, nwc, n_try, cfg.weight_ratio)
-        schedule = stage2_schedule(len(data), image_side(data), base.loss, score(repaired, data).loss, k, cfg,
+        schedule = stage2_schedule(len(fit), image_side(data), base.loss, score(repaired, data).loss, k, cfg,
                                    None if flip is None else flip[0])
-        ft = activeness_aware_finetune(repaired, data, norm, cfg, device,
-                                       progress.stage("finetune", stop_n + 0.01, 0.99), schedule)
+        ft = activeness_aware_finetune(repaired, fit, norm, cfg, device,
+                                       progress.stage("finetune", stop_n + 0.01, 0.99), schedule, holdout=held)
         progress.stage("final_eval", 0.99, 1.0)
         return repaired, zsum, schedule, ft, score(repaired, data)
 
@@ -193,6 +198,8 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
     params["layers"] = layers
     if cfg.finetune_adaptive:
         chosen |= {"finetune_epochs": schedule.epochs, "lr_finetune": schedule.lr}
+    if ft.holdout is not None:
+        chosen |= {"finetune_epochs": ft.epochs, "finetune_stop": ft.holdout["why"]}
     return RepairResult(model=repaired.eval(), method="tsbd" if cfg.neuron_ratio is None else "tsbd_fixed",
                         params=params, chosen=chosen, timings=progress.finish(), details=details,
                         final_scan=last_scan)
