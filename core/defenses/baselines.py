@@ -15,20 +15,16 @@ from core.defenses.result import RepairResult
 from core.defenses.runtime import (
     DeviceImages,
     Runtime,
-    augment_generator,
     cuda_sync,
     forward_all,
-    make_generator,
     prepare_model,
     runtime_for,
     score,
-    sgd_epoch,
     sgd_finetune,
 )
 from core.defenses.subset_filter import SubsetFilterConfig, filter_poisoned
-from core.defenses.tsbd.auto import split_holdout
 from core.defenses.tsbd.config import REFERENCE_FINETUNE_STEPS
-from core.defenses.tsbd.finetune import HeldOutStop
+from core.defenses.tsbd.finetune import HeldOutStop, held_out_split
 from core.progress import Progress
 from core.ranges import (
     MAX_EPOCHS,
@@ -105,39 +101,33 @@ def vanilla_finetune(model: nn.Module, clean: ImageSet, norm: Normalization, cfg
     clean, filt = _filtered(repaired, clean, norm, rt, subset_filter)
     data = DeviceImages(clean, norm, rt)
     details: dict[str, object] = {"subset_filter": filt}
-    if cfg.holdout > 0 and len(clean) >= 2:
-        details["holdout"] = _finetune_held_out(repaired, clean, norm, rt, cfg, progress.stage("finetune", 0.05, 1.0))
-    else:
-        _finetune(repaired, data, cfg, progress.stage("finetune", 0.05, 1.0))
+    held_out = _finetune(repaired, clean, data, cfg, progress.stage("finetune", 0.05, 1.0))
+    if held_out is not None:
+        details["holdout"] = held_out
     after = score(repaired, data)
     details["clean_subset_after"] = {"accuracy": after.accuracy, "loss": after.loss}
     return RepairResult(model=repaired.eval(), method="finetune", params=dataclasses.asdict(cfg),
                         timings=progress.finish(), details=details)
 
 
-def _finetune_held_out(model: nn.Module, clean: ImageSet, norm: Normalization, rt: Runtime, cfg: FinetuneConfig,
-                       progress: Progress) -> dict[str, object]:
-    """Plain fine-tuning on ``1 - cfg.holdout`` of ``clean`` for at most ``cfg.max_steps`` steps, stopped on the
-    held-out rest's loss (:class:`HeldOutStop`, as TSBD's ``finetune_holdout``); the model gets the best epoch's
-    weights. Returns the account."""
-    fit_idx, held_idx = split_holdout(len(clean), cfg.holdout, cfg.seed + 9)
-    fit, held = DeviceImages(clean.subset(fit_idx), norm, rt), DeviceImages(clean.subset(held_idx), norm, rt)
+def _finetune(model: nn.Module, clean: ImageSet, data: DeviceImages, cfg: FinetuneConfig,
+              progress: Progress) -> dict[str, object] | None:
+    """Plain fine-tuning of ``model`` on ``data`` (the ``clean`` images on the device) for ``cfg.epochs``; with
+    ``cfg.holdout`` (TSBD's ``finetune_holdout``) on ``1 - holdout`` of them for at most ``cfg.max_steps`` steps,
+    stopped on the held-out rest's loss (:class:`HeldOutStop`), the model left with the best epoch's weights, and
+    its account returned (``None`` without a holdout)."""
+    if cfg.holdout <= 0 or len(clean) < 2:
+        sgd_finetune(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                     weight_decay=cfg.weight_decay, augment=cfg.augment, seed=cfg.seed, progress=progress)
+        return None
+    fit, held = held_out_split(clean, cfg.holdout, cfg.seed, data.norm, data.rt)
     epochs = max(1, -(-cfg.max_steps // -(-len(fit) // cfg.batch_size)))
     stop = HeldOutStop(model, held, cfg.patience)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    order_gen, aug_gen = make_generator(cfg.seed), augment_generator(rt, cfg.seed + 1)
-    for epoch in range(epochs):
-        sgd_epoch(model, fit, opt, cfg.batch_size, cfg.augment, order_gen, aug_gen, progress)
-        progress.update((epoch + 1) / epochs)
-        if stop.after_epoch(model, epoch + 1):
-            break
+    sgd_finetune(model, fit, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                 weight_decay=cfg.weight_decay, augment=cfg.augment, seed=cfg.seed, progress=progress,
+                 stop=stop.after_epoch)
     stop.restore(model)
     return {**stop.account(len(fit)), "epoch_budget": epochs}
-
-
-def _finetune(model: nn.Module, data: DeviceImages, cfg: FinetuneConfig, progress: Progress) -> None:
-    sgd_finetune(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, augment=cfg.augment, seed=cfg.seed, progress=progress)
 
 
 def last_conv_layer(model: nn.Module) -> str:
@@ -240,12 +230,8 @@ def fine_pruning(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: Fi
     hooks = [conv.weight.register_hook(lambda g: g * keep.view(-1, 1, 1, 1).to(g.dtype))]
     if conv.bias is not None:
         hooks.append(conv.bias.register_hook(lambda g: g * keep.to(g.dtype)))
-    held_out = None  # the early-stopping account (cfg.finetune.holdout > 0)
     try:  # masked gradients (and no weight decay by default) keep the pruned channels at zero
-        if cfg.finetune.holdout > 0 and len(clean) >= 2:
-            held_out = _finetune_held_out(repaired, clean, norm, rt, cfg.finetune, progress.stage("finetune", 0.3, 1.0))
-        else:
-            _finetune(repaired, data, cfg.finetune, progress.stage("finetune", 0.3, 1.0))
+        held_out = _finetune(repaired, clean, data, cfg.finetune, progress.stage("finetune", 0.3, 1.0))
     finally:
         for h in hooks:
             h.remove()

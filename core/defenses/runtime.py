@@ -157,10 +157,12 @@ def infer_num_classes(model: nn.Module, data: DeviceImages) -> int:
 
 def sgd_finetune(model: nn.Module, data: DeviceImages, *, epochs: int, lr: float, batch_size: int,
                  momentum: float, weight_decay: float, augment: bool, seed: int,
-                 progress: Progress | None = None, freeze_bn: bool = False) -> None:
+                 progress: Progress | None = None, freeze_bn: bool = False,
+                 stop: Callable[[nn.Module, int], bool] | None = None) -> None:
     """Plain supervised fine-tuning in place (constant lr, as the reference's stage 2 without its penalty);
     polls ``progress`` between batches and reports each epoch. ``freeze_bn``: batch-norm layers stay in eval
-    mode (their running statistics do not move; their affine weights still train)."""
+    mode (their running statistics do not move; their affine weights still train). ``stop(model, epoch)``,
+    asked after each epoch (1-based), ends the fine-tuning early when it answers True (held-out stopping)."""
     progress = progress or Progress()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -169,6 +171,8 @@ def sgd_finetune(model: nn.Module, data: DeviceImages, *, epochs: int, lr: float
     for epoch in range(epochs):
         sgd_epoch(model, data, opt, batch_size, augment, order_gen, aug_gen, progress, freeze_bn=freeze_bn)
         progress.update((epoch + 1) / epochs)
+        if stop is not None and stop(model, epoch + 1):
+            break
 
 
 def sgd_epoch(model: nn.Module, data: DeviceImages, opt: torch.optim.Optimizer, batch_size: int, augment: bool,

@@ -19,6 +19,7 @@ from core.data.imageset import ImageSet
 from core.data.transforms import Normalization
 from core.defenses.runtime import (
     DeviceImages,
+    Runtime,
     augment_generator,
     make_generator,
     prepare_model,
@@ -133,6 +134,16 @@ def stage2_schedule(n_images: int, side: int, loss_original: float, loss_zeroed:
     why = (f"{epochs_why}; lr = {cfg.lr_finetune:g} x clip(damage {damage:.3f}, {cfg.finetune_lr_floor:g}, 1), "
            f"damage = (zeroed loss {loss_zeroed:.3f} - original {loss_original:.3f}) / (ln {num_classes} - original)")
     return Stage2Schedule(epochs, cfg.lr_finetune * factor, padding, do_flip, damage, why)
+
+
+def held_out_split(clean: ImageSet, fraction: float, seed: int, norm: Normalization, rt: Runtime
+                   ) -> tuple[DeviceImages, DeviceImages]:
+    """(the images stage 2 trains on, the disjoint ``fraction`` :class:`HeldOutStop` scores), seeded; the one
+    split of every held-out stop (TSBD's ``finetune_holdout``, the baselines' ``holdout``)."""
+    from core.defenses.tsbd.auto import split_holdout
+
+    fit_idx, held_idx = split_holdout(len(clean), fraction, seed + 9)
+    return DeviceImages(clean.subset(fit_idx), norm, rt), DeviceImages(clean.subset(held_idx), norm, rt)
 
 
 class HeldOutStop:

@@ -23,9 +23,15 @@ from core.defenses.runtime import (
     score,
 )
 from core.defenses.subset_filter import SubsetFilterConfig, filter_poisoned
-from core.defenses.tsbd.auto import choose_by_recovery, choose_neuron_ratio, recovery_tolerance, split_holdout
+from core.defenses.tsbd.auto import choose_by_recovery, choose_neuron_ratio, recovery_tolerance
 from core.defenses.tsbd.config import TSBDConfig
-from core.defenses.tsbd.finetune import activeness_aware_finetune, flip_sensible, image_side, stage2_schedule
+from core.defenses.tsbd.finetune import (
+    activeness_aware_finetune,
+    flip_sensible,
+    held_out_split,
+    image_side,
+    stage2_schedule,
+)
 from core.defenses.tsbd.nwc import covered_conv_layers, neuron_weight_change
 from core.defenses.tsbd.reinit import zero_reinitialize
 from core.defenses.tsbd.unlearn import unlearn_clean
@@ -149,8 +155,7 @@ def tsbd_repair(model: nn.Module, clean: ImageSet, norm: Normalization, cfg: TSB
 
     fit, held = data, None  # stage 2's images, and the held-out ones it stops on (finetune_holdout)
     if cfg.finetune_holdout > 0 and len(clean) >= 2:
-        fit_idx, held_idx = split_holdout(len(clean), cfg.finetune_holdout, cfg.seed + 9)
-        fit, held = DeviceImages(clean.subset(fit_idx), norm, rt), DeviceImages(clean.subset(held_idx), norm, rt)
+        fit, held = held_out_split(clean, cfg.finetune_holdout, cfg.seed, norm, rt)
 
     def attempt(n_try: float) -> tuple[nn.Module, Any, Any, Any, Any]:
         progress.stage("zero_reinit", stop_n, stop_n + 0.01)
